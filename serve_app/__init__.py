@@ -1,0 +1,1 @@
+"""Quill: serve GPT-2-family text-generation models to many writers at once."""

@@ -1,0 +1,83 @@
+"""The small typed objects that travel between the API and the engine.
+
+One `GenerationRequest` is built at the ingress and reaches the engine unchanged; the engine
+answers with a stream of `Delta`s, one per choice per step that produced text or finished.
+They are plain dataclasses so that Ray can pickle them between deployments.
+"""
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Literal
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 64
+    temperature: float = 0.8  # 0 means greedy
+    top_k: int = 0  # 0 means no top-k cut
+    top_p: float = 1.0  # 1 means no nucleus cut
+    n: int = 1  # choices; they share one prefill
+    stop: tuple[str, ...] = ()  # the stop text itself is never returned
+    seed: int | None = None  # same seed, same text, whatever else is in the batch
+
+    def __post_init__(self) -> None:
+        # Values the engine cannot act on are refused here, so every caller gets the same
+        # message whichever API it came through.
+        if self.max_tokens < 1:
+            raise RequestRejected("max_tokens must be at least 1")
+        if self.temperature < 0:
+            raise RequestRejected("temperature must be >= 0")
+        if self.top_k < 0:
+            raise RequestRejected("top_k must be >= 0 (0 turns it off)")
+        if not 0 < self.top_p <= 1:
+            raise RequestRejected("top_p must be in (0, 1]")
+        if self.n < 1:
+            raise RequestRejected("n must be at least 1")
+        if any(not s for s in self.stop):
+            raise RequestRejected("stop strings must not be empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A prompt (text or token ids) and how to continue it."""
+
+    prompt: str | list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclass(frozen=True)
+class Delta:
+    """What one choice of one request produced in one engine step.
+
+    `text` is new text only, never a split UTF-8 character. The last delta of a choice has a
+    `finish_reason`; `error` carries the message when that reason is "error".
+    """
+
+    request_id: str
+    index: int  # choice index, 0..n-1
+    text: str
+    token_ids: tuple[int, ...] = ()
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0  # generated so far for this choice
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class RequestRejected(ValueError):
+    """The request breaks a limit or is malformed; nothing was generated. Maps to HTTP 400."""
+
+
+class EngineOverloaded(RuntimeError):
+    """The waiting queue is full; try again later. Maps to HTTP 503 / 429."""
