@@ -6,7 +6,10 @@
         for delta in engine.step():
             print(delta.text, end="")
 """
+from serve_app.engine.async_engine import AsyncEngine
 from serve_app.engine.config import EngineConfig
+from serve_app.engine.engine import Engine
+from serve_app.engine.loader import CheckpointError
 from serve_app.engine.types import (
     Delta,
     EngineOverloaded,
@@ -16,6 +19,9 @@ from serve_app.engine.types import (
 )
 
 __all__ = [
+    "AsyncEngine",
+    "CheckpointError",
+    "Engine",
     "Delta",
     "EngineConfig",
     "EngineOverloaded",

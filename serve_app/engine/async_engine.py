@@ -1,0 +1,74 @@
+"""An asyncio façade over `Engine`: one thread runs the step loop, callers stream their deltas.
+
+The model's forward pass blocks for milliseconds to seconds, so it must not run on the event
+loop that serves HTTP. A dedicated thread steps the engine while there is work and sleeps when
+there is none; each request's deltas reach its caller's event loop through an asyncio queue.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator
+
+from serve_app.engine.engine import Engine
+from serve_app.engine.types import Delta, GenerationRequest
+
+log = logging.getLogger("quill.engine")
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._routes: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Delta]]] = {}
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="quill-engine", daemon=True)
+        self._thread.start()
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        """Stream one request's deltas; raises RequestRejected/EngineOverloaded before the first.
+
+        Leaving the loop early (a client that went away) cancels the request in the engine.
+        """
+        queue: asyncio.Queue[Delta] = asyncio.Queue()
+        self._routes[request.request_id] = (asyncio.get_running_loop(), queue)
+        try:
+            self.engine.add(request)
+        except Exception:
+            del self._routes[request.request_id]
+            raise
+        self._wake.set()
+        remaining = request.params.n
+        try:
+            while remaining:
+                delta = await queue.get()
+                remaining -= delta.finished
+                yield delta
+        finally:
+            self._routes.pop(request.request_id, None)
+            if remaining:
+                self.engine.cancel(request.request_id)
+                self._wake.set()
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            if not self.engine.has_work:
+                self._wake.wait(timeout=1.0)
+                self._wake.clear()
+                continue
+            try:
+                deltas = self.engine.step()
+            except Exception:  # the engine fails requests itself; this is a last resort
+                log.exception("engine step failed")
+                continue
+            for delta in deltas:
+                route = self._routes.get(delta.request_id)
+                if route is not None:
+                    loop, queue = route
+                    loop.call_soon_threadsafe(queue.put_nowait, delta)

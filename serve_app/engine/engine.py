@@ -1,0 +1,317 @@
+"""The engine core: a scheduler around one model, advanced one step at a time.
+
+A step (`Engine.step`) does, in order:
+1. take in requests added and cancelled since the last step (any thread may call add/cancel),
+   and free the slots of sequences that finished or were cancelled (the batch is re-packed);
+2. admit waiting requests in arrival order while slots are free: each newcomer's prompt is
+   prefilled on its own (up to `max_prefill_tokens` prompt tokens per step, so a burst of long
+   prompts cannot stall everyone already decoding for long), its `n` choices share that one
+   prefill, and each choice samples its first token;
+3. one decode forward pass for every running sequence together;
+4. sample, turn tokens into text, check stop conditions, and hand back the deltas.
+
+Why prefill separately from decode: the decode pass is one dense [B, E] matmul per weight; mixing
+ragged prompts into it would need variable-length attention, and on a CPU a prompt's cost is its
+token count either way. Prefill is chunked by request, not inside a prompt: prompts are bounded
+by `max_prompt_tokens`.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from serve_app.engine.config import EngineConfig
+from serve_app.engine.detokenize import TextStream, token_bytes_table
+from serve_app.engine.gpt2 import GPT2Runner
+from serve_app.engine.loader import load_model, load_tokenizer, resolve_device, resolve_dtype
+from serve_app.engine.sampling import RowParams, choice_seed, sample
+from serve_app.engine.types import (
+    Delta,
+    EngineOverloaded,
+    FinishReason,
+    GenerationRequest,
+    RequestRejected,
+)
+
+log = logging.getLogger("quill.engine")
+
+
+@dataclass(eq=False)
+class _Request:
+    request: GenerationRequest
+    prompt_ids: list[int]
+    sequences: list[_Sequence] = field(default_factory=list)
+
+    @property
+    def id(self) -> str:
+        return self.request.request_id
+
+
+@dataclass(eq=False)
+class _Sequence:
+    """One choice of a request, while it holds a slot in the batch."""
+
+    owner: _Request
+    index: int
+    seed: int
+    stream: TextStream
+    slot: int
+    length: int  # positions already in the KV cache
+    next_token: int = -1  # sampled, not yet run through the model
+    generated: int = 0
+    finish_reason: FinishReason | None = None
+
+    def row(self) -> RowParams:
+        p = self.owner.request.params
+        return RowParams(p.temperature, p.top_k, p.top_p, self.seed, self.generated)
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, model=None, tokenizer=None):
+        self.config = config
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        device = resolve_device(config.device)
+        self.tokenizer = tokenizer or load_tokenizer(config.source)
+        model = model or load_model(
+            config.source, config.adapter, device, resolve_dtype(config.dtype, device)
+        )
+        self.max_seq_len = min(config.max_seq_len, model.config.n_positions)
+        self.runner = GPT2Runner(model, config.max_batch_size, self.max_seq_len)
+        self.eos_token_id = self.tokenizer.eos_token_id
+        self._token_bytes = token_bytes_table(self.tokenizer)
+        self.vocab_size = model.config.vocab_size
+
+        self._lock = threading.Lock()  # guards the inbox: add/cancel come from other threads
+        self._inbox: list[_Request] = []
+        self._cancelled: set[str] = set()
+        self._live_ids: set[str] = set()
+        self._waiting: deque[_Request] = deque()
+        self._running: list[_Sequence] = []  # index == slot
+
+    # ---- called from any thread -------------------------------------------------------------
+
+    def add(self, request: GenerationRequest) -> None:
+        """Queue a request; refuse it now if it can never be served or the queue is full."""
+        prompt_ids = self._prompt_ids(request.prompt)
+        self._check_limits(request, prompt_ids)
+        with self._lock:
+            if request.request_id in self._live_ids:
+                raise RequestRejected(f"request id {request.request_id!r} is already running")
+            if len(self._waiting) + len(self._inbox) >= self.config.max_waiting:
+                raise EngineOverloaded(
+                    f"{self.config.max_waiting} requests are already waiting; try again shortly"
+                )
+            self._live_ids.add(request.request_id)
+            self._inbox.append(_Request(request, prompt_ids))
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a request; its slots are free for others at the next step."""
+        with self._lock:
+            if request_id in self._live_ids:
+                self._cancelled.add(request_id)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._running or self._waiting or self._inbox or self._cancelled)
+
+    @property
+    def num_running(self) -> int:
+        return len({s.owner.id for s in self._running})
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting) + len(self._inbox)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    # ---- the step loop (one thread) ---------------------------------------------------------
+
+    def step(self) -> list[Delta]:
+        deltas: list[Delta] = []
+        self._take_inbox(deltas)
+        self._release_finished()
+        self._admit(deltas)
+        if self._running:
+            self._decode(deltas)
+        return deltas
+
+    def _take_inbox(self, deltas: list[Delta]) -> None:
+        with self._lock:
+            self._waiting.extend(self._inbox)
+            self._inbox.clear()
+            cancelled, self._cancelled = self._cancelled, set()
+        if not cancelled:
+            return
+        for req in [r for r in self._waiting if r.id in cancelled]:
+            self._waiting.remove(req)
+            self._forget(req)
+            deltas += [self._final_delta(req, i, "", "cancelled", 0) for i in range(req.request.params.n)]
+        for seq in self._running:
+            if seq.owner.id in cancelled and seq.finish_reason is None:
+                seq.finish_reason = "cancelled"
+                deltas.append(self._final_delta(seq.owner, seq.index, "", "cancelled", seq.generated))
+
+    def _admit(self, deltas: list[Delta]) -> None:
+        prefilled = 0
+        while self._waiting:
+            req = self._waiting[0]
+            n = req.request.params.n
+            free = self.config.max_batch_size - len(self._running)
+            over_budget = prefilled and prefilled + len(req.prompt_ids) > self.config.max_prefill_tokens
+            if n > free or over_budget:
+                return
+            self._waiting.popleft()
+            prefilled += len(req.prompt_ids)
+            self._prefill(req, deltas)
+
+    def _prefill(self, req: _Request, deltas: list[Delta]) -> None:
+        params = req.request.params
+        base_seed = params.seed if params.seed is not None else random.getrandbits(64)
+        first_slot = len(self._running)
+        req.sequences = [
+            _Sequence(req, i, choice_seed(base_seed, i), TextStream(params.stop),
+                      slot=first_slot + i, length=len(req.prompt_ids))
+            for i in range(params.n)
+        ]
+        try:
+            logits = self.runner.prefill(req.prompt_ids, first_slot)
+            for seq in req.sequences[1:]:
+                self.runner.copy_slot(first_slot, seq.slot, seq.length)
+        except Exception as exc:  # an OOM or a bug fails this request only
+            self._fail([req], exc, deltas)
+            return
+        self._running.extend(req.sequences)
+        tokens = sample(logits.expand(params.n, -1), [s.row() for s in req.sequences])
+        for seq, token in zip(req.sequences, tokens):
+            deltas.append(self._advance(seq, token))
+
+    def _decode(self, deltas: list[Delta]) -> None:
+        live = [s for s in self._running if s.finish_reason is None]
+        if not live:
+            return
+        try:
+            logits = self.runner.decode(
+                [s.next_token for s in self._running], [s.length for s in self._running]
+            )
+        except Exception as exc:
+            self._recover_from_decode_failure(exc, deltas)
+            return
+        for seq in self._running:
+            seq.length += 1
+        rows = [i for i, s in enumerate(self._running) if s.finish_reason is None]
+        tokens = sample(logits[rows], [self._running[i].row() for i in rows])
+        for i, token in zip(rows, tokens):
+            deltas.append(self._advance(self._running[i], token))
+
+    def _advance(self, seq: _Sequence, token: int) -> Delta:
+        """Account for one sampled token: text, stop conditions, the delta to send."""
+        params = seq.owner.request.params
+        seq.generated += 1
+        seq.next_token = token
+        if token == self.eos_token_id:
+            seq.finish_reason = "stop"
+            text = seq.stream.finish()
+        else:
+            text = seq.stream.push(self._token_bytes[token])
+            if seq.stream.stopped:
+                seq.finish_reason = "stop"
+            elif seq.generated >= params.max_tokens:
+                seq.finish_reason = "length"
+                text += seq.stream.finish()
+        return Delta(
+            seq.owner.id, seq.index, text, (token,), seq.finish_reason,
+            len(seq.owner.prompt_ids), seq.generated,
+        )
+
+    def _release_finished(self) -> None:
+        """Free finished slots and pack the survivors into slots 0..B-1 (fewest copies)."""
+        if all(s.finish_reason is None for s in self._running):
+            return
+        for seq in self._running:
+            if seq.finish_reason is not None and all(
+                s.finish_reason is not None for s in seq.owner.sequences
+            ):
+                self._forget(seq.owner)
+        alive = [s for s in self._running if s.finish_reason is None]
+        holes = [s.slot for s in self._running[: len(alive)] if s.finish_reason is not None]
+        movers = [s for s in self._running[len(alive):] if s.finish_reason is None]
+        for hole, seq in zip(holes, movers):
+            self.runner.copy_slot(seq.slot, hole, seq.length)
+            seq.slot = hole
+        self._running = sorted(alive, key=lambda s: s.slot)
+
+    # ---- failures ---------------------------------------------------------------------------
+
+    def _recover_from_decode_failure(self, exc: Exception, deltas: list[Delta]) -> None:
+        """Out of memory: fail the newest request and let the rest go on at the next step.
+
+        Anything else is a bug we cannot pin on one request, so every running request fails;
+        the engine itself stays up for the next ones.
+        """
+        owners = list(dict.fromkeys(s.owner for s in self._running if s.finish_reason is None))
+        victims = owners[-1:] if isinstance(exc, torch.OutOfMemoryError) else owners
+        self._fail(victims, exc, deltas)
+
+    def _fail(self, requests: list[_Request], exc: Exception, deltas: list[Delta]) -> None:
+        oom = isinstance(exc, torch.OutOfMemoryError)
+        message = "out of memory on the model's device" if oom else f"generation failed: {exc}"
+        log.error("%s (requests %s)", message, [r.id for r in requests], exc_info=not oom)
+        if oom and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        for req in requests:
+            for i in range(req.request.params.n):
+                seq = req.sequences[i] if i < len(req.sequences) else None
+                if seq is not None and seq.finish_reason is not None:
+                    continue
+                if seq is not None:
+                    seq.finish_reason = "error"
+                deltas.append(self._final_delta(req, i, "", "error", seq.generated if seq else 0, message))
+            if not any(s in self._running for s in req.sequences):
+                self._forget(req)
+
+    # ---- helpers ----------------------------------------------------------------------------
+
+    def _final_delta(self, req: _Request, index: int, text: str, reason: FinishReason,
+                     generated: int, error: str | None = None) -> Delta:
+        return Delta(req.id, index, text, (), reason, len(req.prompt_ids), generated, error)
+
+    def _forget(self, req: _Request) -> None:
+        with self._lock:
+            self._live_ids.discard(req.id)
+
+    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)
+            bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+            if bad:
+                raise RequestRejected(
+                    f"prompt token ids must be integers in [0, {self.vocab_size}); got {bad[:5]}"
+                )
+        # An empty prompt continues from the start of a document, as GPT-2 was trained.
+        return ids or [self.eos_token_id]
+
+    def _check_limits(self, request: GenerationRequest, prompt_ids: list[int]) -> None:
+        c, p = self.config, request.params
+        if len(prompt_ids) > c.max_prompt_tokens:
+            raise RequestRejected(
+                f"the prompt has {len(prompt_ids)} tokens; this model accepts at most "
+                f"{c.max_prompt_tokens}. Shorten the prompt."
+            )
+        if p.max_tokens > c.max_tokens:
+            raise RequestRejected(f"max_tokens is {p.max_tokens}; this model allows at most {c.max_tokens}")
+        if p.n > min(c.max_n, c.max_batch_size):
+            raise RequestRejected(f"n is {p.n}; this model allows at most {min(c.max_n, c.max_batch_size)}")
+        if len(prompt_ids) + p.max_tokens > self.max_seq_len:
+            raise RequestRejected(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({p.max_tokens}) exceeds this "
+                f"model's context of {self.max_seq_len} tokens; lower max_tokens or shorten the prompt"
+            )

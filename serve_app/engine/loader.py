@@ -1,0 +1,81 @@
+"""Load a GPT-2-family checkpoint and its tokenizer, safely.
+
+Safety by default: weights come from safetensors only (a pickle can run code when loaded), and
+never with `trust_remote_code`. A LoRA adapter in peft format is merged into the base weights at
+load, so serving it costs nothing extra per token.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, GPT2LMHeadModel, PreTrainedTokenizerBase
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class CheckpointError(RuntimeError):
+    """The checkpoint cannot be served as asked; the message says what to fix."""
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CheckpointError(f"device {device!r} was asked for, but no CUDA device is visible")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise CheckpointError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    # Half precision on a CPU is slower than float32 here and loses accuracy: serve float32.
+    if device.type == "cpu" and dtype == "float16":
+        return torch.float32
+    return DTYPES[dtype]
+
+
+def _local_path(source: str) -> str:
+    """`hf://name` becomes a hub id (downloaded by transformers where the hub is reachable)."""
+    if source.startswith("hf://"):
+        return source[len("hf://"):]
+    if "://" in source:
+        raise CheckpointError(
+            f"source {source!r}: remote URIs other than hf:// must be synced to a local folder first"
+        )
+    if not Path(source).is_dir():
+        raise CheckpointError(f"source {source!r} is not a folder holding a checkpoint")
+    return source
+
+
+def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(_local_path(source), trust_remote_code=False)
+    # transformers 5 can build a GPT-2 tokenizer that silently encodes everything to []
+    # when its files are not where it expects them: refuse that instead of serving nonsense.
+    if not tokenizer.encode("Hello world"):
+        raise CheckpointError(f"the tokenizer in {source!r} encodes text to nothing")
+    return tokenizer
+
+
+def load_model(
+    source: str, adapter: str | None, device: torch.device, dtype: torch.dtype
+) -> GPT2LMHeadModel:
+    path = _local_path(source)
+    if Path(path).is_dir() and not any(Path(path).glob("*.safetensors")):
+        raise CheckpointError(f"{source!r} has no .safetensors weights (pickled weights are refused)")
+    model = GPT2LMHeadModel.from_pretrained(
+        path, use_safetensors=True, trust_remote_code=False, dtype=torch.float32
+    )
+    if adapter:
+        model = _merge_adapter(model, adapter)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def _merge_adapter(model: GPT2LMHeadModel, adapter: str) -> GPT2LMHeadModel:
+    from peft import PeftModel  # imported here: only adapters need it
+
+    if not os.path.exists(os.path.join(adapter, "adapter_model.safetensors")):
+        raise CheckpointError(f"adapter {adapter!r} has no adapter_model.safetensors")
+    merged = PeftModel.from_pretrained(model, adapter, is_trainable=False).merge_and_unload()
+    return merged
