@@ -1,0 +1,265 @@
+"""The generation engine on a tiny random GPT-2, checked against transformers itself."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from transformers import AutoTokenizer, GPT2LMHeadModel
+
+from serve_app.engine import (
+    AsyncEngine,
+    Engine,
+    EngineConfig,
+    EngineOverloaded,
+    GenerationRequest,
+    RequestRejected,
+    SamplingParams,
+)
+from serve_app.engine.detokenize import TextStream, token_bytes_table
+from serve_app.engine.sampling import RowParams, sample
+from tiny_models import TOKENIZER_DIR, make_tiny_checkpoint
+
+PROMPTS = [
+    "The court held that",
+    "Once upon a time, in a kingdom by the sea, there lived a princess who",
+    "Buy",
+    "We study the convergence of stochastic gradient descent on non-convex objectives and show",
+]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def hf(checkpoint):
+    return GPT2LMHeadModel.from_pretrained(checkpoint).eval(), AutoTokenizer.from_pretrained(checkpoint)
+
+
+def make_engine(checkpoint, **overrides) -> Engine:
+    return Engine(EngineConfig(source=str(checkpoint), **{"max_batch_size": 8, "max_seq_len": 256, **overrides}))
+
+
+def hf_greedy(hf, prompt: str, max_tokens: int) -> list[int]:
+    model, tok = hf
+    ids = tok(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, do_sample=False, max_new_tokens=max_tokens, pad_token_id=tok.eos_token_id)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def run(engine: Engine, requests, add_later=None):
+    """Step until idle; `add_later` maps a step number to requests added before that step."""
+    tokens, texts, reasons = {}, {}, {}
+    step = 0
+    for r in requests:
+        engine.add(r)
+    while engine.has_work or (add_later and any(k >= step for k in add_later)):
+        for r in (add_later or {}).get(step, []):
+            engine.add(r)
+        for d in engine.step():
+            key = (d.request_id, d.index)
+            tokens.setdefault(key, []).extend(d.token_ids)
+            texts[key] = texts.get(key, "") + d.text
+            if d.finished:
+                reasons[key] = d.finish_reason
+        step += 1
+    return tokens, texts, reasons
+
+
+def greedy(max_tokens=16, **kw) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0, **kw)
+
+
+def test_greedy_single_request_matches_transformers(checkpoint, hf):
+    engine = make_engine(checkpoint)
+    tokens, _, reasons = run(engine, [GenerationRequest(PROMPTS[1], greedy(24), "a")])
+    assert tokens[("a", 0)] == hf_greedy(hf, PROMPTS[1], 24)
+    assert reasons[("a", 0)] == "length"
+
+
+def test_greedy_batch_of_different_lengths_joining_mid_flight(checkpoint, hf):
+    engine = make_engine(checkpoint)
+    first = [GenerationRequest(p, greedy(20), f"r{i}") for i, p in enumerate(PROMPTS[:2])]
+    later = {3: [GenerationRequest(PROMPTS[2], greedy(12), "r2")],
+             7: [GenerationRequest(PROMPTS[3], greedy(20), "r3")]}
+    tokens, _, _ = run(engine, first, add_later=later)
+    for i, prompt in enumerate(PROMPTS):
+        n = 12 if i == 2 else 20
+        assert tokens[(f"r{i}", 0)] == hf_greedy(hf, prompt, n), f"request {i} diverged"
+
+
+def test_seeded_sampling_is_the_same_in_any_batch_mix(checkpoint):
+    params = SamplingParams(max_tokens=24, temperature=1.0, top_k=50, top_p=0.9, seed=1234)
+    alone, _, _ = run(make_engine(checkpoint), [GenerationRequest(PROMPTS[0], params, "x")])
+    crowd = [GenerationRequest(p, SamplingParams(max_tokens=30, temperature=1.2, seed=i), f"o{i}")
+             for i, p in enumerate(PROMPTS)]
+    later = {2: [GenerationRequest(PROMPTS[0], params, "x")]}
+    mixed, _, _ = run(make_engine(checkpoint), crowd, add_later=later)
+    assert mixed[("x", 0)] == alone[("x", 0)]
+    other_seed, _, _ = run(make_engine(checkpoint), [GenerationRequest(
+        PROMPTS[0], SamplingParams(max_tokens=24, temperature=1.0, top_k=50, top_p=0.9, seed=99), "y")])
+    assert other_seed[("y", 0)] != alone[("x", 0)]
+
+
+def test_n_choices_share_a_prefill_and_differ_when_sampled(checkpoint, hf):
+    engine = make_engine(checkpoint)
+    tokens, _, _ = run(engine, [
+        GenerationRequest(PROMPTS[0], SamplingParams(max_tokens=16, temperature=1.0, n=3, seed=7), "s"),
+        GenerationRequest(PROMPTS[1], greedy(16, n=2), "g"),
+    ])
+    sampled = [tuple(tokens[("s", i)]) for i in range(3)]
+    assert len(set(sampled)) == 3
+    expected = hf_greedy(hf, PROMPTS[1], 16)
+    assert tokens[("g", 0)] == expected and tokens[("g", 1)] == expected
+
+
+@pytest.mark.parametrize("top_k,top_p", [(5, 1.0), (0, 0.3), (20, 0.5)])
+def test_sampled_tokens_lie_in_the_allowed_set(top_k, top_p):
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 1000, generator=gen)
+    probs = torch.softmax(logits, -1)
+    allowed = []
+    for row in probs:
+        order = row.argsort(descending=True)
+        keep = order[: top_k or len(order)]
+        p = row[keep] / row[keep].sum()
+        before = p.cumsum(0) - p
+        allowed.append(set(keep[before < top_p].tolist()))
+    seen = [set() for _ in range(4)]
+    for counter in range(300):
+        rows = [RowParams(1.0, top_k, top_p, seed=b, counter=counter) for b in range(4)]
+        for b, t in enumerate(sample(logits, rows)):
+            seen[b].add(t)
+    for b in range(4):
+        assert len(allowed[b]) > 1  # the cut leaves a choice to make
+        assert seen[b] <= allowed[b]
+        assert len(seen[b]) > 1  # it does sample, not just pick the top token
+
+
+def test_stop_string_across_token_boundary_is_cut_and_not_returned(checkpoint):
+    probe, texts, _ = run(make_engine(checkpoint), [GenerationRequest(PROMPTS[0], greedy(20), "p")])
+    engine = make_engine(checkpoint)
+    pieces = [engine.tokenizer.decode([t]) for t in probe[("p", 0)]]
+    full = "".join(pieces)
+    assert full == texts[("p", 0)]
+    # A stop string made of the end of token 3 and the start of token 4.
+    boundary = len("".join(pieces[:4]))
+    stop = full[boundary - 2: boundary + 2]
+    expected = full[: full.find(stop)]
+    _, texts, reasons = run(engine, [GenerationRequest(PROMPTS[0], greedy(20, stop=(stop, "never-seen")), "s")])
+    assert texts[("s", 0)] == expected
+    assert reasons[("s", 0)] == "stop"
+
+
+def test_cancel_frees_the_slot_for_a_waiting_request(checkpoint):
+    engine = make_engine(checkpoint, max_batch_size=2)
+    for rid in ("a", "b", "c"):
+        engine.add(GenerationRequest(PROMPTS[0], greedy(100), rid))
+    engine.step()
+    assert engine.num_running == 2 and engine.num_waiting == 1
+    engine.cancel("a")
+    deltas = engine.step()
+    assert any(d.request_id == "a" and d.finish_reason == "cancelled" for d in deltas)
+    assert any(d.request_id == "c" for d in deltas)  # admitted into a's slot in the same step
+    assert engine.num_running == 2 and engine.num_waiting == 0
+
+
+def test_utf8_never_split_on_emoji_and_cjk():
+    tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    table = token_bytes_table(tok)
+    text = "Writers ✍️ 写作 😀🎉 — naïve café 你好世界"
+    ids = tok.encode(text)
+    assert len(ids) > len(text.split())  # multi-byte characters really span several tokens
+    stream, chunks = TextStream(), []
+    for t in ids:
+        chunks.append(stream.push(table[t]))
+    chunks.append(stream.finish())
+    assert "".join(chunks) == text
+    assert all("\ufffd" not in c for c in chunks)
+
+
+def test_engine_stream_equals_whole_decode_on_cjk_prompt(checkpoint):
+    engine = make_engine(checkpoint)
+    tokens, texts, _ = run(engine, [GenerationRequest(
+        "写作的时候 😀", SamplingParams(max_tokens=60, temperature=1.0, seed=3), "u")])
+    assert texts[("u", 0)] == engine.tokenizer.decode(tokens[("u", 0)])
+
+
+@pytest.mark.parametrize("request_,message", [
+    (GenerationRequest("word " * 100, greedy(4)), "at most 50"),
+    (GenerationRequest("hi", greedy(65)), "at most 64"),
+    (GenerationRequest("hi", greedy(4, n=5)), "at most 4"),
+    (GenerationRequest("word " * 40, greedy(60)), "context of 96 tokens"),
+    (GenerationRequest([1, 2, 99999], greedy(4)), "token ids"),
+])
+def test_limits_refuse_oversized_requests_with_a_reason(checkpoint, request_, message):
+    engine = make_engine(checkpoint, max_prompt_tokens=50, max_tokens=64, max_n=4, max_seq_len=96)
+    with pytest.raises(RequestRejected, match=message):
+        engine.add(request_)
+    assert not engine.has_work
+
+
+def test_bad_sampling_values_are_refused():
+    with pytest.raises(RequestRejected, match="temperature"):
+        SamplingParams(temperature=-1)
+    with pytest.raises(RequestRejected, match="top_p"):
+        SamplingParams(top_p=0)
+
+
+def test_full_queue_is_refused_not_dropped(checkpoint):
+    engine = make_engine(checkpoint, max_batch_size=1, max_waiting=2)
+    engine.add(GenerationRequest("a", greedy(4)))
+    engine.add(GenerationRequest("b", greedy(4)))
+    with pytest.raises(EngineOverloaded):
+        engine.add(GenerationRequest("c", greedy(4)))
+
+
+def test_empty_prompt_continues_from_end_of_text(checkpoint):
+    tokens, _, _ = run(make_engine(checkpoint), [GenerationRequest("", greedy(5), "e")])
+    assert len(tokens[("e", 0)]) == 5
+
+
+def test_out_of_memory_fails_only_the_newest_request(checkpoint, hf):
+    """A FAKE GPU out-of-memory (no GPU here): the runner raises torch.OutOfMemoryError once."""
+    engine = make_engine(checkpoint)
+    real_decode, calls = engine.runner.decode, {"n": 0}
+
+    def decode_that_runs_out_of_memory_once(tokens, positions):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (fake)")
+        return real_decode(tokens, positions)
+
+    engine.runner.decode = decode_that_runs_out_of_memory_once
+    tokens, _, reasons = run(engine, [GenerationRequest(PROMPTS[0], greedy(12), "old"),
+                                      GenerationRequest(PROMPTS[1], greedy(12), "new")])
+    assert reasons[("new", 0)] == "error"
+    assert reasons[("old", 0)] == "length"
+    assert tokens[("old", 0)] == hf_greedy(hf, PROMPTS[0], 12)
+    # and the engine keeps serving
+    tokens, _, _ = run(engine, [GenerationRequest(PROMPTS[2], greedy(6), "next")])
+    assert tokens[("next", 0)] == hf_greedy(hf, PROMPTS[2], 6)
+
+
+async def test_async_engine_streams_and_cancels_when_the_caller_leaves(checkpoint, hf):
+    engine = make_engine(checkpoint)
+    aengine = AsyncEngine(engine)
+    try:
+        got = [d async for d in aengine.generate(GenerationRequest(PROMPTS[0], greedy(10), "s"))]
+        assert [t for d in got for t in d.token_ids] == hf_greedy(hf, PROMPTS[0], 10)
+        assert got[-1].finish_reason == "length"
+
+        stream = aengine.generate(GenerationRequest(PROMPTS[1], greedy(200), "leaver"))
+        async for _ in stream:
+            break
+        await stream.aclose()
+        for _ in range(100):
+            if not engine.has_work:
+                break
+            await asyncio.sleep(0.02)
+        assert not engine.has_work and engine.num_running == 0
+    finally:
+        aengine.shutdown()
