@@ -1,0 +1,245 @@
+"""The model registry (models/registry.yaml): one pydantic schema, loaded in one place.
+
+`load_registry(path)` is the only way the rest of Quill reads a registry. A bad file is refused
+before anything starts, with one line per problem naming the file, the model and the field:
+
+    models/registry.yaml: model 'quill-base': engine.max_token: unknown field (did you mean 'max_tokens'?)
+
+Every section forbids unknown keys, because a typo that is silently ignored (``max_token``)
+would leave a model running with a default nobody asked for.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+DEFAULT_REGISTRY = "models/registry.yaml"
+
+# `hf://gpt2`, `s3://bucket/x`, `gs://...`: remote, fetched by the replica that loads it, so
+# they cannot be checked here. Anything without a scheme is a local path.
+_URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
+def is_remote(source: str) -> bool:
+    return bool(_URI.match(source))
+
+
+class RegistryError(ValueError):
+    """The registry file cannot be served. `problems` holds one message per fault."""
+
+    def __init__(self, path: str, problems: list[str]):
+        self.path = path
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Autoscaling(_Section):
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    # Ray Serve adds replicas when the mean number of requests in flight per replica exceeds
+    # this. A replica batches up to engine.max_batch_size sequences, so keep them close.
+    target_ongoing_requests: float = Field(16, gt=0)
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> Autoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) is greater than max_replicas ({self.max_replicas})"
+            )
+        return self
+
+
+class EngineSection(_Section):
+    max_batch_size: int = Field(16, ge=1)
+    max_seq_len: int = Field(1024, ge=2)
+    max_waiting: int = Field(256, ge=0)
+    max_prefill_tokens: int = Field(512, ge=1)
+    # torch intra-op threads per replica. None: derived from cpus_per_replica, so replicas
+    # sharing a small box do not oversubscribe its cores (see docs/registry.md).
+    threads: int | None = Field(None, ge=1)
+
+
+class Defaults(_Section):
+    max_tokens: int = Field(64, ge=1)
+    temperature: float = Field(0.8, ge=0)
+    top_k: int = Field(0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+
+
+class Limits(_Section):
+    max_prompt_tokens: int = Field(768, ge=1)
+    max_tokens: int = Field(512, ge=1)
+    max_n: int = Field(8, ge=1)
+
+
+class ModelEntry(_Section):
+    # Also the URL postfix (/v1/models/{name}/generate) and the Ray Serve deployment name.
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    source: str = Field(min_length=1)
+    adapter: str | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    gpus_per_replica: float = Field(0, ge=0)
+    cpus_per_replica: float = Field(1, gt=0)
+    autoscaling: Autoscaling = Autoscaling()
+    engine: EngineSection = EngineSection()
+    defaults: Defaults = Defaults()
+    limits: Limits = Limits()
+
+    @field_validator("source", "adapter")
+    @classmethod
+    def _resolve_local(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # Relative local paths are relative to the registry file, not to wherever `quill
+        # serve` was started, so the same file works from any directory (and in a container).
+        if value is None or is_remote(value):
+            return value
+        base = (info.context or {}).get("base_dir")
+        path = Path(os.path.expanduser(value))
+        if base is not None and not path.is_absolute():
+            path = Path(base) / path
+        if base is not None and not path.exists():
+            raise ValueError(f"local path {path} does not exist")
+        return str(path.resolve()) if base is not None else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelEntry:
+        problems = []
+        if self.defaults.max_tokens > self.limits.max_tokens:
+            problems.append(
+                f"defaults.max_tokens ({self.defaults.max_tokens}) is greater than "
+                f"limits.max_tokens ({self.limits.max_tokens})"
+            )
+        if self.limits.max_prompt_tokens >= self.engine.max_seq_len:
+            problems.append(
+                f"limits.max_prompt_tokens ({self.limits.max_prompt_tokens}) leaves no room to "
+                f"generate within engine.max_seq_len ({self.engine.max_seq_len})"
+            )
+        if self.limits.max_n > self.engine.max_batch_size:
+            problems.append(
+                f"limits.max_n ({self.limits.max_n}) is greater than "
+                f"engine.max_batch_size ({self.engine.max_batch_size})"
+            )
+        if self.device == "cuda" and self.gpus_per_replica == 0:
+            problems.append("device is cuda but gpus_per_replica is 0: the replica would see no GPU")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def threads(self) -> int:
+        """torch threads for one replica: as many as the logical CPUs Ray reserves for it."""
+        if self.engine.threads is not None:
+            return self.engine.threads
+        return max(1, math.floor(self.cpus_per_replica))
+
+    def engine_config(self):
+        """The engine's own config for this entry (imported late: the engine pulls in torch)."""
+        from serve_app.engine import EngineConfig
+
+        return EngineConfig(
+            source=self.source,
+            adapter=self.adapter,
+            device=self.device,
+            dtype=self.dtype,
+            max_batch_size=self.engine.max_batch_size,
+            max_seq_len=self.engine.max_seq_len,
+            max_waiting=self.engine.max_waiting,
+            max_prompt_tokens=self.limits.max_prompt_tokens,
+            max_tokens=self.limits.max_tokens,
+            max_n=self.limits.max_n,
+            max_prefill_tokens=self.engine.max_prefill_tokens,
+            threads=self.threads,
+        )
+
+
+class Registry(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    models: list[ModelEntry] = Field(min_length=1)
+
+    @field_validator("models")
+    @classmethod
+    def _unique_names(cls, models: list[ModelEntry]) -> list[ModelEntry]:
+        seen: dict[str, int] = {}
+        for i, m in enumerate(models):
+            if m.name in seen:
+                raise ValueError(
+                    f"duplicate model name {m.name!r} (entries {seen[m.name] + 1} and {i + 1})"
+                )
+            seen[m.name] = i
+        return models
+
+    def get(self, name: str) -> ModelEntry | None:
+        return next((m for m in self.models if m.name == name), None)
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self.models]
+
+
+# Field names per section, for "did you mean" hints on unknown keys.
+_SECTIONS: dict[str, type[BaseModel]] = {
+    "": Registry,
+    "model": ModelEntry,
+    "autoscaling": Autoscaling,
+    "engine": EngineSection,
+    "defaults": Defaults,
+    "limits": Limits,
+}
+
+
+def _describe(err: dict[str, Any], raw: Any, label: str) -> str:
+    loc = list(err["loc"])
+    where = label
+    if len(loc) >= 2 and loc[0] == "models" and isinstance(loc[1], int):
+        index = loc[1]
+        name = None
+        if isinstance(raw, dict) and isinstance(raw.get("models"), list) and index < len(raw["models"]):
+            entry = raw["models"][index]
+            name = entry.get("name") if isinstance(entry, dict) else None
+        where += f": model {name!r}" if isinstance(name, str) else f": model #{index + 1}"
+        loc = loc[2:]
+    field = ".".join(str(p) for p in loc)
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        section = _SECTIONS.get(str(loc[0]) if len(loc) > 1 else ("model" if where != label else ""))
+        known = list(section.model_fields) if section else []
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        msg = "unknown field" + (f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(known)})")
+    elif err["type"] == "missing":
+        msg = "required field is missing"
+    return f"{where}: {field}: {msg}" if field else f"{where}: {msg}"
+
+
+def parse_registry(data: Any, base_dir: str | os.PathLike | None, label: str = "<registry>") -> Registry:
+    """Validate an already-parsed registry (e.g. the `args` of a KubeRay serveConfigV2)."""
+    if not isinstance(data, dict):
+        raise RegistryError(label, [f"{label}: expected a mapping with a 'models' list"])
+    try:
+        return Registry.model_validate(data, context={"base_dir": base_dir})
+    except ValidationError as exc:
+        raise RegistryError(label, [_describe(e, data, label) for e in exc.errors()]) from None
+
+
+def load_registry(path: str | os.PathLike = DEFAULT_REGISTRY) -> Registry:
+    """Read and validate a registry file; raise RegistryError naming the file, model and field."""
+    label = str(path)
+    p = Path(path)
+    if not p.is_file():
+        raise RegistryError(label, [f"{label}: registry file not found"])
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise RegistryError(label, [f"{label}: not valid YAML: {exc}"]) from None
+    return parse_registry(data, p.resolve().parent, label)

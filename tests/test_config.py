@@ -1,0 +1,115 @@
+"""The registry schema: good files load, bad files are refused naming the file, model and field."""
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from serve_app.config import RegistryError, load_registry, parse_registry
+
+
+def write(tmp_path, body: str, name: str = "registry.yaml"):
+    (tmp_path / "ckpt").mkdir(exist_ok=True)
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+GOOD = """
+models:
+  - name: tiny
+    source: ckpt
+    dtype: float32
+    cpus_per_replica: 0.5
+    autoscaling: {min_replicas: 1, max_replicas: 2, target_ongoing_requests: 8}
+    engine: {max_batch_size: 8, max_seq_len: 256}
+    defaults: {max_tokens: 16, temperature: 0.7, top_k: 40, top_p: 0.9}
+    limits: {max_prompt_tokens: 128, max_tokens: 64, max_n: 4}
+  - name: remote
+    source: hf://gpt2
+"""
+
+
+def test_good_registry_resolves_relative_paths(tmp_path):
+    reg = load_registry(write(tmp_path, GOOD))
+    assert reg.names == ["tiny", "remote"]
+    tiny = reg.get("tiny")
+    assert tiny.source == str((tmp_path / "ckpt").resolve())  # relative to the registry file
+    assert reg.get("remote").source == "hf://gpt2"  # remote sources are not checked
+    assert tiny.threads == 1  # half a CPU still gets one thread
+    cfg = tiny.engine_config()
+    assert (cfg.max_batch_size, cfg.max_prompt_tokens, cfg.max_n, cfg.threads) == (8, 128, 4, 1)
+
+
+def test_threads_follow_cpus(tmp_path):
+    reg = parse_registry({"models": [{"name": "m", "source": "hf://x", "cpus_per_replica": 2}]}, tmp_path)
+    assert reg.models[0].threads == 2
+    reg = parse_registry({"models": [{"name": "m", "source": "hf://x", "engine": {"threads": 3}}]}, tmp_path)
+    assert reg.models[0].threads == 3
+
+
+ENTRY = "  - name: tiny\n    source: ckpt\n"
+
+# (registry body, substrings the single message must contain)
+BAD = [
+    pytest.param(ENTRY + "    engine: {max_token: 5}\n",
+                 ["registry.yaml", "model 'tiny'", "engine.max_token", "unknown field"], id="unknown-nested-key"),
+    pytest.param(ENTRY + "    limits: {max_token: 5}\n",
+                 ["model 'tiny'", "limits.max_token", "did you mean 'max_tokens'"], id="typo-did-you-mean"),
+    pytest.param(ENTRY + "    sorce: x\n", ["model 'tiny'", "sorce", "did you mean 'source'"], id="unknown-entry-key"),
+    pytest.param(ENTRY + ENTRY, ["duplicate model name 'tiny'", "entries 1 and 2"], id="duplicate-name"),
+    pytest.param(ENTRY + "    dtype: float64\n", ["model 'tiny'", "dtype", "float32", "bfloat16"], id="bad-dtype"),
+    pytest.param(ENTRY + "    autoscaling: {min_replicas: 3, max_replicas: 2}\n",
+                 ["model 'tiny'", "autoscaling", "min_replicas (3) is greater than max_replicas (2)"], id="min-gt-max"),
+    pytest.param("  - name: tiny\n    source: no/such/dir\n",
+                 ["model 'tiny'", "source", "no/such/dir does not exist"], id="missing-source"),
+    pytest.param(ENTRY + "    adapter: missing-adapter\n",
+                 ["model 'tiny'", "adapter", "missing-adapter does not exist"], id="missing-adapter"),
+    pytest.param("  - source: ckpt\n", ["model #1", "name", "required"], id="missing-name"),
+    pytest.param("  - name: 'bad name/'\n    source: ckpt\n", ["name", "pattern"], id="bad-name"),
+    pytest.param(ENTRY + "    device: tpu\n", ["model 'tiny'", "device"], id="bad-device"),
+    pytest.param(ENTRY + "    cpus_per_replica: 0\n", ["cpus_per_replica", "greater than 0"], id="zero-cpus"),
+    pytest.param(ENTRY + "    defaults: {max_tokens: 100}\n    limits: {max_tokens: 50}\n",
+                 ["defaults.max_tokens (100) is greater than limits.max_tokens (50)"], id="default-over-limit"),
+    pytest.param(ENTRY + "    device: cuda\n", ["device is cuda but gpus_per_replica is 0"], id="cuda-without-gpu"),
+    pytest.param(ENTRY + "    limits: {max_n: 32}\n    engine: {max_batch_size: 16}\n",
+                 ["limits.max_n (32) is greater than engine.max_batch_size (16)"], id="n-over-batch"),
+]
+
+
+@pytest.mark.parametrize("entries,expected", BAD)
+def test_bad_registry_is_refused_with_a_precise_message(tmp_path, entries, expected):
+    path = write(tmp_path, "models:\n" + entries)
+    with pytest.raises(RegistryError) as info:
+        load_registry(path)
+    assert len(info.value.problems) == 1, info.value.problems
+    message = str(info.value)
+    assert message.startswith(str(path)), message
+    for part in expected:
+        assert part in message, f"{part!r} not in {message!r}"
+
+
+@pytest.mark.parametrize(
+    "body,expected",
+    [
+        ("models: []\n", "at least 1"),
+        ("modles:\n  - name: x\n", "unknown field"),
+        ("models: [\n", "not valid YAML"),
+        ("- just a list\n", "expected a mapping"),
+    ],
+)
+def test_bad_file_shapes(tmp_path, body, expected):
+    with pytest.raises(RegistryError, match=expected):
+        load_registry(write(tmp_path, body))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(RegistryError, match="registry file not found"):
+        load_registry(tmp_path / "nope.yaml")
+
+
+def test_every_problem_is_reported(tmp_path):
+    path = write(tmp_path, "models:\n" + ENTRY + "    dtype: int8\n    engine: {max_token: 1}\n")
+    with pytest.raises(RegistryError) as info:
+        load_registry(path)
+    assert len(info.value.problems) == 2
