@@ -1,0 +1,85 @@
+"""The model card (README.md) written into every exported model folder: data, licence, recipe,
+training run and held-out metrics, in plain Markdown."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+LICENCE_TEXT = """\
+- Training text: public domain (pre-1929 publications and US federal government works; the
+  arXiv titles/abstracts are CC0 1.0). Every file's origin, commit and licence basis is listed
+  in `training/corpora/SOURCES.md`.
+- Tokenizer: GPT-2's byte-level BPE (vocab.json/merges.txt from OpenAI's GPT-2 release,
+  MIT-style licence; see `models/gpt2-tokenizer/`).
+- Weights: trained by the Quill project from the text above; released under the project's
+  licence (Apache-2.0).
+"""
+
+GENRE_DATA = {
+    "legal": "legal and governmental prose: Holmes' *The Common Law* (1881), the US Constitution "
+             "and the Federalist Papers, State of the Union addresses 1945-2006, and Federal "
+             "Register / CFR / public-law text",
+    "copywriting": "vintage advertising copy (1866-1920, plus older newspaper advertisements "
+                   "collected in 1886): publishers' catalogues and book blurbs, manufacturers' "
+                   "sales catalogues, and Herbert Kaufman's 1912 essays on advertising",
+    "lyrics": "songs and verse: Burns, W. S. Gilbert, cowboy songs and folk ballads, hymns, "
+              "nursery rhymes",
+    "fantasy": "pre-1929 fantasy fiction: Baum's Oz books, Carroll's Alice books, fairy tales "
+               "(Grimm, Andersen, Lang) and George MacDonald",
+    "abstracts": "research-paper titles and abstracts from arXiv's own metadata samples (CC0)",
+}
+
+
+def model_card(recipe: dict, summary: dict, entry: dict) -> str:
+    name, genres = recipe["name"], recipe["data"]["genres"]
+    is_lora = recipe["method"] == "lora"
+    lines = [f"# {name}", ""]
+    if recipe["card"].get("summary"):
+        lines += [recipe["card"]["summary"].strip(), ""]
+    if is_lora:
+        lines += [f"A LoRA adapter (rank {recipe['lora']['r']}, on "
+                  f"{', '.join(recipe['lora']['target_modules'])}) for `{entry['source']}`; the "
+                  "server merges it into the base at load (peft `merge_and_unload`), so it is "
+                  "served as a plain GPT-2.", ""]
+    else:
+        cfg = recipe["model"]["config"] if recipe["model"]["init"] == "scratch" else {}
+        lines += ["A small GPT-2-architecture model trained from scratch with GPT-2's own BPE "
+                  f"tokenizer (vocab 50,257, tied embeddings; {cfg}), saved in "
+                  f"{recipe['export']['dtype']} safetensors. Real `gpt2` / `gpt2-medium` "
+                  "checkpoints can be swapped in and fine-tuned with the same recipes.", ""]
+    if recipe["card"].get("notes"):
+        lines += [recipe["card"]["notes"].strip(), ""]
+
+    lines += ["## Data", ""]
+    for g in genres:
+        lines.append(f"- **{g}** ({summary['train_tokens'][g]:,} training tokens, "
+                     f"{summary['val_tokens'][g]:,} held out): {GENRE_DATA[g]}.")
+    lines += ["", "Cleaning and the held-out split are in `training/data.py` (about 5% of each "
+              "genre, chosen by a hash of ~4 KB pieces, never trained on).", ""]
+    lines += ["## Licence", "", LICENCE_TEXT]
+
+    lines += ["## Training", "",
+              f"- command: `quill train --recipe {Path(recipe['_path']).as_posix().split('/work/main/')[-1]}`",
+              f"- {summary['steps']:,} steps, {summary['tokens']:,} tokens, "
+              f"{summary['train_seconds']/60:.1f} min on {summary['device']} "
+              f"({summary['tokens_per_second']:.0f} tokens/s, precision {summary['precision']})",
+              f"- parameters: {summary['params']/1e6:.2f}M, trained: {summary['trainable_params']/1e6:.3f}M",
+              f"- final training loss (moving average): {summary['final_loss_ema']}", ""]
+    shown = {k: v for k, v in recipe.items() if not k.startswith("_") and k not in ("card",)}
+    lines += ["Recipe (defaults filled in):", "", "```yaml",
+              yaml.safe_dump(shown, sort_keys=False, width=100).rstrip(), "```", ""]
+
+    lines += ["## Held-out perplexity", "",
+              f"First {recipe['export']['eval_tokens']:,} held-out tokens of each genre, "
+              f"{recipe['data']['block_size']}-token blocks, as exported"
+              + (" (adapter merged into the base)" if is_lora else "") + ". Lower is better; "
+              "`docs/models.md` compares every model.", "",
+              "| genre | perplexity |", "| --- | --- |"]
+    for g, ppl in summary["held_out_ppl"].items():
+        lines.append(f"| {g}{' (own genre)' if is_lora and g in genres else ''} | {ppl} |")
+    lines += ["", "## Limitations", "",
+              "A tiny model trained for under an hour on a 2-core CPU: it imitates the voice and "
+              "vocabulary of its genre, not facts. Text reflects the attitudes of its (mostly "
+              "19th- and early 20th-century) sources. Not for legal, medical or factual advice.", ""]
+    return "\n".join(lines)

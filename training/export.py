@@ -1,0 +1,103 @@
+"""Export a trained model so that `quill serve` can load it with no code change.
+
+A base model becomes a folder with config.json, model.safetensors, the tokenizer files and a
+README.md model card. A LoRA genre model becomes a peft adapter folder (adapter_config.json,
+adapter_model.safetensors) plus the tokenizer and a card; the serving side loads the base named
+by the registry entry's `source` and merges the adapter with peft's merge_and_unload.
+
+Only safetensors are written; nothing here pickles.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import yaml
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# Registry defaults for the small CPU-friendly models that ship with Quill; a recipe's
+# export.entry overrides any of them.
+DEFAULT_ENTRY = {
+    "device": "auto",
+    "dtype": "float32",
+    "gpus_per_replica": 0,
+    "cpus_per_replica": 0.25,
+    "autoscaling": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 16},
+    "engine": {"max_batch_size": 16, "max_seq_len": 512},
+    "defaults": {"max_tokens": 48, "temperature": 0.8, "top_k": 40, "top_p": 0.95},
+    "limits": {"max_prompt_tokens": 384, "max_tokens": 128, "max_n": 4},
+}
+
+# Registry order: base first, then the genres in the issue's order.
+ORDER = ["quill-base", "quill-legal", "quill-copywriting", "quill-lyrics", "quill-fantasy",
+         "quill-abstracts"]
+
+
+def save_tokenizer(tokenizer, out_dir: Path, max_len: int) -> None:
+    """Every exported folder carries its tokenizer, so a checkpoint is self-contained."""
+    tokenizer.model_max_length = max_len
+    tokenizer.save_pretrained(str(out_dir))
+
+
+def export_full(model, tokenizer, out_dir: Path, dtype: str = "float32") -> None:
+    """save_pretrained with safetensors; the weights are cast to `dtype` on the way out
+    (float16 halves the shipped size; the engine loads in the registry's dtype)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = model.to(DTYPES[dtype])
+    model.config.use_cache = True  # training turns it off; serving wants the KV cache
+    model.save_pretrained(str(out_dir))  # transformers 5 writes safetensors only
+    if model.generation_config is not None:
+        model.generation_config.pad_token_id = tokenizer.eos_token_id
+        model.generation_config.save_pretrained(str(out_dir))
+    save_tokenizer(tokenizer, out_dir, model.config.n_positions)
+
+
+def export_adapter(peft_model, tokenizer, out_dir: Path, base_ref: str, max_len: int) -> None:
+    """Save only the LoRA weights (a few hundred KB) and point the adapter config at its base."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    peft_model.save_pretrained(str(out_dir), safe_serialization=True)
+    cfg_path = out_dir / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    # peft records the absolute path it was trained from; the registry's `source` is what the
+    # server uses, but keep this portable and readable too.
+    cfg["base_model_name_or_path"] = base_ref
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    save_tokenizer(tokenizer, out_dir, max_len)
+
+
+def update_registry(registry_path: Path, entry: dict) -> None:
+    """Insert or replace one model's entry in models/registry.yaml, keeping the others as they are."""
+    registry_path.parent.mkdir(parents=True, exist_ok=True)
+    data = yaml.safe_load(registry_path.read_text()) if registry_path.exists() else None
+    data = data or {}
+    models = [m for m in data.get("models") or [] if m.get("name") != entry["name"]]
+    models.append(entry)
+    rank = {name: i for i, name in enumerate(ORDER)}
+    models.sort(key=lambda m: rank.get(m["name"], len(ORDER)))
+    data["models"] = models
+    header = ("# Quill model registry: one entry per served model (see docs/models.md).\n"
+              "# Relative paths resolve against this folder. Written by training/export.py;\n"
+              "# hand edits are kept for other models when a model is re-exported.\n")
+    registry_path.write_text(header + yaml.safe_dump(data, sort_keys=False, width=100))
+
+
+def registry_entry(name: str, source: str, adapter: str | None, overrides: dict) -> dict:
+    entry = {"name": name, "source": source}
+    if adapter:
+        entry["adapter"] = adapter
+    for key, value in DEFAULT_ENTRY.items():
+        entry[key] = overrides.get(key, value)
+    for key, value in overrides.items():
+        entry.setdefault(key, value)
+    return entry
+
+
+def write_card(out_dir: Path, text: str) -> None:
+    (out_dir / "README.md").write_text(text)
+
+
+def shipped_bytes(models_dir: Path) -> int:
+    """Total size of every .safetensors file under models/ (the 60 MB budget)."""
+    return sum(p.stat().st_size for p in Path(models_dir).rglob("*.safetensors"))
