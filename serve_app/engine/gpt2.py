@@ -123,21 +123,22 @@ class GPT2Runner:
         L = max(positions) + 1
         rows = torch.arange(B, device=self.device)
         # Each row attends to its own positions 0..pos[b]; the rest of the first L is masked.
-        mask = (torch.arange(L, device=self.device)[None, :] <= pos[:, None])[:, None, None, :]
+        mask = (torch.arange(L, device=self.device)[None, :] <= pos[:, None])[:, None, :]
         x = self.wte[tokens] + self.wpe[pos]  # [B, E]
         for i, layer in enumerate(self.layers):
             qkv = torch.addmm(layer.attn_b, self._layer_norm(x, layer.ln_1), layer.attn_w)
             q, k, v = (t.view(B, self.n_head, self.head_dim) for t in qkv.split(self.embed, 1))
             self.k_cache[i, rows, :, pos] = k
             self.v_cache[i, rows, :, pos] = v
-            a = F.scaled_dot_product_attention(
-                q[:, :, None, :],
-                self.k_cache[i, :B, :, :L],
-                self.v_cache[i, :B, :, :L],
-                attn_mask=mask,
-                scale=self.scales[i],
-            )
-            x = x + torch.addmm(layer.proj_b, a.reshape(B, self.embed), layer.proj_w)
+            # Plain batched matmuls: for one query row per sequence, SDPA's CPU kernel was
+            # ~10x slower than this (22 ms vs ~2 ms per layer at B=64, L=200).
+            keys = self.k_cache[i, :B, :, :L].reshape(B * self.n_head, L, self.head_dim)
+            values = self.v_cache[i, :B, :, :L].reshape(B * self.n_head, L, self.head_dim)
+            scores = torch.bmm(q.reshape(B * self.n_head, 1, self.head_dim), keys.transpose(1, 2))
+            scores = (scores.view(B, self.n_head, L) * self.scales[i]).masked_fill_(~mask, float("-inf"))
+            probs = torch.softmax(scores, dim=-1).view(B * self.n_head, 1, L)
+            a = torch.bmm(probs, values).view(B, self.embed)
+            x = x + torch.addmm(layer.proj_b, a, layer.proj_w)
             x = self._mlp(x, layer)
         return self._logits(x)
 
