@@ -5,7 +5,7 @@ import asyncio
 
 import pytest
 import torch
-from transformers import AutoTokenizer, GPT2LMHeadModel
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from serve_app.engine import (
     AsyncEngine,
@@ -263,3 +263,35 @@ async def test_async_engine_streams_and_cancels_when_the_caller_leaves(checkpoin
         assert not engine.has_work and engine.num_running == 0
     finally:
         aengine.shutdown()
+
+
+def test_lora_adapter_is_merged_at_load(checkpoint, hf, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model, tok = hf
+    base = GPT2LMHeadModel.from_pretrained(checkpoint)
+    lora = LoraConfig(r=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, init_lora_weights=False)
+    peft_model = get_peft_model(base, lora)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    merged = peft_model.merge_and_unload().eval()
+
+    ids = tok(PROMPTS[1], return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = merged.generate(ids, do_sample=False, max_new_tokens=12, pad_token_id=tok.eos_token_id)
+    expected = expected[0, ids.shape[1]:].tolist()
+    assert expected != hf_greedy(hf, PROMPTS[1], 12)  # the adapter really changes the model
+
+    engine = make_engine(checkpoint, adapter=str(tmp_path / "adapter"))
+    tokens, _, _ = run(engine, [GenerationRequest(PROMPTS[1], greedy(12), "l")])
+    assert tokens[("l", 0)] == expected
+
+
+def test_pickled_weights_are_refused(tmp_path):
+    from serve_app.engine import CheckpointError
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2))
+    model.config.save_pretrained(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")  # a pickle, as old checkpoints ship
+    AutoTokenizer.from_pretrained(TOKENIZER_DIR).save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="safetensors"):
+        make_engine(tmp_path)
