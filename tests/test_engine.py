@@ -295,3 +295,38 @@ def test_pickled_weights_are_refused(tmp_path):
     AutoTokenizer.from_pretrained(TOKENIZER_DIR).save_pretrained(tmp_path)
     with pytest.raises(CheckpointError, match="safetensors"):
         make_engine(tmp_path)
+
+
+async def test_many_concurrent_callers_some_leaving_early(checkpoint):
+    """20 callers at once on an 8-slot engine; every third leaves after its first delta."""
+    engine = make_engine(checkpoint, max_batch_size=8)
+    solo = {i: run(make_engine(checkpoint), [GenerationRequest(PROMPTS[i % 4], SamplingParams(
+        max_tokens=8 + i, temperature=0.9, seed=i), "solo")])[0][("solo", 0)] for i in range(0, 20, 4)}
+    aengine = AsyncEngine(engine)
+
+    async def caller(i):
+        req = GenerationRequest(PROMPTS[i % 4], SamplingParams(max_tokens=8 + i, temperature=0.9, seed=i), f"c{i}")
+        tokens = []
+        stream = aengine.generate(req)
+        async for d in stream:
+            tokens += d.token_ids
+            if i % 3 == 2:
+                await stream.aclose()
+                return i, None
+        return i, tokens
+
+    try:
+        results = dict(await asyncio.wait_for(asyncio.gather(*(caller(i) for i in range(20))), 120))
+        for i, tokens in results.items():
+            if i % 3 == 2:
+                continue
+            assert len(tokens) == 8 + i
+            if i in solo:
+                assert tokens == solo[i]  # seeded: the crowd changed nothing
+        for _ in range(100):
+            if not engine.has_work:
+                break
+            await asyncio.sleep(0.02)
+        assert engine.num_running == 0 and engine.num_waiting == 0
+    finally:
+        aengine.shutdown()
