@@ -31,3 +31,53 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
     """Two different tiny random checkpoints, {"tiny-a": path, "tiny-b": path}, made once per session."""
     root = tmp_path_factory.mktemp("tiny-checkpoints")
     return {name: save_tiny_gpt2(root / name, seed=i) for i, name in enumerate(("tiny-a", "tiny-b"))}
+
+
+def _redis_answers(url: str) -> bool:
+    try:
+        import redis
+
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1).ping())
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    """A real redis-server: $REDIS_URL, else 127.0.0.1:6379 (.ci/run starts one there), else a
+    private one started here on a free port. Skips only when no redis-server binary exists."""
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import time
+
+    for url in filter(None, (os.environ.get("REDIS_URL"), "redis://127.0.0.1:6379/0")):
+        if _redis_answers(url):
+            yield url
+            return
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("no redis-server (apt-get install redis-server)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    workdir = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no", "--dir", str(workdir)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        deadline = time.monotonic() + 10
+        while not _redis_answers(url):
+            if time.monotonic() > deadline or proc.poll() is not None:
+                pytest.fail("redis-server did not start")
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -1,0 +1,134 @@
+"""The Ray Serve application graph: one ingress bound to one ModelServer deployment per model.
+
+    serve run serve_app.app:build registry=models/registry.yaml
+
+and a KubeRay serveConfigV2 (`import_path: serve_app.app:build`) start the same graph as
+`quill serve`. The builder's args are either `registry: <path>` or the registry itself
+(`models: [...]`, as a Helm chart would render it inline).
+
+Resources come from the registry: each model replica reserves `cpus_per_replica` logical CPUs and
+`gpus_per_replica` GPUs, and autoscales on ongoing requests between min and max replicas. The
+ingress reserves only a fraction of a CPU: Ray Serve's default of one CPU per replica would,
+on a 2-core box, leave the second model unschedulable and `serve.run` waiting forever.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from typing import Any, AsyncIterator
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from serve_app.cache import DEFAULT_MAX_ENTRIES, DEFAULT_TTL, make_store
+from serve_app.config import DEFAULT_REGISTRY, ModelEntry, Registry, load_registry, parse_registry
+from serve_app.engine.types import Delta, GenerationRequest
+from serve_app.ingress import Service, create_app
+from serve_app.metrics import render_cluster_metrics
+from serve_app.model_server import Failure, ModelServer
+
+APP_NAME = "quill"
+INGRESS_CPUS = 0.1  # the ingress only routes and frames; it should never crowd out a model
+
+
+class HandleBackend:
+    """A model reached through its Ray Serve deployment handle."""
+
+    def __init__(self, handle: DeploymentHandle, entry: ModelEntry):
+        self.handle, self.entry = handle, entry
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        responses = self.handle.options(stream=True).generate.remote(request)
+        finished = False
+        try:
+            async for item in responses:
+                if isinstance(item, Failure):
+                    raise item.exception()
+                yield item
+            finished = True
+        finally:
+            if not finished:
+                # The caller stopped early (client gone, cancelled, error): cancel the call on
+                # the replica, which closes the engine's stream and frees the batch slot.
+                responses.cancel()
+
+    async def ready(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self.handle.ready.remote(), timeout)
+            return True
+        except Exception:  # not loaded yet, or the replica is gone
+            return False
+
+
+@serve.deployment
+class ModelServerDeployment(ModelServer):
+    """ModelServer as a Serve deployment; options (resources, autoscaling) are set per model."""
+
+
+@serve.deployment(max_ongoing_requests=1000)
+@serve.ingress()
+class Ingress:
+    def __init__(self, registry: dict, handles: dict[str, DeploymentHandle], cache: dict | None = None):
+        self.registry = Registry.model_validate(registry)
+        cache = cache or {}
+        store = make_store(cache.get("redis_url"), cache.get("ttl", DEFAULT_TTL), cache.get("max_entries", DEFAULT_MAX_ENTRIES))
+        backends = {m.name: HandleBackend(handles[m.name], m) for m in self.registry.models}
+        self.service = Service(self.registry, backends, store, render_metrics=render_cluster_metrics)
+
+    def __serve_build_asgi_app__(self):
+        return create_app(self.service)
+
+    async def __del__(self):
+        with contextlib.suppress(Exception):
+            await self.service.flights.close()
+
+
+def deployment_options(entry: ModelEntry) -> dict[str, Any]:
+    a = entry.autoscaling
+    return {
+        "name": f"model-{entry.name}",
+        "ray_actor_options": {"num_cpus": entry.cpus_per_replica, "num_gpus": entry.gpus_per_replica},
+        # The engine queues and batches itself; let Serve hand it a full batch plus its queue,
+        # so overload surfaces as the engine's 503 rather than a silent wait in the router.
+        "max_ongoing_requests": entry.engine.max_batch_size + entry.engine.max_waiting,
+        "autoscaling_config": {
+            "min_replicas": a.min_replicas,
+            "initial_replicas": max(1, a.min_replicas),
+            "max_replicas": a.max_replicas,
+            "target_ongoing_requests": a.target_ongoing_requests,
+        },
+        # Loading a checkpoint can take a while on a cold node.
+        "health_check_timeout_s": 60,
+        "graceful_shutdown_timeout_s": 5,
+    }
+
+
+def cache_settings() -> dict:
+    """Cache settings from the environment of the process that builds the app."""
+    return {
+        "redis_url": os.environ.get("REDIS_URL") or None,
+        "ttl": float(os.environ.get("QUILL_CACHE_TTL", DEFAULT_TTL)),
+        "max_entries": int(os.environ.get("QUILL_CACHE_MAX_ENTRIES", DEFAULT_MAX_ENTRIES)),
+    }
+
+
+def required_cpus(registry: Registry) -> float:
+    """Logical CPUs the app needs to start: the ingress plus every model's first replicas."""
+    return INGRESS_CPUS + sum(max(1, m.autoscaling.min_replicas) * m.cpus_per_replica for m in registry.models)
+
+
+def build_app(registry: Registry, cache: dict | None = None):
+    handles = {m.name: ModelServerDeployment.options(**deployment_options(m)).bind(m.model_dump()) for m in registry.models}
+    ingress = Ingress.options(ray_actor_options={"num_cpus": INGRESS_CPUS})
+    return ingress.bind(registry.model_dump(), handles, cache if cache is not None else cache_settings())
+
+
+def build(args: dict[str, Any] | None = None):
+    """Application builder for `serve run` and serveConfigV2 (`import_path: serve_app.app:build`)."""
+    args = dict(args or {})
+    if "models" in args:
+        registry = parse_registry({"models": args["models"]}, os.getcwd(), "serveConfigV2 args")
+    else:
+        registry = load_registry(args.get("registry") or os.environ.get("QUILL_REGISTRY", DEFAULT_REGISTRY))
+    return build_app(registry)

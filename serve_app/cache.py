@@ -1,0 +1,245 @@
+"""Duplicate-request cache with single-flight, in front of the model servers.
+
+A seeded request is deterministic (the engine promises the same text for the same seed whatever
+else is in the batch), so identical seeded requests need to be generated only once:
+
+- in flight: the first one (the leader) runs; identical ones that arrive while it runs join it
+  and receive the same deltas, from the start, as they come;
+- finished: the whole result is kept for `ttl` seconds (at most `max_entries` of them) and later
+  identical requests are answered from it at once.
+
+The finished results live in Redis when REDIS_URL is set (shared by every ingress replica),
+in this process otherwise. Unseeded sampling is never cached: two unseeded requests are meant
+to differ. Results that did not finish normally (cancelled, error) are never stored.
+
+The generation belongs to the flight, not to the first client: if the leader's client goes
+away the others keep receiving; it is cancelled only when the last listener leaves.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from typing import AsyncIterator, Callable
+
+from serve_app.engine.types import Delta, SamplingParams
+
+log = logging.getLogger("quill.cache")
+
+DEFAULT_TTL = 600.0
+DEFAULT_MAX_ENTRIES = 1024
+KEY_PREFIX = "quill:cache:"
+
+
+def cache_key(model: str, prompt: str | list[int], params: SamplingParams) -> str | None:
+    """A stable key for a deterministic request, or None when the request must not be cached."""
+    if params.seed is None:
+        return None
+    blob = json.dumps({"model": model, "prompt": prompt, "params": asdict(params)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+@dataclass
+class Result:
+    """A finished generation, enough to replay it: one entry per choice."""
+
+    texts: list[str]
+    finish_reasons: list[str]
+    completion_tokens: list[int]
+    prompt_tokens: int
+
+    @classmethod
+    def from_deltas(cls, deltas: list[Delta]) -> Result | None:
+        if not deltas:
+            return None
+        n = max(d.index for d in deltas) + 1
+        texts, reasons, counts = [""] * n, [None] * n, [0] * n
+        for d in deltas:
+            texts[d.index] += d.text
+            counts[d.index] = max(counts[d.index], d.completion_tokens)
+            if d.finish_reason is not None:
+                reasons[d.index] = d.finish_reason
+        if any(r not in ("stop", "length") for r in reasons):
+            return None
+        return cls(texts, reasons, counts, max(d.prompt_tokens for d in deltas))
+
+    def deltas(self, request_id: str) -> list[Delta]:
+        return [
+            Delta(request_id, i, t, (), r, self.prompt_tokens, c)
+            for i, (t, r, c) in enumerate(zip(self.texts, self.finish_reasons, self.completion_tokens))
+        ]
+
+
+class MemoryStore:
+    """In-process LRU with a TTL: the default, and enough for one ingress replica."""
+
+    def __init__(self, ttl: float = DEFAULT_TTL, max_entries: int = DEFAULT_MAX_ENTRIES):
+        self.ttl, self.max_entries = ttl, max_entries
+        self._items: OrderedDict[str, tuple[float, Result]] = OrderedDict()
+
+    async def get(self, key: str) -> Result | None:
+        item = self._items.get(key)
+        if item is None:
+            return None
+        expires, result = item
+        if expires < time.monotonic():
+            del self._items[key]
+            return None
+        self._items.move_to_end(key)
+        return result
+
+    async def put(self, key: str, result: Result) -> None:
+        self._items[key] = (time.monotonic() + self.ttl, result)
+        self._items.move_to_end(key)
+        while len(self._items) > self.max_entries:
+            self._items.popitem(last=False)
+
+    async def close(self) -> None:
+        pass
+
+
+class RedisStore:
+    """Results in Redis, shared by all ingress replicas. Each entry expires after `ttl`; an
+    index sorted by insertion time bounds their number (the oldest are evicted)."""
+
+    def __init__(self, url: str, ttl: float = DEFAULT_TTL, max_entries: int = DEFAULT_MAX_ENTRIES):
+        import redis.asyncio as aioredis
+
+        self.ttl, self.max_entries = ttl, max_entries
+        self._r = aioredis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+        self._index = KEY_PREFIX + "index"
+
+    async def get(self, key: str) -> Result | None:
+        try:
+            raw = await self._r.get(KEY_PREFIX + key)
+        except Exception as exc:  # the cache is an optimisation: a Redis outage must not fail requests
+            log.warning("redis get failed: %s", exc)
+            return None
+        return Result(**json.loads(raw)) if raw else None
+
+    async def put(self, key: str, result: Result) -> None:
+        try:
+            now = time.time()
+            async with self._r.pipeline(transaction=True) as p:
+                p.set(KEY_PREFIX + key, json.dumps(asdict(result)), px=int(self.ttl * 1000))
+                p.zadd(self._index, {key: now})
+                p.zremrangebyscore(self._index, "-inf", now - self.ttl)  # already expired
+                p.zcard(self._index)
+                *_, size = await p.execute()
+            if size > self.max_entries:
+                old = await self._r.zrange(self._index, 0, size - self.max_entries - 1)
+                if old:
+                    await self._r.delete(*(KEY_PREFIX + k.decode() for k in old))
+                    await self._r.zrem(self._index, *old)
+        except Exception as exc:
+            log.warning("redis put failed: %s", exc)
+
+    async def close(self) -> None:
+        await self._r.aclose()
+
+
+def make_store(redis_url: str | None, ttl: float = DEFAULT_TTL, max_entries: int = DEFAULT_MAX_ENTRIES):
+    return RedisStore(redis_url, ttl, max_entries) if redis_url else MemoryStore(ttl, max_entries)
+
+
+class _Flight:
+    """One generation in progress and the deltas it has produced so far."""
+
+    def __init__(self) -> None:
+        self.deltas: list[Delta] = []
+        self.done = False
+        self.error: BaseException | None = None
+        self.listeners = 0
+        self.changed = asyncio.Event()
+        self.task: asyncio.Task | None = None
+
+    def notify(self) -> None:
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+
+class SingleFlight:
+    """Runs each distinct seeded request once and shares it; see the module docstring.
+
+    `on_outcome(model, outcome)` is told "hit", "joined" or "miss" for every seeded request.
+    """
+
+    def __init__(self, store=None, on_outcome: Callable[[str, str], None] | None = None):
+        self.store = store if store is not None else MemoryStore()
+        self.on_outcome = on_outcome or (lambda model, outcome: None)
+        self._flights: dict[str, _Flight] = {}
+
+    async def stream(
+        self, key: str | None, model: str, request_id: str, start: Callable[[], AsyncIterator[Delta]]
+    ) -> AsyncIterator[Delta]:
+        """Deltas for this request: generated, joined, or replayed from the cache."""
+        if key is None:
+            async for d in start():
+                yield d
+            return
+        cached = await self.store.get(key)
+        if cached is not None:
+            self.on_outcome(model, "hit")
+            for d in cached.deltas(request_id):
+                yield d
+            return
+        flight = self._flights.get(key)
+        if flight is None:
+            self.on_outcome(model, "miss")
+            flight = self._flights[key] = _Flight()
+            flight.task = asyncio.create_task(self._produce(key, flight, start))
+        else:
+            self.on_outcome(model, "joined")
+        flight.listeners += 1
+        try:
+            seen = 0
+            while True:
+                while seen < len(flight.deltas):
+                    yield flight.deltas[seen]
+                    seen += 1
+                if flight.error is not None:
+                    raise flight.error
+                if flight.done:
+                    return
+                await flight.changed.wait()
+        finally:
+            flight.listeners -= 1
+            if flight.listeners == 0 and not flight.done and flight.task is not None:
+                # The last listener left: nobody wants this generation any more.
+                flight.task.cancel()
+                if self._flights.get(key) is flight:
+                    del self._flights[key]
+
+    async def _produce(self, key: str, flight: _Flight, start: Callable[[], AsyncIterator[Delta]]) -> None:
+        try:
+            gen = start()
+            try:
+                async for d in gen:
+                    flight.deltas.append(d)
+                    flight.notify()
+            finally:
+                if hasattr(gen, "aclose"):
+                    await gen.aclose()  # cancels the generation downstream if we stopped early
+            result = Result.from_deltas(flight.deltas)
+            if result is not None:
+                await self.store.put(key, result)
+        except asyncio.CancelledError:
+            flight.error = RuntimeError("generation cancelled")
+            raise
+        except BaseException as exc:  # shared with every listener, who re-raise it
+            flight.error = exc
+        finally:
+            flight.done = True
+            if self._flights.get(key) is flight:
+                del self._flights[key]
+            flight.notify()
+
+    async def close(self) -> None:
+        for f in list(self._flights.values()):
+            if f.task:
+                f.task.cancel()
+        await self.store.close()

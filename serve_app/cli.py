@@ -1,0 +1,179 @@
+"""The `quill` command.
+
+    quill serve [--registry models/registry.yaml] [--host 127.0.0.1] [--port 8000]
+    quill train ... | quill evaluate ... | quill bench engine ...
+
+`serve` validates the registry before anything starts, brings up a local Ray (or joins the
+cluster at --address / RAY_ADDRESS), deploys the app, prints the URL once every model has
+loaded, and serves until SIGINT or SIGTERM, then shuts Ray Serve and Ray down.
+The other commands are front doors: they import their module only when called.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+
+from serve_app.config import DEFAULT_REGISTRY, RegistryError, load_registry
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Stop(Exception):
+    pass
+
+
+def serve_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="quill serve", description="Serve every model of the registry.")
+    p.add_argument("--registry", default=os.environ.get("QUILL_REGISTRY", DEFAULT_REGISTRY))
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
+                   help="join this Ray cluster instead of starting a local one")
+    p.add_argument("--num-cpus", type=float, default=None,
+                   help="logical CPUs for the local Ray (default: this machine's cores)")
+    args = p.parse_args(argv)
+
+    try:
+        registry = load_registry(args.registry)
+    except RegistryError as exc:
+        print(f"quill serve: the registry cannot be served:\n{exc}", file=sys.stderr)
+        return 2
+
+    # Before Ray starts, so its workers inherit them: a local run needs no token auth, and
+    # spinning OpenMP threads steal the few cores from the other replicas.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+    from serve_app.app import APP_NAME, build_app, required_cpus
+
+    local = not args.address
+    num_cpus = args.num_cpus or float(os.cpu_count() or 1)
+    need = required_cpus(registry)
+    if local and need > num_cpus + 1e-9:
+        print(
+            f"quill serve: the registry needs {need:g} logical CPUs to start (ingress plus "
+            f"cpus_per_replica x min_replicas per model) but Ray has {num_cpus:g}; lower "
+            "cpus_per_replica in the registry or pass --num-cpus.",
+            file=sys.stderr,
+        )
+        return 2
+
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        if stop.is_set():  # second signal: give up on a clean shutdown
+            os._exit(130)
+        stop.set()
+        raise _Stop()
+
+    import ray
+    from ray import serve
+
+    t0 = time.monotonic()
+    try:
+        if local:
+            ray.init(
+                num_cpus=int(num_cpus) if float(num_cpus).is_integer() else num_cpus,
+                include_dashboard=False,
+                _metrics_export_port=_free_port(),
+                # Metrics reach the node's agent every 2 s instead of 10 s, so /metrics is fresh.
+                _system_config={"metrics_report_interval_ms": 2000},
+                logging_level="WARNING",
+            )
+        else:
+            ray.init(address=args.address, logging_level="WARNING")
+        # After ray.init: Ray's core worker installs its own SIGTERM handler, which would end
+        # the process without shutting Serve down.
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(build_app(registry), name=APP_NAME, route_prefix="/")
+        url = f"http://{args.host}:{args.port}"
+        print(f"Quill is serving {', '.join(registry.names)} at {url} "
+              f"(ready in {time.monotonic() - t0:.1f} s; Ctrl-C to stop)", flush=True)
+        while not stop.wait(1.0):
+            pass
+    except (_Stop, KeyboardInterrupt):
+        pass
+    except Exception as exc:
+        print(f"quill serve: failed to start: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        _shutdown(local)
+        return 1
+    print("quill serve: shutting down", flush=True)
+    _shutdown(local)
+    return 0
+
+
+def _shutdown(local: bool) -> None:
+    # Ignore further Ctrl-C while cleaning up, except that a second one still exits hard.
+    import ray
+    from ray import serve
+
+    try:
+        if ray.is_initialized():
+            if local:
+                serve.shutdown()
+            else:
+                from serve_app.app import APP_NAME
+
+                serve.delete(APP_NAME)
+    except BaseException as exc:  # noqa: BLE001 - best effort, Ray goes next anyway
+        print(f"quill serve: serve shutdown: {exc}", file=sys.stderr)
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+def _front_door(module: str, argv: list[str]) -> int:
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as exc:
+        print(f"quill: {module} is not available: {exc}", file=sys.stderr)
+        return 2
+    rc = mod.main(argv)
+    return int(rc or 0)
+
+
+USAGE = """usage: quill <command> [args]
+
+commands:
+  serve       serve every model of the registry (quill serve --help)
+  train       fine-tune a model (training.train)
+  evaluate    evaluate a checkpoint (training.evaluate)
+  bench       benchmarks: quill bench engine ...
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "serve":
+        return serve_main(rest)
+    if cmd == "train":
+        return _front_door("training.train", rest)
+    if cmd == "evaluate":
+        return _front_door("training.evaluate", rest)
+    if cmd == "bench":
+        if not rest or rest[0] in ("-h", "--help"):
+            print("usage: quill bench engine [args]")
+            return 0 if rest else 2
+        return _front_door(f"bench.{rest[0]}", rest[1:])
+    print(f"quill: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

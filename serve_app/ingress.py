@@ -1,0 +1,350 @@
+"""The HTTP API (docs/api.md) as an ASGI app, independent of Ray.
+
+`create_app(service)` builds the FastAPI app. A `Service` holds what the routes need: the
+registry, one backend per served model (anything with `stream(request)` and `ready()`: an
+in-process ModelServer in tests, a Ray DeploymentHandle in `app.py`), the single-flight cache
+and a metrics renderer. Every route goes through `Service.open_stream`, so validation, limits,
+caching and error mapping are the same for OpenAI, native and WebSocket clients.
+
+Errors are always JSON `{"error": {"type", "message"}}`: 400 for bad input (including the
+request-validation errors FastAPI would answer with its own 422 shape), 404 for a model that is
+not served (with the served names), 503 when a model is overloaded or not ready yet.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
+
+from fastapi import FastAPI, Request, WebSocket
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serve_app.cache import SingleFlight, cache_key
+from serve_app.config import ModelEntry, Registry
+from serve_app.metrics import Metrics
+from serve_app.engine.types import Delta, EngineOverloaded, GenerationRequest, RequestRejected, SamplingParams
+from serve_app.model_server import Failure, ModelServer
+from serve_app.protocol import ApiError, CompletionRequest, GenerateRequest, error_body, new_id, now
+
+log = logging.getLogger("quill.ingress")
+STATIC = Path(__file__).parent / "static"
+
+
+class Backend(Protocol):
+    entry: ModelEntry
+
+    def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]: ...
+
+    async def ready(self, timeout: float) -> bool: ...
+
+
+class LocalBackend:
+    """A ModelServer in this process (tests; no Ray)."""
+
+    def __init__(self, server: ModelServer):
+        self.server, self.entry = server, server.entry
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        async with contextlib.aclosing(self.server.generate(request)) as items:
+            async for item in items:
+                if isinstance(item, Failure):
+                    raise item.exception()
+                yield item
+
+    async def ready(self, timeout: float) -> bool:
+        return True
+
+
+@dataclass
+class Accumulator:
+    """Folds deltas into whole choices."""
+
+    texts: dict[int, str] = field(default_factory=dict)
+    finish: dict[int, str | None] = field(default_factory=dict)
+    completion: dict[int, int] = field(default_factory=dict)
+    prompt_tokens: int = 0
+    error: str | None = None
+
+    def add(self, d: Delta) -> None:
+        self.texts[d.index] = self.texts.get(d.index, "") + d.text
+        self.completion[d.index] = max(self.completion.get(d.index, 0), d.completion_tokens)
+        self.prompt_tokens = max(self.prompt_tokens, d.prompt_tokens)
+        if d.finish_reason is not None:
+            self.finish[d.index] = d.finish_reason
+            if d.finish_reason in ("error", "cancelled") and self.error is None:
+                self.error = d.error or f"generation {d.finish_reason}"
+
+    def ordered(self, n: int) -> tuple[list[str], list[str | None]]:
+        return [self.texts.get(i, "") for i in range(n)], [self.finish.get(i) for i in range(n)]
+
+    def usage(self) -> dict:
+        done = sum(self.completion.values())
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": done, "total_tokens": self.prompt_tokens + done}
+
+
+def _map_error(exc: BaseException) -> ApiError:
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, RequestRejected):
+        return ApiError(400, "invalid_request_error", str(exc))
+    if isinstance(exc, EngineOverloaded):
+        return ApiError(503, "overloaded", str(exc) or "model is overloaded, retry later")
+    if type(exc).__name__ == "BackPressureError":  # Ray Serve's queue limit
+        return ApiError(503, "overloaded", "model is overloaded, retry later")
+    log.exception("generation failed", exc_info=exc)
+    return ApiError(500, "internal_error", f"{type(exc).__name__}: {exc}")
+
+
+class Service:
+    def __init__(
+        self,
+        registry: Registry,
+        backends: dict[str, Backend],
+        store=None,
+        render_metrics: Callable[[], Awaitable[bytes]] | None = None,
+        ready_timeout: float = 2.0,
+    ):
+        self.registry = registry
+        self.backends = backends
+        metrics = Metrics()
+        # Counted here, not in the cache: the outcome is per model, as the dashboards show it.
+        self.flights = SingleFlight(store, on_outcome=lambda model, outcome: metrics.cache.inc(1, model=model, outcome=outcome))
+        self.render_metrics = render_metrics
+        self.ready_timeout = ready_timeout
+
+    def backend(self, name: str) -> Backend:
+        b = self.backends.get(name)
+        if b is None:
+            served = sorted(self.backends)
+            raise ApiError(
+                404, "model_not_found",
+                f"model {name!r} is not served; served models: {', '.join(served)}", served=served,
+            )
+        return b
+
+    async def open_stream(
+        self, model: str, prompt: str | list[int], body: Any, use_cache: bool = True
+    ) -> AsyncIterator[Delta]:
+        """Validate, then start (or join, or replay) the generation. Errors that happen before
+        the first delta are raised here as ApiError, so routes can still answer with a status."""
+        backend = self.backend(model)
+        try:
+            params: SamplingParams = body.to_sampling(backend.entry)
+        except RequestRejected as exc:
+            raise _map_error(exc) from None
+        request = GenerationRequest(prompt=prompt, params=params)
+        key = cache_key(model, prompt, params) if use_cache else None
+        stream = self.flights.stream(key, model, request.request_id, lambda: backend.stream(request))
+        try:
+            first = await anext(stream)
+        except StopAsyncIteration:
+            raise ApiError(500, "internal_error", "the model returned nothing") from None
+        except Exception as exc:
+            await stream.aclose()
+            raise _map_error(exc) from None
+
+        async def chained() -> AsyncIterator[Delta]:
+            async with contextlib.aclosing(stream):
+                yield first
+                async for d in stream:
+                    yield d
+
+        return chained()
+
+    async def readiness(self) -> dict[str, bool]:
+        names = list(self.backends)
+        oks = await asyncio.gather(*(self.backends[n].ready(self.ready_timeout) for n in names))
+        return dict(zip(names, oks))
+
+    def model_card(self, entry: ModelEntry) -> dict:
+        return {
+            "id": entry.name, "object": "model", "created": 0, "owned_by": "quill",
+            "defaults": entry.defaults.model_dump(), "limits": entry.limits.model_dump(),
+        }
+
+
+def _sse(data: Any, event: str | None = None) -> str:
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return (f"event: {event}\n" if event else "") + f"data: {payload}\n\n"
+
+
+def _sse_error(exc: BaseException | str) -> str:
+    if isinstance(exc, str):
+        body = error_body("generation_error", exc)
+    else:
+        body = _map_error(exc).body()
+    # `event: error` with an {"error": ...} payload: the OpenAI SDK raises it as an APIError.
+    return _sse(body, "error")
+
+
+def _use_cache(request: Request) -> bool:
+    # `Cache-Control: no-cache` asks for a fresh generation even when an identical seeded
+    # request was answered before (it still goes through the engine, seed and all).
+    cc = request.headers.get("cache-control", "").lower()
+    return "no-cache" not in cc and "no-store" not in cc
+
+
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def create_app(service: Service) -> FastAPI:
+    app = FastAPI(title="Quill", docs_url="/docs", redoc_url=None)
+    app.state.service = service
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError):
+        headers = {"Retry-After": "1"} if exc.status == 503 else None
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError):
+        parts = []
+        for e in exc.errors():
+            loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
+            msg = e.get("msg", "").removeprefix("Value error, ")
+            if e.get("type") == "extra_forbidden":
+                msg = "unknown parameter"
+            parts.append(f"{loc}: {msg}" if loc else msg)
+        return JSONResponse(error_body("invalid_request_error", "; ".join(parts)), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException):
+        type_ = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse(error_body(type_, str(exc.detail)), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception):
+        return JSONResponse(_map_error(exc).body(), status_code=500)
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz():
+        models = await service.readiness()
+        if all(models.values()):
+            return {"status": "ready", "models": models}
+        loading = [n for n, ok in models.items() if not ok]
+        raise ApiError(503, "not_ready", f"models still loading: {', '.join(loading)}", models=models)
+
+    @app.get("/metrics")
+    async def metrics():
+        if service.render_metrics is None:
+            from serve_app.metrics import render_local
+
+            body = render_local()
+        else:
+            body = await service.render_metrics()
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [service.model_card(b.entry) for b in service.backends.values()]}
+
+    @app.get("/v1/models/{name}")
+    async def get_model(name: str):
+        return service.model_card(service.backend(name).entry)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        stream = await service.open_stream(body.model, body.prompt, body, _use_cache(request))
+        cid, created = new_id("cmpl"), now()
+
+        def chunk(choices: list[dict], **extra: Any) -> dict:
+            return {"id": cid, "object": "text_completion", "created": created, "model": body.model,
+                    "choices": choices, **extra}
+
+        if not body.stream:
+            acc = Accumulator()
+            async with contextlib.aclosing(stream):
+                async for d in stream:
+                    acc.add(d)
+            if acc.error:
+                raise ApiError(500, "generation_error", acc.error)
+            texts, reasons = acc.ordered(body.n)
+            choices = [{"text": t, "index": i, "logprobs": None, "finish_reason": r}
+                       for i, (t, r) in enumerate(zip(texts, reasons))]
+            return chunk(choices, usage=acc.usage())
+
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        async def events() -> AsyncIterator[str]:
+            acc = Accumulator()
+            async with contextlib.aclosing(stream):
+                try:
+                    async for d in stream:
+                        acc.add(d)
+                        if acc.error:
+                            yield _sse_error(acc.error)
+                            break
+                        if d.text or d.finish_reason:
+                            yield _sse(chunk([{"text": d.text, "index": d.index, "logprobs": None,
+                                               "finish_reason": d.finish_reason}]))
+                    else:
+                        if include_usage:  # as OpenAI: a last chunk with no choices
+                            yield _sse(chunk([], usage=acc.usage()))
+                except Exception as exc:  # mid-stream failure: tell the client, then end cleanly
+                    yield _sse_error(exc)
+            yield _sse("[DONE]")
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers=_SSE_HEADERS)
+
+    @app.post("/v1/models/{name}/generate")
+    async def generate(name: str, body: GenerateRequest, request: Request):
+        stream = await service.open_stream(name, body.prompt, body, _use_cache(request))
+        rid = new_id("gen")
+
+        def final(acc: Accumulator) -> dict:
+            texts, reasons = acc.ordered(body.n)
+            return {"id": rid, "model": name, "texts": texts, "finish_reasons": reasons, "usage": acc.usage()}
+
+        if not body.stream:
+            acc = Accumulator()
+            async with contextlib.aclosing(stream):
+                async for d in stream:
+                    acc.add(d)
+            if acc.error:
+                raise ApiError(500, "generation_error", acc.error)
+            return final(acc)
+
+        async def events() -> AsyncIterator[str]:
+            acc = Accumulator()
+            async with contextlib.aclosing(stream):
+                try:
+                    async for d in stream:
+                        acc.add(d)
+                        if acc.error:
+                            yield _sse_error(acc.error)
+                            break
+                        if d.text or d.finish_reason:
+                            yield _sse({"index": d.index, "text": d.text, "finish_reason": d.finish_reason}, "delta")
+                    else:
+                        yield _sse(final(acc), "done")
+                except Exception as exc:
+                    yield _sse_error(exc)
+            yield _sse("[DONE]")
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers=_SSE_HEADERS)
+
+    @app.websocket("/v1/stream")
+    async def ws_stream(ws: WebSocket):
+        from serve_app.websocket import serve_socket
+
+        await serve_socket(ws, service)
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        page = STATIC / "index.html"
+        if page.is_file():
+            return FileResponse(page)
+        return {"name": "quill", "models": list(service.backends), "docs": "/docs"}
+
+    return app

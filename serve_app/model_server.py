@@ -1,0 +1,132 @@
+"""ModelServer: one registry entry's engine behind an async streaming call.
+
+A thin adapter, usable without Ray (tests build it directly). `app.py` wraps it in a Ray Serve
+deployment, one per registry entry; the engine is loaded in the constructor, so Serve sends a
+replica no traffic until its model is in memory.
+
+`generate()` yields the engine's `Delta`s. A request the engine refuses yields one `Failure`
+instead of raising, because an exception crossing a Ray boundary arrives wrapped in a
+traceback-laden RayTaskError; the ingress turns a Failure back into the engine's exception.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable, Literal
+
+from serve_app.config import ModelEntry
+from serve_app.engine.types import Delta, EngineOverloaded, GenerationRequest, RequestRejected
+from serve_app.metrics import Metrics
+
+log = logging.getLogger("quill.model_server")
+
+
+@dataclass(frozen=True)
+class Failure:
+    kind: Literal["rejected", "overloaded"]
+    message: str
+
+    def exception(self) -> Exception:
+        return RequestRejected(self.message) if self.kind == "rejected" else EngineOverloaded(self.message)
+
+
+def _default_engine(entry: ModelEntry):
+    from serve_app.engine import AsyncEngine, Engine
+
+    return AsyncEngine(Engine(entry.engine_config()))
+
+
+class ModelServer:
+    def __init__(self, entry: ModelEntry | dict[str, Any], engine_factory: Callable[[ModelEntry], Any] | None = None):
+        self.entry = entry if isinstance(entry, ModelEntry) else ModelEntry.model_validate(entry)
+        self.name = self.entry.name
+        self.metrics = Metrics()
+        t0 = time.perf_counter()
+        self.engine = (engine_factory or _default_engine)(self.entry)
+        self.load_seconds = time.perf_counter() - t0
+        self._gauges_at = 0.0
+        # Ray exports a gauge only while it is being set, so an idle replica would vanish from
+        # /metrics; a small thread re-reads the engine's queue lengths every second.
+        self._stop = threading.Event()
+        self._gauge_thread = threading.Thread(target=self._refresh_gauges, name="quill-gauges", daemon=True)
+        self._gauge_thread.start()
+        log.info("model %s loaded in %.1f s", self.name, self.load_seconds)
+
+    async def ready(self) -> dict:
+        return {"model": self.name, "load_seconds": round(self.load_seconds, 3)}
+
+    def _refresh_gauges(self) -> None:
+        while not self._stop.wait(1.0):
+            with contextlib.suppress(Exception):
+                self._update_gauges(force=True)
+
+    def _update_gauges(self, force: bool = False) -> None:
+        # Read from the engine's counters; at most a few times a second, it is per delta.
+        now = time.monotonic()
+        if not force and now - self._gauges_at < 0.25:
+            return
+        self._gauges_at = now
+        core = getattr(self.engine, "engine", self.engine)
+        self.metrics.running.set(getattr(core, "num_running", 0), model=self.name)
+        self.metrics.waiting.set(getattr(core, "num_waiting", 0), model=self.name)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta | Failure]:
+        m, name = self.metrics, self.name
+        started = time.perf_counter()
+        first_at: float | None = None
+        last_at = started
+        status = "ok"
+        prompt_tokens = 0
+        tokens: dict[int, int] = {}
+        self._update_gauges(force=True)
+        try:
+            async with contextlib.aclosing(self.engine.generate(request)) as stream:
+                # Closing the stream (also when Ray cancels this call because the client went
+                # away) cancels the request inside the engine: its batch slot frees next step.
+                async for delta in stream:
+                    now = time.perf_counter()
+                    if first_at is None:
+                        first_at = now
+                        m.ttft.observe(now - started, model=name)
+                    last_at = now
+                    prompt_tokens = max(prompt_tokens, delta.prompt_tokens)
+                    tokens[delta.index] = max(tokens.get(delta.index, 0), delta.completion_tokens)
+                    if delta.finish_reason in ("error", "cancelled"):
+                        status = delta.finish_reason
+                    self._update_gauges()
+                    yield delta
+        except RequestRejected as exc:
+            status = "rejected"
+            yield Failure("rejected", str(exc))
+        except EngineOverloaded as exc:
+            status = "overloaded"
+            yield Failure("overloaded", str(exc))
+        except (asyncio.CancelledError, GeneratorExit):
+            status = "cancelled"
+            raise
+        except Exception:
+            status = "error"
+            raise
+        finally:
+            generated = sum(tokens.values())
+            m.requests.inc(1, model=name, status=status)
+            m.prompt_tokens.inc(prompt_tokens, model=name)
+            m.generated_tokens.inc(generated, model=name)
+            longest = max(tokens.values(), default=0)
+            if first_at is not None and longest > 1:
+                m.tpot.observe((last_at - first_at) / (longest - 1), model=name)
+            self._update_gauges(force=True)
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        stop = getattr(self.engine, "shutdown", None)
+        if stop is not None:
+            stop()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.shutdown()

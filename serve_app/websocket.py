@@ -1,0 +1,144 @@
+"""WS /v1/stream: the writing-assistant channel (protocol in docs/api.md).
+
+One socket runs at most one generation at a time. The writer keeps typing, so a new `generate`
+cancels the running one (the server answers `cancelled` for it first), and so does `cancel`.
+While a generation runs, the server pushes the growing suggestions every `every` tokens, then a
+`done` message. A bad message gets an `error` message and the socket stays open; closing the
+socket cancels the running generation down to the engine.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+
+from fastapi import WebSocket, WebSocketDisconnect
+from pydantic import ValidationError
+
+from serve_app.protocol import ApiError, WsCancel, WsGenerate
+
+log = logging.getLogger("quill.websocket")
+
+
+def _error(id_: str | None, type_: str, message: str) -> dict:
+    return {"type": "error", "id": id_, "error": {"type": type_, "message": message}}
+
+
+def _validation_message(exc: ValidationError) -> str:
+    parts = []
+    for e in exc.errors():
+        loc = ".".join(str(p) for p in e.get("loc", ()))
+        msg = "unknown field" if e.get("type") == "extra_forbidden" else e.get("msg", "").removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
+class _Socket:
+    def __init__(self, ws: WebSocket, service):
+        self.ws, self.service = ws, service
+        self.task: asyncio.Task | None = None
+        self.task_id: str | None = None
+        self.send_lock = asyncio.Lock()
+
+    async def send(self, message: dict) -> None:
+        async with self.send_lock:
+            await self.ws.send_text(json.dumps(message, separators=(",", ":")))
+
+    async def cancel_running(self) -> None:
+        task, id_ = self.task, self.task_id
+        self.task = self.task_id = None
+        if task is None or task.done():
+            return
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        # Only after the task has stopped, so no suggestion for `id_` can follow this.
+        await self.send({"type": "cancelled", "id": id_})
+
+    async def run(self, msg: WsGenerate) -> None:
+        try:
+            stream = await self.service.open_stream(msg.model, msg.prompt, msg)
+        except ApiError as exc:
+            await self.send({"type": "error", "id": msg.id, "error": {"type": exc.type, "message": exc.message}})
+            return
+        texts: dict[int, str] = {}
+        reasons: dict[int, str | None] = {}
+        counts: dict[int, int] = {}
+        prompt_tokens = 0
+        pushed_at = 0
+        n = msg.n
+        try:
+            async with contextlib.aclosing(stream):
+                async for d in stream:
+                    texts[d.index] = texts.get(d.index, "") + d.text
+                    counts[d.index] = max(counts.get(d.index, 0), d.completion_tokens)
+                    prompt_tokens = max(prompt_tokens, d.prompt_tokens)
+                    if d.finish_reason is not None:
+                        reasons[d.index] = d.finish_reason
+                        if d.finish_reason in ("error", "cancelled"):
+                            await self.send(_error(msg.id, "generation_error", d.error or f"generation {d.finish_reason}"))
+                            return
+                    progress = max(counts.values())
+                    if progress - pushed_at >= msg.every and len(reasons) < n:
+                        pushed_at = progress
+                        await self.send({"type": "suggestions", "id": msg.id,
+                                         "texts": [texts.get(i, "") for i in range(n)], "done": False})
+        except Exception as exc:
+            log.warning("generation %s failed: %s", msg.id, exc)
+            await self.send(_error(msg.id, "internal_error", f"{type(exc).__name__}: {exc}"))
+            return
+        done = sum(counts.values())
+        await self.send({
+            "type": "done", "id": msg.id,
+            "texts": [texts.get(i, "") for i in range(n)],
+            "finish_reasons": [reasons.get(i) for i in range(n)],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done},
+        })
+
+    async def handle(self, raw: str) -> None:
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            await self.send(_error(None, "invalid_request_error", "message is not valid JSON"))
+            return
+        if not isinstance(data, dict):
+            await self.send(_error(None, "invalid_request_error", "message must be a JSON object"))
+            return
+        id_ = data.get("id") if isinstance(data.get("id"), str) else None
+        kind = data.get("type")
+        try:
+            if kind == "generate":
+                msg = WsGenerate.model_validate(data)
+            elif kind == "cancel":
+                msg = WsCancel.model_validate(data)
+            else:
+                await self.send(_error(id_, "invalid_request_error", f"unknown message type {kind!r} (generate, cancel)"))
+                return
+        except ValidationError as exc:
+            await self.send(_error(id_, "invalid_request_error", _validation_message(exc)))
+            return
+        if isinstance(msg, WsCancel):
+            if self.task is not None and (msg.id is None or msg.id == self.task_id):
+                await self.cancel_running()
+            return
+        await self.cancel_running()
+        self.task_id = msg.id
+        self.task = asyncio.create_task(self.run(msg))
+
+    async def serve(self) -> None:
+        await self.ws.accept()
+        try:
+            while True:
+                await self.handle(await self.ws.receive_text())
+        except WebSocketDisconnect:
+            pass
+        finally:
+            if self.task is not None and not self.task.done():
+                self.task.cancel()  # the client went away: free the engine slot
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await self.task
+
+
+async def serve_socket(ws: WebSocket, service) -> None:
+    await _Socket(ws, service).serve()

@@ -1,0 +1,207 @@
+"""The HTTP/WebSocket API in process (no Ray): the ingress app over real ModelServers.
+
+Fast checks of the contract's details (error shapes, validation, SSE framing, the WebSocket
+protocol); tests/test_api_serve.py drives the same routes through `quill serve` and Ray.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+from starlette.testclient import TestClient
+
+from serve_app.config import parse_registry
+from serve_app.engine.types import Delta
+from serve_app.ingress import LocalBackend, Service, create_app
+from serve_app.model_server import ModelServer
+
+
+@pytest.fixture(scope="module")
+def app_client(tiny_checkpoints):
+    common = {"cpus_per_replica": 0.5, "engine": {"max_batch_size": 8, "max_seq_len": 256},
+              "defaults": {"max_tokens": 8}, "limits": {"max_prompt_tokens": 64, "max_tokens": 100, "max_n": 4}}
+    registry = parse_registry(
+        {"models": [{"name": n, "source": str(p), **common} for n, p in tiny_checkpoints.items()]}, None
+    )
+    servers = {m.name: ModelServer(m) for m in registry.models}
+    service = Service(registry, {n: LocalBackend(s) for n, s in servers.items()})
+    with TestClient(create_app(service)) as client:
+        yield client
+    for s in servers.values():
+        s.shutdown()
+
+
+def sse_events(text: str) -> list[tuple[str | None, str]]:
+    events = []
+    for block in text.strip().split("\n\n"):
+        event, data = None, None
+        for line in block.split("\n"):
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: "):
+                data = line[6:]
+        events.append((event, data))
+    return events
+
+
+def test_completion_shape(app_client):
+    r = app_client.post("/v1/completions", json={"model": "tiny-a", "prompt": "Hello world", "n": 2, "seed": 1})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
+    assert [c["index"] for c in body["choices"]] == [0, 1]
+    assert all(c["finish_reason"] == "length" for c in body["choices"])  # default max_tokens 8
+    assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 16, "total_tokens": 18}
+
+
+def test_prompt_as_token_ids_and_one_element_list(app_client):
+    a = app_client.post("/v1/completions", json={"model": "tiny-a", "prompt": [15496, 995], "seed": 2, "max_tokens": 4}).json()
+    b = app_client.post("/v1/completions", json={"model": "tiny-a", "prompt": ["Hello world"], "seed": 2, "max_tokens": 4}).json()
+    assert a["usage"]["prompt_tokens"] == 2 and b["usage"]["prompt_tokens"] == 2
+    assert a["choices"][0]["text"] == b["choices"][0]["text"]
+
+
+def test_streaming_completion_framing(app_client):
+    r = app_client.post("/v1/completions", json={"model": "tiny-a", "prompt": "Hi", "max_tokens": 5, "stream": True,
+                                                 "stream_options": {"include_usage": True}})
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r.text)
+    assert events[-1] == (None, "[DONE]")
+    chunks = [json.loads(d) for _, d in events[:-1]]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 5
+    reasons = [c["choices"][0]["finish_reason"] for c in chunks[:-1]]
+    assert reasons[-1] == "length" and set(reasons[:-1]) <= {None}
+
+
+@pytest.mark.parametrize(
+    "body,status,type_,fragment",
+    [
+        ({"model": "nope", "prompt": "x"}, 404, "model_not_found", "served models: tiny-a, tiny-b"),
+        ({"model": "tiny-a", "prompt": "x", "max_tokenz": 1}, 400, "invalid_request_error", "max_tokenz: unknown parameter"),
+        ({"model": "tiny-a", "prompt": "x", "max_tokens": 0}, 400, "invalid_request_error", "max_tokens"),
+        ({"model": "tiny-a", "prompt": "x", "max_tokens": 101}, 400, "invalid_request_error", "limit of 100"),
+        ({"model": "tiny-a", "prompt": "x", "n": 5}, 400, "invalid_request_error", "limit of 4"),
+        ({"model": "tiny-a", "prompt": "x", "top_p": 0}, 400, "invalid_request_error", "top_p"),
+        ({"model": "tiny-a", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "invalid_request_error", "at most 4"),
+        ({"model": "tiny-a", "prompt": "x", "logprobs": 2}, 400, "invalid_request_error", "logprobs"),
+        ({"model": "tiny-a", "prompt": ["a", "b"]}, 400, "invalid_request_error", "one prompt per request"),
+        ({"model": "tiny-a", "prompt": "word " * 100}, 400, "invalid_request_error", "prompt"),
+        ({"prompt": "x"}, 400, "invalid_request_error", "model"),
+    ],
+)
+def test_errors(app_client, body, status, type_, fragment):
+    r = app_client.post("/v1/completions", json=body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["type"] == type_ and fragment in err["message"], err
+
+
+def test_errors_on_streaming_requests_come_before_the_stream(app_client):
+    r = app_client.post("/v1/completions", json={"model": "tiny-a", "prompt": "word " * 100, "stream": True})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_malformed_json_and_unknown_route(app_client):
+    r = app_client.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "error" in r.json()
+    r = app_client.get("/v2/nothing")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found"
+
+
+def test_native_generate_whole_and_stream(app_client):
+    body = {"prompt": "The law", "n": 3, "max_tokens": 6, "seed": 4}
+    whole = app_client.post("/v1/models/tiny-b/generate", json=body).json()
+    assert len(whole["texts"]) == 3 and whole["finish_reasons"] == ["length"] * 3
+    assert whole["usage"]["completion_tokens"] == 18
+    r = app_client.post("/v1/models/tiny-b/generate", json={**body, "stream": True},
+                        headers={"Cache-Control": "no-cache"})
+    events = sse_events(r.text)
+    assert events[-1] == (None, "[DONE]") and events[-2][0] == "done"
+    texts = ["", "", ""]
+    for event, data in events:
+        if event == "delta":
+            d = json.loads(data)
+            texts[d["index"]] += d["text"]
+    assert texts == whole["texts"] == json.loads(events[-2][1])["texts"]
+
+
+def test_models_health_ready_metrics(app_client):
+    assert app_client.get("/healthz").json() == {"status": "ok"}
+    assert app_client.get("/readyz").status_code == 200
+    data = app_client.get("/v1/models").json()["data"]
+    assert [m["id"] for m in data] == ["tiny-a", "tiny-b"] and data[0]["limits"]["max_tokens"] == 100
+    assert app_client.get("/v1/models/tiny-b").json()["id"] == "tiny-b"
+    assert app_client.get("/v1/models/zz").status_code == 404
+    app_client.post("/v1/completions", json={"model": "tiny-a", "prompt": "x", "seed": 77, "max_tokens": 2})
+    app_client.post("/v1/completions", json={"model": "tiny-a", "prompt": "x", "seed": 77, "max_tokens": 2})
+    text = app_client.get("/metrics").text
+    assert 'quill_cache_requests_total{model="tiny-a",outcome="hit"}' in text
+    assert "quill_generated_tokens_total" in text
+
+
+class _NotReady:
+    def __init__(self, entry):
+        self.entry = entry
+
+    async def ready(self, timeout):
+        return False
+
+
+def test_readyz_is_503_until_every_model_loaded(app_client):
+    service = app_client.app.state.service
+    registry = service.registry
+    app = create_app(Service(registry, {"tiny-a": service.backends["tiny-a"], "tiny-b": _NotReady(registry.get("tiny-b"))}))
+    r = TestClient(app).get("/readyz")
+    assert r.status_code == 503
+    assert r.json()["error"]["type"] == "not_ready" and r.json()["error"]["models"] == {"tiny-a": True, "tiny-b": False}
+
+
+class _FailsMidStream:
+    def __init__(self, entry):
+        self.entry = entry
+
+    async def stream(self, request):
+        yield Delta(request.request_id, 0, "partial", (1,), None, 1, 1)
+        raise RuntimeError("replica died")
+
+    async def ready(self, timeout):
+        return True
+
+
+def test_mid_stream_failure_ends_with_an_error_event_then_done(app_client):
+    registry = app_client.app.state.service.registry
+    app = create_app(Service(registry, {"tiny-a": _FailsMidStream(registry.get("tiny-a"))}))
+    r = TestClient(app).post("/v1/completions", json={"model": "tiny-a", "prompt": "x", "stream": True})
+    events = sse_events(r.text)
+    assert json.loads(events[0][1])["choices"][0]["text"] == "partial"
+    assert events[-2][0] == "error" and "replica died" in json.loads(events[-2][1])["error"]["message"]
+    assert events[-1] == (None, "[DONE]")
+
+
+def test_websocket_protocol(app_client):
+    with app_client.websocket_connect("/v1/stream") as ws:
+        ws.send_text(json.dumps({"type": "generate", "id": "a", "model": "tiny-a", "prompt": "Hi", "n": 2,
+                                 "max_tokens": 9, "every": 3, "seed": 5}))
+        msgs = []
+        while not msgs or msgs[-1]["type"] != "done":
+            msgs.append(json.loads(ws.receive_text()))
+        assert [m["type"] for m in msgs[:-1]] == ["suggestions"] * len(msgs[:-1]) and len(msgs) >= 3
+        assert msgs[-1]["usage"]["completion_tokens"] == 18 and len(msgs[-1]["texts"]) == 2
+
+        ws.send_text(json.dumps({"type": "hello"}))
+        assert json.loads(ws.receive_text())["error"]["message"].startswith("unknown message type")
+        ws.send_text(json.dumps({"type": "generate", "id": "b", "model": "tiny-a", "prompt": "Hi", "bogus": 1}))
+        err = json.loads(ws.receive_text())
+        assert err["id"] == "b" and "bogus" in err["error"]["message"]
+
+        ws.send_text(json.dumps({"type": "generate", "id": "long", "model": "tiny-a", "prompt": "Hi",
+                                 "max_tokens": 100, "every": 1}))
+        assert json.loads(ws.receive_text())["id"] == "long"
+        ws.send_text(json.dumps({"type": "generate", "id": "short", "model": "tiny-a", "prompt": "Hi",
+                                 "max_tokens": 3, "every": 50}))
+        rest = []
+        while not rest or rest[-1]["type"] != "done":
+            rest.append(json.loads(ws.receive_text()))
+        kinds = [(m["type"], m["id"]) for m in rest]
+        i = kinds.index(("cancelled", "long"))
+        assert all(k[1] == "short" for k in kinds[i + 1:]) and kinds[-1] == ("done", "short")

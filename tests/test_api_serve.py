@@ -1,0 +1,394 @@
+"""End to end: `quill serve` as a user runs it (a subprocess with a real local Ray and the real
+Serve proxy) on a registry of two tiny random checkpoints, driven by the official `openai`
+client, httpx (SSE on the native route), a real WebSocket client, and a real redis-server for
+the duplicate-request cache. One server for the whole module: Ray takes 15-60 s to start here.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import websockets
+
+pytestmark = pytest.mark.integration
+
+STARTUP_TIMEOUT = 240  # a loaded 2-core box has needed ~70 s
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGTERM (a clean Serve shutdown), then SIGKILL for the whole process group: Ray's own
+    processes (gcs, raylet, workers) were started in the server's session, so none leaks."""
+    if proc.poll() is None:
+        with _noop():
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(45)
+        except subprocess.TimeoutExpired:
+            pass
+    with _noop():
+        os.killpg(proc.pid, signal.SIGKILL)
+    with _noop():
+        proc.wait(10)
+
+
+class _noop:
+    """Ignore errors (the process may be gone already)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return True
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoints, tmp_path_factory, redis_url):
+    root = tmp_path_factory.mktemp("serve")
+    registry = root / "registry.yaml"
+    entries = []
+    for name, path in tiny_checkpoints.items():
+        entries.append(
+            f"  - name: {name}\n    source: {path}\n    cpus_per_replica: 0.5\n"
+            f"    autoscaling: {{min_replicas: 1, max_replicas: 1, target_ongoing_requests: 8}}\n"
+            f"    engine: {{max_batch_size: 8, max_seq_len: 256}}\n"
+            f"    defaults: {{max_tokens: 16, temperature: 0.8}}\n"
+            f"    limits: {{max_prompt_tokens: 128, max_tokens: 96, max_n: 4}}\n"
+        )
+    registry.write_text("models:\n" + "".join(entries))
+    port = _free_port()
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", OMP_WAIT_POLICY="PASSIVE", REDIS_URL=redis_url,
+               QUILL_CACHE_TTL="120", PYTHONUNBUFFERED="1")
+    env.pop("RAY_ADDRESS", None)
+    log = open(root / "serve.log", "w+")
+    t0 = time.monotonic()
+    quill = Path(sys.executable).with_name("quill")  # the installed entry point, as a user runs it
+    cmd = [str(quill)] if quill.exists() else [sys.executable, "-m", "serve_app.cli"]
+    proc = subprocess.Popen(
+        cmd + ["serve", "--registry", str(registry), "--port", str(port)],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            text = (root / "serve.log").read_text()
+            if "Quill is serving" in text:
+                break
+            if proc.poll() is not None or time.monotonic() - t0 > STARTUP_TIMEOUT:
+                pytest.fail(f"quill serve did not start (rc={proc.poll()}):\n{text[-4000:]}")
+            time.sleep(0.5)
+        started = time.monotonic() - t0
+        # The URL is printed once every model has loaded, so /readyz must already agree.
+        assert httpx.get(f"{url}/readyz", timeout=10).status_code == 200
+        print(f"\nquill serve ready in {started:.1f} s", file=sys.stderr)
+        yield {"url": url, "proc": proc, "log": root / "serve.log", "redis_url": redis_url}
+    finally:
+        _kill_group(proc)
+        log.close()
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server["url"] + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def _prompt() -> str:
+    # A fresh prompt per test: the cache (Redis) outlives the server.
+    return f"Once upon a time {uuid.uuid4().hex[:6]}"
+
+
+# --- metrics helpers: series travel through Ray's metrics agent, so they lag a few seconds ---
+
+def _metric(url: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        m = re.match(rf"^{name}\{{(.*)\}} (\S+)$", line)
+        if not m:
+            continue
+        got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+        if all(got.get(k) == v for k, v in labels.items()):
+            total += float(m.group(2))
+    return total
+
+
+def _settled(url: str, name: str, timeout: float = 30, **labels: str) -> float:
+    """The value once two reads 2.5 s apart agree (the agent is fed every 2 s)."""
+    deadline = time.monotonic() + timeout
+    last = _metric(url, name, **labels)
+    while time.monotonic() < deadline:
+        time.sleep(2.5)
+        now = _metric(url, name, **labels)
+        if now == last:
+            return now
+        last = now
+    return last
+
+
+def _wait_for(url: str, name: str, target: float, timeout: float = 30, **labels: str) -> float:
+    deadline = time.monotonic() + timeout
+    value = _metric(url, name, **labels)
+    while value < target and time.monotonic() < deadline:
+        time.sleep(1)
+        value = _metric(url, name, **labels)
+    return value
+
+
+# --- the tests ---
+
+def test_health_ready_and_models(server, client):
+    assert httpx.get(server["url"] + "/healthz").json() == {"status": "ok"}
+    assert httpx.get(server["url"] + "/readyz").json()["models"] == {"tiny-a": True, "tiny-b": True}
+    models = {m.id: m for m in client.models.list()}
+    assert set(models) == {"tiny-a", "tiny-b"}
+    card = models["tiny-a"].model_dump()
+    assert card["limits"]["max_n"] == 4 and card["defaults"]["max_tokens"] == 16
+
+
+def test_completion(client):
+    r = client.completions.create(model="tiny-a", prompt=_prompt(), max_tokens=8, seed=1)
+    assert len(r.choices) == 1
+    assert r.choices[0].finish_reason == "length" and r.choices[0].text
+    assert r.usage.completion_tokens == 8 and r.usage.prompt_tokens > 0
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 8
+
+
+def test_streaming_completion_matches_whole(client):
+    prompt = _prompt()
+    t0 = time.monotonic()
+    stream = client.completions.create(model="tiny-b", prompt=prompt, max_tokens=12, seed=5, stream=True,
+                                       stream_options={"include_usage": True})
+    pieces, reasons, usage, first = [], [], None, None
+    for chunk in stream:
+        if chunk.choices:
+            first = first or time.monotonic() - t0
+            pieces.append(chunk.choices[0].text)
+            reasons.append(chunk.choices[0].finish_reason)
+        if chunk.usage:
+            usage = chunk.usage
+    assert len(pieces) > 1, "expected the text in several chunks"
+    assert reasons[-1] == "length" and all(r is None for r in reasons[:-1])
+    assert usage.completion_tokens == 12
+    whole = client.completions.create(model="tiny-b", prompt=prompt, max_tokens=12, seed=5,
+                                      extra_headers={"Cache-Control": "no-cache"})
+    assert "".join(pieces) == whole.choices[0].text
+    print(f"time to first streamed token: {first * 1000:.0f} ms", file=sys.stderr)
+
+
+def test_n_choices(client):
+    r = client.completions.create(model="tiny-a", prompt=_prompt(), max_tokens=6, n=2, seed=11)
+    assert [c.index for c in r.choices] == [0, 1]
+    assert r.choices[0].text != r.choices[1].text  # choices are different samples
+    assert r.usage.completion_tokens == 12
+
+
+def test_stop(client):
+    prompt = _prompt()
+    full = client.completions.create(model="tiny-a", prompt=prompt, max_tokens=24, seed=3, temperature=0).choices[0].text
+    words = full.split()
+    assert len(words) > 3, full
+    stop = words[2]
+    r = client.completions.create(model="tiny-a", prompt=prompt, max_tokens=24, seed=3, temperature=0, stop=[stop])
+    assert r.choices[0].finish_reason == "stop"
+    assert r.choices[0].text == full[: full.index(stop)]
+
+
+def test_seeded_requests_reproduce_whatever_else_runs(client):
+    prompt = _prompt()
+    first = client.completions.create(model="tiny-b", prompt=prompt, max_tokens=16, seed=42).choices[0].text
+
+    async def mix():
+        async_client = openai.AsyncOpenAI(base_url=client.base_url, api_key="unused", max_retries=0)
+        others = [async_client.completions.create(model="tiny-b", prompt=f"noise {i}", max_tokens=20) for i in range(4)]
+        again = async_client.completions.create(model="tiny-b", prompt=prompt, max_tokens=16, seed=42,
+                                                extra_headers={"Cache-Control": "no-cache"})
+        results = await asyncio.gather(again, *others)
+        await async_client.close()
+        return results[0].choices[0].text
+
+    assert asyncio.run(mix()) == first
+    other_seed = client.completions.create(model="tiny-b", prompt=prompt, max_tokens=16, seed=43).choices[0].text
+    assert other_seed != first
+
+
+def test_errors_are_json_with_the_right_status(server, client):
+    with pytest.raises(openai.NotFoundError) as info:
+        client.completions.create(model="no-such-model", prompt="x")
+    assert info.value.body["type"] == "model_not_found"
+    assert "tiny-a" in info.value.body["message"] and "tiny-b" in info.value.body["message"]
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny-a", prompt="x", max_tokens=10_000)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny-a", prompt="x", n=99)
+    r = httpx.post(server["url"] + "/v1/completions", json={"model": "tiny-a", "prompt": "x", "max_token": 3})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    assert "max_token" in r.json()["error"]["message"]
+    r = httpx.post(server["url"] + "/v1/models/nope/generate", json={"prompt": "x"})
+    assert r.status_code == 404 and r.json()["error"]["served"] == ["tiny-a", "tiny-b"]
+
+
+def test_native_generate_sse_and_whole(server):
+    url = server["url"] + "/v1/models/tiny-a/generate"
+    body = {"prompt": _prompt(), "n": 3, "max_tokens": 10, "seed": 9, "stream": True}
+    events, texts = [], ["", "", ""]
+    with httpx.stream("POST", url, json=body, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        event = None
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: "):
+                data = line[6:]
+                events.append((event, data))
+                if event == "delta":
+                    d = json.loads(data)
+                    texts[d["index"]] += d["text"]
+                event = None
+    kinds = [e for e, _ in events]
+    assert kinds.count("done") == 1 and kinds[-2] == "done" and events[-1] == (None, "[DONE]")
+    done = json.loads(events[-2][1])
+    assert done["texts"] == texts and done["finish_reasons"] == ["length"] * 3
+    assert done["usage"]["completion_tokens"] == 30
+    whole = httpx.post(url, json={**body, "stream": False}, timeout=60).json()
+    assert whole["texts"] == texts  # same seed, answered from the cache or regenerated alike
+
+
+def test_websocket_stream_cancel_and_errors(server):
+    ws_url = server["url"].replace("http://", "ws://") + "/v1/stream"
+
+    async def session():
+        async with websockets.connect(ws_url) as ws:
+            async def recv():
+                return json.loads(await asyncio.wait_for(ws.recv(), 60))
+
+            # A whole generation: suggestions every 4 tokens, then done.
+            await ws.send(json.dumps({"type": "generate", "id": "c1", "model": "tiny-a", "prompt": _prompt(),
+                                      "n": 2, "max_tokens": 12, "every": 4, "seed": 1}))
+            msgs = []
+            while not msgs or msgs[-1]["type"] != "done":
+                msgs.append(await recv())
+            assert all(m["id"] == "c1" for m in msgs)
+            sugg = [m for m in msgs if m["type"] == "suggestions"]
+            assert sugg and all(len(m["texts"]) == 2 and m["done"] is False for m in sugg)
+            done = msgs[-1]
+            assert done["finish_reasons"] == ["length", "length"] and done["usage"]["completion_tokens"] == 24
+            assert all(d.startswith(s) for s, d in zip(sugg[-1]["texts"], done["texts"]))
+
+            # A bad message: an error, and the socket stays usable.
+            await ws.send("not json")
+            assert (await recv())["type"] == "error"
+            await ws.send(json.dumps({"type": "generate", "id": "bad", "model": "tiny-a", "prompt": "x", "n": 99}))
+            err = await recv()
+            assert err["type"] == "error" and err["id"] == "bad" and err["error"]["type"] == "invalid_request_error"
+            await ws.send(json.dumps({"type": "generate", "id": "nomodel", "model": "zzz", "prompt": "x"}))
+            err = await recv()
+            assert err["error"]["type"] == "model_not_found"
+
+            # A new prompt cancels the running one.
+            await ws.send(json.dumps({"type": "generate", "id": "long", "model": "tiny-b", "prompt": _prompt(),
+                                      "max_tokens": 96, "every": 1}))
+            first = await recv()
+            assert first["type"] == "suggestions" and first["id"] == "long"
+            await ws.send(json.dumps({"type": "generate", "id": "next", "model": "tiny-b", "prompt": _prompt(),
+                                      "max_tokens": 5, "every": 100}))
+            seen = []
+            while not seen or seen[-1]["type"] != "done":
+                seen.append(await recv())
+            cancelled = [i for i, m in enumerate(seen) if m["type"] == "cancelled"]
+            assert cancelled and seen[cancelled[0]]["id"] == "long"
+            assert all(m["id"] == "next" for m in seen[cancelled[0] + 1:])
+            assert seen[-1]["id"] == "next" and seen[-1]["usage"]["completion_tokens"] == 5
+
+            # An explicit cancel.
+            await ws.send(json.dumps({"type": "generate", "id": "c3", "model": "tiny-a", "prompt": _prompt(),
+                                      "max_tokens": 96, "every": 1}))
+            assert (await recv())["id"] == "c3"
+            await ws.send(json.dumps({"type": "cancel", "id": "c3"}))
+            while (m := await recv())["type"] != "cancelled":
+                assert m["type"] == "suggestions"
+            assert m["id"] == "c3"
+
+    asyncio.run(session())
+
+
+def test_client_disconnect_cancels_the_generation(server):
+    url = server["url"]
+    before = _settled(url, "quill_requests_total", model="tiny-a", status="cancelled")
+    with httpx.stream("POST", url + "/v1/completions", timeout=60,
+                      json={"model": "tiny-a", "prompt": _prompt(), "max_tokens": 96, "stream": True}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                break  # got the first token; walk away
+    assert _wait_for(url, "quill_requests_total", before + 1, model="tiny-a", status="cancelled") == before + 1
+
+
+def test_identical_seeded_requests_generate_once_via_redis(server):
+    import redis
+
+    url = server["url"]
+    r = redis.Redis.from_url(server["redis_url"])
+    keys_before = set(r.scan_iter("quill:cache:*"))
+    ok_before = _settled(url, "quill_requests_total", model="tiny-b", status="ok")
+    outcomes_before = {o: _metric(url, "quill_cache_requests_total", model="tiny-b", outcome=o) for o in ("miss", "joined", "hit")}
+    body = {"model": "tiny-b", "prompt": _prompt(), "max_tokens": 40, "seed": 1234}
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=60) as c:
+            return await asyncio.gather(*(c.post(url + "/v1/completions", json=body) for _ in range(10)))
+
+    answers = asyncio.run(burst())
+    assert all(a.status_code == 200 for a in answers)
+    assert len({a.json()["choices"][0]["text"] for a in answers}) == 1
+
+    # One generation for ten requests, and the result is now in Redis.
+    assert _settled(url, "quill_requests_total", model="tiny-b", status="ok") == ok_before + 1
+    outcomes = {o: _metric(url, "quill_cache_requests_total", model="tiny-b", outcome=o) - outcomes_before[o]
+                for o in ("miss", "joined", "hit")}
+    assert outcomes["miss"] == 1 and outcomes["joined"] + outcomes["hit"] == 9, outcomes
+    new_keys = set(r.scan_iter("quill:cache:*")) - keys_before
+    assert any(k != b"quill:cache:index" for k in new_keys)
+    assert 0 < r.pttl(next(k for k in new_keys if k != b"quill:cache:index")) <= 120_000
+
+    # A later identical request is answered from Redis without the engine.
+    again = httpx.post(url + "/v1/completions", json=body, timeout=60).json()
+    assert again["choices"][0]["text"] == answers[0].json()["choices"][0]["text"]
+    assert _wait_for(url, "quill_cache_requests_total", outcomes_before["hit"] + outcomes["hit"] + 1,
+                     model="tiny-b", outcome="hit") == outcomes_before["hit"] + outcomes["hit"] + 1
+    assert _settled(url, "quill_requests_total", model="tiny-b", status="ok") == ok_before + 1
+
+
+def test_metrics_page_has_every_series(server):
+    text = httpx.get(server["url"] + "/metrics").text
+    for name in ("quill_requests_total", "quill_requests_running", "quill_requests_waiting",
+                 "quill_time_to_first_token_seconds_bucket", "quill_time_per_output_token_seconds_bucket",
+                 "quill_prompt_tokens_total", "quill_generated_tokens_total"):
+        assert re.search(rf'^{name}\{{.*model="tiny-a"', text, re.M), name
+    assert "ray_quill" not in text
+
+
+def test_sigterm_shuts_down_cleanly(server):
+    proc = server["proc"]
+    proc.send_signal(signal.SIGTERM)  # the server only: it must take its Ray down itself
+    assert proc.wait(60) == 0
+    assert "shutting down" in server["log"].read_text()
+    # Nothing of the server's Ray is left in its session.
+    time.sleep(1)
+    left = subprocess.run(["ps", "-o", "pid=", "-s", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert not left, left

@@ -1,0 +1,115 @@
+"""ModelServer without Ray: the adapter over the real engine (tiny checkpoint)."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+
+from serve_app.config import parse_registry
+from serve_app.engine.types import EngineOverloaded, GenerationRequest, SamplingParams
+from serve_app.metrics import LOCAL_REGISTRY
+from serve_app.model_server import Failure, ModelServer
+
+
+def sample(name: str, **labels) -> float:
+    return LOCAL_REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def entry(path, name, **extra):
+    base = {"name": name, "source": str(path), "cpus_per_replica": 0.5,
+            "engine": {"max_batch_size": 4, "max_seq_len": 256},
+            "limits": {"max_prompt_tokens": 32, "max_tokens": 200, "max_n": 4}}
+    return parse_registry({"models": [{**base, **extra}]}, None).models[0]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoints):
+    s = ModelServer(entry(tiny_checkpoints["tiny-a"], "ms-a"))
+    yield s
+    s.shutdown()
+
+
+async def collect(server, request):
+    return [d async for d in server.generate(request)]
+
+
+async def test_generate_streams_deltas_and_counts(server):
+    before_ok = sample("quill_requests_total", model="ms-a", status="ok")
+    before_tokens = sample("quill_generated_tokens_total", model="ms-a")
+    items = await collect(server, GenerationRequest("Hello world", SamplingParams(max_tokens=7, n=2, seed=1)))
+    assert not any(isinstance(i, Failure) for i in items)
+    finals = [d for d in items if d.finished]
+    assert sorted(d.index for d in finals) == [0, 1]
+    assert all(d.finish_reason == "length" and d.completion_tokens == 7 for d in finals)
+    assert finals[0].prompt_tokens == 2  # "Hello world" is [15496, 995]
+    assert sample("quill_requests_total", model="ms-a", status="ok") == before_ok + 1
+    assert sample("quill_generated_tokens_total", model="ms-a") == before_tokens + 14
+    assert sample("quill_time_to_first_token_seconds_count", model="ms-a") >= 1
+    assert sample("quill_time_per_output_token_seconds_count", model="ms-a") >= 1
+    assert (await server.ready())["model"] == "ms-a"
+
+
+async def test_rejected_request_is_a_failure_item_not_an_exception(server):
+    before = sample("quill_requests_total", model="ms-a", status="rejected")
+    items = await collect(server, GenerationRequest("word " * 100, SamplingParams(max_tokens=4)))
+    assert len(items) == 1 and isinstance(items[0], Failure) and items[0].kind == "rejected"
+    assert "prompt" in items[0].message
+    assert sample("quill_requests_total", model="ms-a", status="rejected") == before + 1
+
+
+async def test_closing_the_stream_cancels_in_the_engine(server):
+    before = sample("quill_requests_total", model="ms-a", status="cancelled")
+    gen = server.generate(GenerationRequest("Once", SamplingParams(max_tokens=200, seed=3)))
+    got = [await anext(gen), await anext(gen)]
+    assert not any(d.finished for d in got)
+    await gen.aclose()  # what Ray does when the client goes away
+    core = server.engine.engine
+    for _ in range(100):
+        if core.num_running == 0 and core.num_waiting == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert core.num_running == 0 and core.num_waiting == 0
+    assert sample("quill_requests_total", model="ms-a", status="cancelled") == before + 1
+
+
+async def test_task_cancellation_also_cancels(server):
+    async def consume():
+        async for _ in server.generate(GenerationRequest("Once", SamplingParams(max_tokens=200))):
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(consume())
+    await asyncio.sleep(0.2)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    core = server.engine.engine
+    for _ in range(100):
+        if core.num_running == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert core.num_running == 0
+
+
+class _OverloadedEngine:
+    async def generate(self, request):
+        raise EngineOverloaded("queue full")
+        yield  # pragma: no cover
+
+    def shutdown(self):
+        pass
+
+
+async def test_overload_is_a_failure_item(tiny_checkpoints):
+    s = ModelServer(entry(tiny_checkpoints["tiny-a"], "ms-over"), engine_factory=lambda e: _OverloadedEngine())
+    items = await collect(s, GenerationRequest("x", SamplingParams(max_tokens=2)))
+    assert items == [Failure("overloaded", "queue full")]
+    assert isinstance(items[0].exception(), EngineOverloaded)
+    assert sample("quill_requests_total", model="ms-over", status="overloaded") == 1
+    s.shutdown()
+
+
+def test_gauges_are_published(server):
+    server._update_gauges(force=True)
+    assert LOCAL_REGISTRY.get_sample_value("quill_requests_running", {"model": "ms-a"}) is not None
+    assert LOCAL_REGISTRY.get_sample_value("quill_requests_waiting", {"model": "ms-a"}) is not None
