@@ -22,14 +22,13 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.cache import DEFAULT_MAX_ENTRIES, DEFAULT_TTL, make_store
-from serve_app.config import DEFAULT_REGISTRY, ModelEntry, Registry, load_registry, parse_registry
+from serve_app.config import DEFAULT_REGISTRY, INGRESS_CPUS, ModelEntry, Registry, load_registry, parse_registry
 from serve_app.engine.types import Delta, GenerationRequest
 from serve_app.ingress import Service, create_app
 from serve_app.metrics import render_cluster_metrics
 from serve_app.model_server import Failure, ModelServer
 
 APP_NAME = "quill"
-INGRESS_CPUS = 0.1  # the ingress only routes and frames; it should never crowd out a model
 
 
 class HandleBackend:
@@ -111,11 +110,6 @@ def cache_settings() -> dict:
         "ttl": float(os.environ.get("QUILL_CACHE_TTL", DEFAULT_TTL)),
         "max_entries": int(os.environ.get("QUILL_CACHE_MAX_ENTRIES", DEFAULT_MAX_ENTRIES)),
     }
-
-
-def required_cpus(registry: Registry) -> float:
-    """Logical CPUs the app needs to start: the ingress plus every model's first replicas."""
-    return INGRESS_CPUS + sum(max(1, m.autoscaling.min_replicas) * m.cpus_per_replica for m in registry.models)
 
 
 def build_app(registry: Registry, cache: dict | None = None):

@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 
-from serve_app.config import DEFAULT_REGISTRY, RegistryError, load_registry
+from serve_app.config import DEFAULT_REGISTRY, RegistryError, load_registry, required_cpus
 
 
 def _free_port() -> int:
@@ -54,8 +54,6 @@ def serve_main(argv: list[str]) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-    from serve_app.app import APP_NAME, build_app, required_cpus
-
     local = not args.address
     num_cpus = args.num_cpus or float(os.cpu_count() or 1)
     need = required_cpus(registry)
@@ -67,6 +65,9 @@ def serve_main(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 2
+
+    # Imported only now: it pulls in torch (through the engine's types), seconds on a small box.
+    from serve_app.app import APP_NAME, build_app
 
     stop = threading.Event()
 

@@ -222,6 +222,17 @@ def _describe(err: dict[str, Any], raw: Any, label: str) -> str:
     return f"{where}: {field}: {msg}" if field else f"{where}: {msg}"
 
 
+# The ingress only routes and frames; it reserves a sliver of a CPU so it never crowds out a
+# model (Ray Serve's default of one CPU per replica would on a 2-core box leave the second
+# model unschedulable and the app waiting forever).
+INGRESS_CPUS = 0.1
+
+
+def required_cpus(registry: Registry) -> float:
+    """Logical CPUs the app needs to start: the ingress plus every model's first replicas."""
+    return INGRESS_CPUS + sum(max(1, m.autoscaling.min_replicas) * m.cpus_per_replica for m in registry.models)
+
+
 def parse_registry(data: Any, base_dir: str | os.PathLike | None, label: str = "<registry>") -> Registry:
     """Validate an already-parsed registry (e.g. the `args` of a KubeRay serveConfigV2)."""
     if not isinstance(data, dict):

@@ -130,7 +130,14 @@ class _Socket:
         await self.ws.accept()
         try:
             while True:
-                await self.handle(await self.ws.receive_text())
+                message = await self.ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    break
+                raw = message.get("text")
+                if raw is None:  # a binary frame: answer, keep the socket
+                    await self.send(_error(None, "invalid_request_error", "send JSON text messages"))
+                    continue
+                await self.handle(raw)
         except WebSocketDisconnect:
             pass
         finally:

@@ -188,6 +188,8 @@ def test_websocket_protocol(app_client):
         assert [m["type"] for m in msgs[:-1]] == ["suggestions"] * len(msgs[:-1]) and len(msgs) >= 3
         assert msgs[-1]["usage"]["completion_tokens"] == 18 and len(msgs[-1]["texts"]) == 2
 
+        ws.send_bytes(b"\x00binary")
+        assert json.loads(ws.receive_text())["type"] == "error"
         ws.send_text(json.dumps({"type": "hello"}))
         assert json.loads(ws.receive_text())["error"]["message"].startswith("unknown message type")
         ws.send_text(json.dumps({"type": "generate", "id": "b", "model": "tiny-a", "prompt": "Hi", "bogus": 1}))
@@ -205,3 +207,22 @@ def test_websocket_protocol(app_client):
         kinds = [(m["type"], m["id"]) for m in rest]
         i = kinds.index(("cancelled", "long"))
         assert all(k[1] == "short" for k in kinds[i + 1:]) and kinds[-1] == ("done", "short")
+
+
+def test_builder_makes_the_same_graph_from_a_file_or_inline_args(tiny_checkpoints, tmp_path):
+    from ray.serve import Application
+
+    from serve_app.app import build, deployment_options
+
+    reg = tmp_path / "registry.yaml"
+    reg.write_text(f"models:\n  - name: tiny-a\n    source: {tiny_checkpoints['tiny-a']}\n    cpus_per_replica: 0.5\n"
+                   "    gpus_per_replica: 0.5\n    device: auto\n"
+                   "    autoscaling: {min_replicas: 0, max_replicas: 3, target_ongoing_requests: 4}\n")
+    assert isinstance(build({"registry": str(reg)}), Application)
+    assert isinstance(build({"models": [{"name": "x", "source": str(tiny_checkpoints["tiny-b"])}]}), Application)
+    from serve_app.config import load_registry
+
+    opts = deployment_options(load_registry(reg).models[0])
+    assert opts["ray_actor_options"] == {"num_cpus": 0.5, "num_gpus": 0.5}
+    assert opts["autoscaling_config"] == {"min_replicas": 0, "initial_replicas": 1, "max_replicas": 3,
+                                          "target_ongoing_requests": 4}

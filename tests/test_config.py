@@ -113,3 +113,33 @@ def test_every_problem_is_reported(tmp_path):
     with pytest.raises(RegistryError) as info:
         load_registry(path)
     assert len(info.value.problems) == 2
+
+
+# --- `quill serve` refuses before anything starts (no Ray is started in these) ---
+
+def _quill(*args, cwd=None):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "serve_app.cli", *args], capture_output=True, text=True,
+                          timeout=120, cwd=cwd)
+
+
+def test_quill_serve_refuses_a_bad_registry(tmp_path):
+    path = write(tmp_path, "models:\n" + ENTRY + "    limits: {max_token: 5}\n")
+    r = _quill("serve", "--registry", str(path))
+    assert r.returncode == 2
+    assert "limits.max_token: unknown field (did you mean 'max_tokens'?)" in r.stderr
+    assert str(path) in r.stderr
+
+
+def test_quill_serve_refuses_a_registry_that_cannot_fit(tmp_path):
+    path = write(tmp_path, "models:\n" + ENTRY + "    cpus_per_replica: 1\n  - name: b\n    source: ckpt\n")
+    r = _quill("serve", "--registry", str(path), "--num-cpus", "2")
+    assert r.returncode == 2
+    assert "needs 2.1 logical CPUs" in r.stderr and "Ray has 2" in r.stderr
+
+
+def test_quill_help_and_unknown_command():
+    assert "serve" in _quill("--help").stdout
+    assert _quill("frobnicate").returncode == 2
