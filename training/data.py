@@ -10,6 +10,7 @@ genre, not the typesetting of the scans it came from.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -138,6 +139,7 @@ def split_documents(docs: list[str], val_fraction: float = 0.05, chunk_chars: in
     return train, val
 
 
+@functools.lru_cache(maxsize=4)
 def load_tokenizer(path: Path | str = TOKENIZER_DIR):
     """GPT-2's byte-level BPE from a folder holding vocab.json and merges.txt.
 
@@ -145,6 +147,7 @@ def load_tokenizer(path: Path | str = TOKENIZER_DIR):
     vocab_file=/merges_file= to GPT2TokenizerFast silently yields a tokenizer that encodes
     everything to []. (AutoTokenizer can't be used on the bare folder: it has no config naming
     the class.) The check below makes any such failure loud instead of silent.
+    Cached: building the BPE from vocab.json/merges.txt takes seconds.
     """
     from transformers import GPT2TokenizerFast
 

@@ -33,6 +33,7 @@ DEFAULTS: dict = {
         "chunk_chars": 4000,
         "corpora_dir": "training/corpora",
         "tokenizer": "models/gpt2-tokenizer",
+        "cache_dir": "runs/cache",  # tokenised splits (git-ignored)
     },
     "train": {
         "steps": 1000,

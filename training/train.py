@@ -36,7 +36,7 @@ import yaml
 
 from training import export
 from training.card import model_card
-from training.data import SplitSettings, genre_tokens, load_tokenizer
+from training.data import GENRES, SplitSettings, genre_tokens, load_tokenizer
 from training.metrics import perplexity
 from training.recipe import load_recipe, recipe_hash, repo_path
 
@@ -202,8 +202,9 @@ def train(recipe: dict, fresh: bool = False, export_model: bool = True, log_to_s
     tokenizer = load_tokenizer(repo_path(d["tokenizer"]))
     settings = SplitSettings(d["val_fraction"], d["chunk_chars"])
     corpora = repo_path(d["corpora_dir"])
-    train_streams = {g: genre_tokens(g, "train", corpora, settings, tokenizer) for g in d["genres"]}
-    val_streams = {g: genre_tokens(g, "val", corpora, settings, tokenizer) for g in d["genres"]}
+    cache = repo_path(d["cache_dir"])
+    train_streams = {g: genre_tokens(g, "train", corpora, settings, tokenizer, cache) for g in d["genres"]}
+    val_streams = {g: genre_tokens(g, "val", corpora, settings, tokenizer, cache) for g in d["genres"]}
     batches = Batches(train_streams, d["genre_weights"], d["block_size"], t["batch_size"],
                       recipe["seed"])
 
@@ -232,6 +233,10 @@ def train(recipe: dict, fresh: bool = False, export_model: bool = True, log_to_s
     model.train()
 
     log_path = run_dir / "log.jsonl"
+    if log_path.exists():  # drop records of steps after the checkpoint (a run killed mid-way)
+        kept = [line for line in log_path.read_text().splitlines()
+                if line and json.loads(line)["step"] <= start_step]
+        log_path.write_text("".join(line + "\n" for line in kept))
     tokens_per_step = t["batch_size"] * d["block_size"] * t["grad_accum"]
     print(f"[{name}] {n_total/1e6:.2f}M params, {n_train/1e6:.3f}M trainable, "
           f"{tokens_per_step} tokens/step, steps {start_step}->{t['steps']}, "
@@ -312,11 +317,13 @@ def export_recipe_model(recipe: dict, model, tokenizer, summary: dict) -> str:
         entry = export.registry_entry(recipe["name"], os.path.relpath(out_dir, registry_path.parent),
                                       None, e["entry"])
         scored = model.float()  # weights already rounded to the export dtype by export_full
+    # Every genre that has a corpus folder, so a card shows what the model gained and lost.
     settings = SplitSettings(d["val_fraction"], d["chunk_chars"])
-    from training.data import GENRES
-    val_ppl = {g: round(perplexity(scored, genre_tokens(g, "val", repo_path(d["corpora_dir"]),
-                                                        settings, tokenizer),
-                                   d["block_size"], e["eval_tokens"]), 2) for g in GENRES}
+    corpora = repo_path(d["corpora_dir"])
+    genres = [g for g in GENRES if (corpora / g).is_dir()]
+    val_ppl = {g: round(perplexity(scored, genre_tokens(g, "val", corpora, settings, tokenizer,
+                                                        repo_path(d["cache_dir"])),
+                                   d["block_size"], e["eval_tokens"]), 2) for g in genres}
     summary["held_out_ppl"] = val_ppl
     export.write_card(out_dir, model_card(recipe, summary, entry))
     export.update_registry(registry_path, entry)

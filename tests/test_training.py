@@ -1,0 +1,242 @@
+"""training/: cleaning messy text, held-out splits, a few training steps, resume, export -> load.
+
+Everything runs on tiny models (32 wide, 1 layer) and tiny corpora written into tmp dirs, with
+one torch thread, so the file takes well under a minute on a 2-core CPU.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from training import data
+from training.recipe import DEFAULTS, _merge, load_recipe
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------- cleaning
+
+def test_clean_text_normalises_messy_input():
+    messy = ("\ufeffTHE\u00a0TITLE   \r\n\r\n\r\n\r\n\r\n"
+             "\u201cHello,\u201d she said\u2019s   \r\n"
+             "     centred   line\twith\ttabs  \r"
+             "zero\u200bwidth and \u0007bell\n"
+             "*       *       *       *\n"
+             "This eBook is for the use of anyone, Project Gutenberg License\n"
+             "[Illustration: a dragon]\n"
+             "an _italic_ word and snake_case stays\n"
+             "\n\n\n\n\n"
+             "\ufb01ne ligature\n\n   \n")
+    assert data.clean_text(messy) == (
+        "THE TITLE\n"
+        "\n"
+        '"Hello," she said\'s\n'
+        "centred line with tabs\n"
+        "zerowidth and bell\n"
+        "an italic word and snake_case stays\n"
+        "\n"
+        "fine ligature")
+
+
+def test_clean_text_keeps_plain_paragraphs_unchanged():
+    text = "First paragraph, line one.\nLine two.\n\nSecond paragraph."
+    assert data.clean_text(text) == text
+
+
+def _write_corpora(root: Path) -> Path:
+    """Two small genres in the layout of training/corpora/ (works joined by 3 blank lines)."""
+    legal, abstracts = root / "legal", root / "abstracts"
+    legal.mkdir(parents=True)
+    abstracts.mkdir()
+    para = "The party of the first part shall deliver the goods. " * 6
+    works = ["\n\n".join(f"Section {w}.{i}. {para}" for i in range(40)) for w in range(3)]
+    (legal / "a.txt").write_text("\r\n".join(data.WORK_SEPARATOR.join(works).split("\n")))
+    with (abstracts / "x.jsonl").open("w") as f:
+        for i in range(60):
+            f.write(json.dumps({"title": f"On problem {i}",
+                                "abstract": f"We study problem {i} and prove a bound. " * 5}) + "\n")
+    return root
+
+
+def test_documents_split_is_stable_disjoint_and_leaves_raw_files_alone(tmp_path):
+    corpora = _write_corpora(tmp_path / "corpora")
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in corpora.rglob("*.*")}
+    docs = data.read_documents("legal", corpora)
+    assert len(docs) == 3 and all("\r" not in d for d in docs)
+    train, val = data.split_documents(docs, val_fraction=0.2, chunk_chars=500)
+    assert val and train
+    assert not set(train) & set(val)
+    assert 0.05 < len(val) / (len(val) + len(train)) < 0.45
+    # the split is by content, so it doesn't move when the documents are reordered
+    train2, val2 = data.split_documents(list(reversed(docs)), val_fraction=0.2, chunk_chars=500)
+    assert set(val2) == set(val)
+    abstracts = data.read_documents("abstracts", corpora)
+    assert len(abstracts) == 60 and abstracts[0].startswith("On problem 0\n\nWe study")
+    assert before == {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in corpora.rglob("*.*")}
+
+
+def test_tokenizer_is_real_gpt2_bpe_and_blocks_pack():
+    tok = data.load_tokenizer()
+    assert tok("Hello world")["input_ids"] == [15496, 995]
+    stream = data.tokenize_pieces(["Hello world", "Hello"], tok)
+    assert stream.tolist() == [15496, 995, 50256, 15496, 50256]
+    blocks = data.pack_blocks(np.arange(10, dtype=np.uint16), 4)
+    assert blocks.shape == (2, 4) and blocks[1].tolist() == [4, 5, 6, 7]
+
+
+# ----------------------------------------------------------------------------- training
+
+def _tiny_recipe(tmp_path: Path, corpora: Path, **train_overrides) -> dict:
+    recipe = _merge(DEFAULTS, {
+        "name": "tiny-base",
+        "seed": 7,
+        "model": {"init": "scratch",
+                  "config": {"n_embd": 32, "n_layer": 1, "n_head": 2, "n_positions": 64}},
+        "data": {"genres": ["legal", "abstracts"], "block_size": 32, "val_fraction": 0.2,
+                 "chunk_chars": 500, "corpora_dir": str(corpora), "cache_dir": str(tmp_path / "cache")},
+        "train": {"steps": 30, "batch_size": 4, "lr": 3e-3, "warmup_steps": 3, "eval_every": 0,
+                  "save_every": 10, "eval_tokens": 256, **train_overrides},
+        "export": {"dir": str(tmp_path / "models" / "tiny-base"), "dtype": "float32",
+                   "eval_tokens": 256, "registry": str(tmp_path / "models" / "registry.yaml")},
+    })
+    recipe["_path"] = "training/recipes/tiny-base.yaml"
+    return recipe
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory):
+    return _write_corpora(tmp_path_factory.mktemp("corpora"))
+
+
+def _losses(run_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+def test_a_few_steps_lower_the_loss_and_export_loads_with_safetensors(tmp_path, corpora):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from training.train import train
+
+    recipe = _tiny_recipe(tmp_path, corpora)
+    summary = train(recipe, run_root=tmp_path / "runs")
+    losses = _losses(tmp_path / "runs" / "tiny-base")
+    assert len(losses) == 30
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 1.0  # ln(50257) = 10.8 at the start
+
+    out = Path(recipe["export"]["dir"])
+    assert (out / "model.safetensors").is_file() and not list(out.glob("*.bin"))
+    model = AutoModelForCausalLM.from_pretrained(out, use_safetensors=True)
+    tok = AutoTokenizer.from_pretrained(out)  # the folder is self-contained
+    assert tok("Hello world")["input_ids"] == [15496, 995]
+    # the exported model is the trained one: its held-out perplexity is what the card reports
+    from training.metrics import perplexity
+
+    val = data.genre_tokens("legal", "val", corpora, data.SplitSettings(0.2, 500), tok,
+                            tmp_path / "cache")
+    assert perplexity(model, val, 32, 256) == pytest.approx(summary["held_out_ppl"]["legal"], rel=1e-3)
+    assert summary["held_out_ppl"]["legal"] < 5000  # an untrained model is ~50,000
+
+    card = (out / "README.md").read_text()
+    assert "## Licence" in card and "public domain" in card and "tiny-base" in card
+    registry = yaml.safe_load(Path(recipe["export"]["registry"]).read_text())
+    assert [m["name"] for m in registry["models"]] == ["tiny-base"]
+    assert registry["models"][0]["source"] == "tiny-base"  # relative to the registry's folder
+
+
+def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path, corpora):
+    from safetensors.torch import load_file
+
+    from training.train import train
+
+    straight = _tiny_recipe(tmp_path / "a", corpora, steps=12, save_every=4)
+    train(straight, run_root=tmp_path / "a" / "runs", export_model=False)
+
+    # the same recipe, stopped after 8 steps (a checkpoint at 8), then resumed to 12
+    resumed = _tiny_recipe(tmp_path / "b", corpora, steps=12, save_every=4)
+    stopped = copy.deepcopy(resumed)
+    stopped["train"]["steps"] = 8
+    train(stopped, run_root=tmp_path / "b" / "runs", export_model=False)
+    train(resumed, run_root=tmp_path / "b" / "runs", export_model=False)
+
+    wa = load_file(str(tmp_path / "a" / "runs" / "tiny-base" / "checkpoint" / "weights.safetensors"))
+    wb = load_file(str(tmp_path / "b" / "runs" / "tiny-base" / "checkpoint" / "weights.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
+    # and the resumed run did start where it stopped, not from scratch
+    assert len(_losses(tmp_path / "b" / "runs" / "tiny-base")) == 12
+
+
+def test_lora_adapter_trains_exports_small_and_merges(tmp_path, corpora):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from training.train import train
+
+    base = _tiny_recipe(tmp_path, corpora, steps=10)
+    train(base, run_root=tmp_path / "runs")
+    base_dir = Path(base["export"]["dir"])
+
+    lora = _merge(base, {"name": "tiny-legal", "method": "lora",
+                         "model": {"init": str(base_dir)},
+                         "data": {"genres": ["legal"]},
+                         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+                         "train": {"steps": 15, "lr": 1e-2},
+                         "export": {"dir": str(tmp_path / "models" / "tiny-legal")}})
+    lora["_path"] = "training/recipes/tiny-legal.yaml"
+    summary = train(lora, run_root=tmp_path / "runs")
+    assert summary["trainable_params"] < summary["params"] / 10
+
+    out = Path(lora["export"]["dir"])
+    adapter_file = out / "adapter_model.safetensors"
+    assert adapter_file.is_file() and not (out / "model.safetensors").exists()
+    assert adapter_file.stat().st_size < (base_dir / "model.safetensors").stat().st_size / 5
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["fan_in_fan_out"] is True
+    assert set(cfg["target_modules"]) == {"c_attn", "c_proj", "c_fc"}
+
+    # load the way the engine does: base from safetensors, adapter merged
+    merged = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base_dir, use_safetensors=True), out).merge_and_unload()
+    plain = AutoModelForCausalLM.from_pretrained(base_dir, use_safetensors=True)
+    x = torch.tensor([[15496, 995, 13, 383]])
+    with torch.no_grad():
+        assert not torch.allclose(merged(x).logits, plain(x).logits)  # the adapter changes the model
+    # and the adapter helps on its own genre, as measured at export on the merged model
+    base_summary = json.loads((tmp_path / "runs" / "tiny-base" / "summary.json").read_text())
+    assert summary["held_out_ppl"]["legal"] < base_summary["held_out_ppl"]["legal"]
+
+    registry = yaml.safe_load(Path(lora["export"]["registry"]).read_text())
+    entry = {m["name"]: m for m in registry["models"]}["tiny-legal"]
+    assert entry["source"] == "tiny-base" and entry["adapter"] == "tiny-legal"
+
+
+def test_recipe_refuses_typos_and_lora_from_scratch(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ntrian: {steps: 3}\n")
+    with pytest.raises(ValueError, match="trian"):
+        load_recipe(bad)
+    bad.write_text("name: x\nmethod: lora\n")
+    with pytest.raises(ValueError, match="LoRA recipe needs"):
+        load_recipe(bad)
+
+
+def test_shipped_recipes_load_and_name_the_six_models():
+    names = {load_recipe(p)["name"] for p in (REPO_ROOT / "training" / "recipes").glob("*.yaml")}
+    assert names == {"quill-base", "quill-legal", "quill-copywriting", "quill-lyrics",
+                     "quill-fantasy", "quill-abstracts"}

@@ -1,0 +1,195 @@
+"""Held-out perplexity of every registry model on every genre, plus sample text -> docs/models.md.
+
+    quill eval                                   # all models in models/registry.yaml
+    python -m training.evaluate --models quill-base quill-legal --max-tokens 8192
+
+Models are loaded the way the server loads them: the entry's `source` (safetensors only) and,
+for a genre model, its LoRA `adapter` merged into the base with peft's merge_and_unload.
+Relative paths resolve against the registry's folder, as in serve_app/config.py.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import shlex
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import yaml
+
+from training.data import GENRES, SplitSettings, genre_tokens, load_tokenizer
+from training.metrics import perplexity
+from training.recipe import repo_path
+
+# One prompt per genre for the sample continuations (the writer's text so far).
+PROMPTS = {
+    "legal": "Section 4. Whenever the Secretary determines that",
+    "copywriting": "Every home should have one. This handsome new",
+    "lyrics": "O my love is like the morning,\n",
+    "fantasy": "The little princess opened the golden door and saw",
+    "abstracts": "We propose a new method for",
+}
+
+
+def load_entry_model(entry: dict, registry_dir: Path):
+    """A registry entry -> a plain causal LM in eval mode (adapter merged), fp32 on the CPU."""
+    from transformers import AutoModelForCausalLM
+
+    def local(p: str) -> str:
+        path = Path(p)
+        return str(path if path.is_absolute() else (registry_dir / path).resolve())
+
+    model = AutoModelForCausalLM.from_pretrained(local(entry["source"]), dtype=torch.float32,
+                                                 use_safetensors=True)
+    if entry.get("adapter"):
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, local(entry["adapter"])).merge_and_unload()
+    return model.eval()
+
+
+def genre_of(name: str) -> str | None:
+    g = name.removeprefix("quill-")
+    return g if g in GENRES else None
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompt: str, seed: int, max_new_tokens: int = 48) -> str:
+    torch.manual_seed(seed)
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    out = model.generate(ids, do_sample=True, temperature=0.8, top_k=40, top_p=0.95,
+                         max_new_tokens=max_new_tokens, pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def evaluate(registry: Path, names: list[str] | None, genres: list[str], max_tokens: int,
+             block_size: int, seed: int) -> dict:
+    data = yaml.safe_load(registry.read_text())
+    entries = [m for m in data["models"] if not names or m["name"] in names]
+    tokenizer = load_tokenizer()
+    streams = {g: genre_tokens(g, "val", tokenizer=tokenizer, settings=SplitSettings()) for g in genres}
+    results = {"ppl": {}, "samples": {}, "sizes": {}, "seconds": {}}
+    for entry in entries:
+        name, t0 = entry["name"], time.time()
+        model = load_entry_model(entry, registry.parent)
+        results["ppl"][name] = {g: perplexity(model, s, block_size, max_tokens) for g, s in streams.items()}
+        own = genre_of(name)
+        prompt_genres = [own] if own else list(PROMPTS)
+        results["samples"][name] = [(PROMPTS[g], sample(model, tokenizer, PROMPTS[g], seed))
+                                    for g in prompt_genres]
+        results["seconds"][name] = time.time() - t0
+        print(f"{name}: " + ", ".join(f"{g} {p:.1f}" for g, p in results["ppl"][name].items())
+              + f"  ({results['seconds'][name]:.0f} s)", flush=True)
+        folder = [entry.get("adapter") or entry["source"]]
+        results["sizes"][name] = sum(p.stat().st_size for f in folder
+                                     for p in (registry.parent / f).glob("*.safetensors"))
+    return results
+
+
+def render(results: dict, genres: list[str], command: str, max_tokens: int, block_size: int) -> str:
+    import peft
+    import transformers
+
+    ppl, base = results["ppl"], results["ppl"].get("quill-base")
+    lines = [
+        "# Quill's shipped models",
+        "",
+        "Quill ships a small GPT-2-architecture base model trained from scratch and five genre "
+        "models, each a LoRA adapter merged into that base when it is served. All use GPT-2's own "
+        "BPE tokenizer, so real `gpt2` / `gpt2-medium` checkpoints can be swapped in through "
+        "`models/registry.yaml` (`source: hf://gpt2`) and fine-tuned with the same recipes. "
+        "Each model folder holds a model card (README.md) with its data, licence, recipe and metrics.",
+        "",
+        "| model | what | shipped weights |",
+        "| --- | --- | --- |",
+    ]
+    for name, size in results["sizes"].items():
+        g = genre_of(name)
+        what = f"LoRA adapter on quill-base, {g} corpus" if g else "base, all five genres"
+        lines.append(f"| `{name}` | {what} | {size / 1e6:.1f} MB |")
+    lines += ["", f"All shipped weights together: {sum(results['sizes'].values()) / 1e6:.1f} MB "
+              "(`find models -name '*.safetensors' | xargs du -cb`).", ""]
+
+    lines += ["## Held-out perplexity", "",
+              "Perplexity on each genre's held-out split (about 5% of the corpus, chosen by hash of "
+              "~4 KB pieces in `training/data.py`, never trained on): the first "
+              f"{max_tokens:,} tokens of each split, scored in {block_size}-token blocks. Lower is "
+              "better; **bold** is a genre model on its own genre.", "",
+              "| model | " + " | ".join(genres) + " |",
+              "| --- | " + " | ".join("---:" for _ in genres) + " |"]
+    for name, row in ppl.items():
+        cells = [f"**{row[g]:.1f}**" if genre_of(name) == g else f"{row[g]:.1f}" for g in genres]
+        lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    if base:
+        lines += ["", "| genre model | own genre | quill-base on that genre | change |",
+                  "| --- | ---: | ---: | ---: |"]
+        for name, row in ppl.items():
+            g = genre_of(name)
+            if g and g in row:
+                change = 100 * (row[g] / base[g] - 1)
+                lines.append(f"| `{name}` | {row[g]:.1f} | {base[g]:.1f} | {change:+.0f}% |")
+    lines += ["", "Made by:", "", "```", command, "```", "",
+              f"on {platform.machine()} / {platform.system()}, {torch.get_num_threads()} torch thread(s), "
+              f"torch {torch.__version__}, transformers {transformers.__version__}, peft "
+              f"{peft.__version__}, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.", ""]
+
+    lines += ["## Sample continuations", "",
+              "Sampled with temperature 0.8, top-k 40, top-p 0.95, 48 new tokens, a fixed seed; "
+              "the prompt is in bold. These are small models: expect the voice of the genre, "
+              "not sense.", ""]
+    for name, pairs in results["samples"].items():
+        lines += [f"### {name}", ""]
+        for prompt, text in pairs:
+            quoted = ("**" + prompt.strip() + "**" + (" " if not prompt.endswith("\n") else "\n")
+                      + text.strip()).replace("\n", "\n> ")
+            lines += ["> " + quoted, ""]
+    lines += ["## Reproduce", "",
+              "```sh",
+              "sh training/build_all.sh          # quill-base (~55 min) then the five adapters (~5 min each), one CPU thread",
+              command,
+              "```", "",
+              "Each recipe is one YAML file in `training/recipes/`; `quill train --recipe <file>` "
+              "trains, resumes if interrupted, and exports to `models/<name>/` with its registry entry.",
+              ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="quill eval",
+                                 description="Held-out perplexity per genre and samples -> docs/models.md")
+    ap.add_argument("--registry", default="models/registry.yaml")
+    ap.add_argument("--models", nargs="*", help="names from the registry (default: all)")
+    ap.add_argument("--genres", nargs="*", default=list(GENRES))
+    ap.add_argument("--max-tokens", type=int, default=8192, help="held-out tokens per genre")
+    ap.add_argument("--block-size", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default="docs/models.md", help="Markdown file to write ('-' = stdout)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    registry = repo_path(args.registry)
+    results = evaluate(registry, args.models, args.genres, args.max_tokens, args.block_size, args.seed)
+    command = "quill eval " + shlex.join(sys.argv[1:] if argv is None else argv)
+    text = render(results, args.genres, command.strip(), args.max_tokens, args.block_size)
+    if args.out == "-":
+        print(text)
+    else:
+        out = repo_path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        print(f"wrote {out}")
+    # A genre model that doesn't beat the base on its own genre is a failed training run.
+    base = results["ppl"].get("quill-base")
+    worse = [n for n, row in results["ppl"].items()
+             if base and genre_of(n) in row and row[genre_of(n)] >= base[genre_of(n)]]
+    if worse:
+        print(f"WARNING: not better than quill-base on their own genre: {worse}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
