@@ -44,7 +44,8 @@ class HandleBackend:
             async for item in responses:
                 if isinstance(item, Failure):
                     raise item.exception()
-                yield item
+                for delta in item:  # one engine step's deltas for this request
+                    yield delta
             finished = True
         finally:
             if not finished:

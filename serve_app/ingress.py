@@ -56,7 +56,8 @@ class LocalBackend:
             async for item in items:
                 if isinstance(item, Failure):
                     raise item.exception()
-                yield item
+                for delta in item:
+                    yield delta
 
     async def ready(self, timeout: float) -> bool:
         return True

@@ -226,3 +226,9 @@ def test_builder_makes_the_same_graph_from_a_file_or_inline_args(tiny_checkpoint
     assert opts["ray_actor_options"] == {"num_cpus": 0.5, "num_gpus": 0.5}
     assert opts["autoscaling_config"] == {"min_replicas": 0, "initial_replicas": 1, "max_replicas": 3,
                                           "target_ongoing_requests": 4}
+
+
+def test_writing_page(app_client):
+    r = app_client.get("/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert "/v1/stream" in r.text and "/v1/models" in r.text

@@ -31,7 +31,11 @@ def server(tiny_checkpoints):
 
 
 async def collect(server, request):
-    return [d async for d in server.generate(request)]
+    """Failures as they come, delta lists flattened."""
+    out = []
+    async for item in server.generate(request):
+        out.extend([item] if isinstance(item, Failure) else item)
+    return out
 
 
 async def test_generate_streams_deltas_and_counts(server):
@@ -61,7 +65,7 @@ async def test_rejected_request_is_a_failure_item_not_an_exception(server):
 async def test_closing_the_stream_cancels_in_the_engine(server):
     before = sample("quill_requests_total", model="ms-a", status="cancelled")
     gen = server.generate(GenerationRequest("Once", SamplingParams(max_tokens=200, seed=3)))
-    got = [await anext(gen), await anext(gen)]
+    got = await anext(gen) + await anext(gen)
     assert not any(d.finished for d in got)
     await gen.aclose()  # what Ray does when the client goes away
     core = server.engine.engine
@@ -113,3 +117,11 @@ def test_gauges_are_published(server):
     server._update_gauges(force=True)
     assert LOCAL_REGISTRY.get_sample_value("quill_requests_running", {"model": "ms-a"}) is not None
     assert LOCAL_REGISTRY.get_sample_value("quill_requests_waiting", {"model": "ms-a"}) is not None
+
+
+async def test_choices_of_one_step_travel_together(server):
+    batches = [b async for b in server.generate(GenerationRequest("Hi", SamplingParams(max_tokens=5, n=3, seed=2)))]
+    assert all(isinstance(b, list) and b for b in batches)
+    # Three choices, five tokens each: far fewer messages than the 15 deltas.
+    assert sum(len(b) for b in batches) >= 15 and len(batches) <= 8
+    assert max(len({d.index for d in b}) for b in batches) == 3
