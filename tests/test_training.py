@@ -5,7 +5,6 @@ one torch thread, so the file takes well under a minute on a 2-core CPU.
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 from pathlib import Path
@@ -127,15 +126,25 @@ def _losses(run_dir: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
 
 
-def test_a_few_steps_lower_the_loss_and_export_loads_with_safetensors(tmp_path, corpora):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory, corpora):
+    """A tiny base trained for 25 steps and exported (shared by the tests below: it is slow-ish)."""
     from training.train import train
 
-    recipe = _tiny_recipe(tmp_path, corpora)
+    tmp_path = tmp_path_factory.mktemp("tiny-base")
+    recipe = _tiny_recipe(tmp_path, corpora, steps=25)
     summary = train(recipe, run_root=tmp_path / "runs")
+    return tmp_path, recipe, summary
+
+
+def test_a_few_steps_lower_the_loss_and_export_loads_with_safetensors(tiny_base, corpora):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from training.metrics import perplexity
+
+    tmp_path, recipe, summary = tiny_base
     losses = _losses(tmp_path / "runs" / "tiny-base")
-    assert len(losses) == 30
+    assert len(losses) == 25
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 1.0  # ln(50257) = 10.8 at the start
 
     out = Path(recipe["export"]["dir"])
@@ -144,8 +153,6 @@ def test_a_few_steps_lower_the_loss_and_export_loads_with_safetensors(tmp_path, 
     tok = AutoTokenizer.from_pretrained(out)  # the folder is self-contained
     assert tok("Hello world")["input_ids"] == [15496, 995]
     # the exported model is the trained one: its held-out perplexity is what the card reports
-    from training.metrics import perplexity
-
     val = data.genre_tokens("legal", "val", corpora, data.SplitSettings(0.2, 500), tok,
                             tmp_path / "cache")
     assert perplexity(model, val, 32, 256) == pytest.approx(summary["held_out_ppl"]["legal"], rel=1e-3)
@@ -153,6 +160,7 @@ def test_a_few_steps_lower_the_loss_and_export_loads_with_safetensors(tmp_path, 
 
     card = (out / "README.md").read_text()
     assert "## Licence" in card and "public domain" in card and "tiny-base" in card
+    assert f"| legal | {summary['held_out_ppl']['legal']} |" in card
     registry = yaml.safe_load(Path(recipe["export"]["registry"]).read_text())
     assert [m["name"] for m in registry["models"]] == ["tiny-base"]
     assert registry["models"][0]["source"] == "tiny-base"  # relative to the registry's folder
@@ -163,14 +171,15 @@ def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path, corpora):
 
     from training.train import train
 
-    straight = _tiny_recipe(tmp_path / "a", corpora, steps=12, save_every=4)
+    straight = _tiny_recipe(tmp_path / "a", corpora, steps=8, save_every=4)
     train(straight, run_root=tmp_path / "a" / "runs", export_model=False)
 
-    # the same recipe, stopped after 8 steps (a checkpoint at 8), then resumed to 12
-    resumed = _tiny_recipe(tmp_path / "b", corpora, steps=12, save_every=4)
-    stopped = copy.deepcopy(resumed)
-    stopped["train"]["steps"] = 8
-    train(stopped, run_root=tmp_path / "b" / "runs", export_model=False)
+    # the same recipe, stopped after step 5 (stop_at checkpoints there), then run again
+    resumed = _tiny_recipe(tmp_path / "b", corpora, steps=8, save_every=4)
+    stopped = train(resumed, run_root=tmp_path / "b" / "runs", export_model=True, stop_at=5)
+    assert "export" not in stopped  # an unfinished run exports nothing
+    ckpt = tmp_path / "b" / "runs" / "tiny-base" / "checkpoint" / "state.json"
+    assert json.loads(ckpt.read_text())["step"] == 5
     train(resumed, run_root=tmp_path / "b" / "runs", export_model=False)
 
     wa = load_file(str(tmp_path / "a" / "runs" / "tiny-base" / "checkpoint" / "weights.safetensors"))
@@ -179,24 +188,23 @@ def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path, corpora):
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
     # and the resumed run did start where it stopped, not from scratch
-    assert len(_losses(tmp_path / "b" / "runs" / "tiny-base")) == 12
+    assert len(_losses(tmp_path / "b" / "runs" / "tiny-base")) == 8
 
 
-def test_lora_adapter_trains_exports_small_and_merges(tmp_path, corpora):
+def test_lora_adapter_trains_exports_small_and_merges(tiny_base, corpora):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from training.train import train
 
-    base = _tiny_recipe(tmp_path, corpora, steps=10)
-    train(base, run_root=tmp_path / "runs")
+    tmp_path, base, base_summary = tiny_base
     base_dir = Path(base["export"]["dir"])
 
     lora = _merge(base, {"name": "tiny-legal", "method": "lora",
                          "model": {"init": str(base_dir)},
                          "data": {"genres": ["legal"]},
                          "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-                         "train": {"steps": 15, "lr": 1e-2},
+                         "train": {"steps": 12, "lr": 1e-2},
                          "export": {"dir": str(tmp_path / "models" / "tiny-legal")}})
     lora["_path"] = "training/recipes/tiny-legal.yaml"
     summary = train(lora, run_root=tmp_path / "runs")
@@ -218,7 +226,6 @@ def test_lora_adapter_trains_exports_small_and_merges(tmp_path, corpora):
     with torch.no_grad():
         assert not torch.allclose(merged(x).logits, plain(x).logits)  # the adapter changes the model
     # and the adapter helps on its own genre, as measured at export on the merged model
-    base_summary = json.loads((tmp_path / "runs" / "tiny-base" / "summary.json").read_text())
     assert summary["held_out_ppl"]["legal"] < base_summary["held_out_ppl"]["legal"]
 
     registry = yaml.safe_load(Path(lora["export"]["registry"]).read_text())

@@ -183,8 +183,13 @@ def _mixed_precision(setting: str) -> str:
 
 
 def train(recipe: dict, fresh: bool = False, export_model: bool = True, log_to_stdout: bool = False,
-          run_root: Path | None = None) -> dict:
-    """Run (or resume) one recipe; returns a summary dict (losses, tokens/s, export path)."""
+          run_root: Path | None = None, stop_at: int | None = None) -> dict:
+    """Run (or resume) one recipe; returns a summary dict (losses, tokens/s, export path).
+
+    stop_at: checkpoint and return after this step (as if the run were interrupted there); the
+    next call resumes. The learning-rate schedule still follows train.steps, so stopping and
+    resuming gives the same weights as one straight run.
+    """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
@@ -242,7 +247,8 @@ def train(recipe: dict, fresh: bool = False, export_model: bool = True, log_to_s
           f"{tokens_per_step} tokens/step, steps {start_step}->{t['steps']}, "
           f"precision {accelerator.mixed_precision}, device {accelerator.device}", flush=True)
 
-    bar = tqdm(range(start_step, t["steps"]), initial=start_step, total=t["steps"], desc=name,
+    end_step = min(t["steps"], stop_at) if stop_at else t["steps"]
+    bar = tqdm(range(start_step, end_step), initial=start_step, total=t["steps"], desc=name,
                mininterval=5, disable=None)
     t0, loss_ema, step = time.time(), None, start_step
     for step in bar:
@@ -276,7 +282,7 @@ def train(recipe: dict, fresh: bool = False, export_model: bool = True, log_to_s
             f.write(json.dumps(record) + "\n")
         if log_to_stdout and done % 10 == 0:
             print(json.dumps(record), flush=True)
-        if t["save_every"] and (done % t["save_every"] == 0 or done == t["steps"]):
+        if done == end_step or (t["save_every"] and done % t["save_every"] == 0):
             save_checkpoint(ckpt_dir, accelerator.unwrap_model(model), optimizer, done,
                             {"recipe_hash": rhash, "elapsed_s": elapsed_before + time.time() - t0})
     bar.close()
@@ -291,6 +297,9 @@ def train(recipe: dict, fresh: bool = False, export_model: bool = True, log_to_s
                "val_tokens": {g: int(len(s)) for g, s in val_streams.items()},
                "device": str(accelerator.device), "precision": accelerator.mixed_precision}
     model = accelerator.unwrap_model(model)
+    if end_step < t["steps"]:
+        print(f"[{name}] stopped at step {end_step} of {t['steps']}; run again to resume", flush=True)
+        return summary
     if export_model:
         summary["export"] = export_recipe_model(recipe, model, tokenizer, summary)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -337,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fresh", action="store_true", help="ignore a checkpoint in runs/<name>/ and start over")
     ap.add_argument("--steps", type=int, help="override train.steps (e.g. for a smoke run)")
     ap.add_argument("--threads", type=int, help="override train.threads (torch CPU threads)")
+    ap.add_argument("--stop-at", type=int, help="checkpoint and exit after this step (resume later)")
     ap.add_argument("--no-export", action="store_true", help="train only; don't touch models/")
     ap.add_argument("--print-recipe", action="store_true", help="print the merged recipe and exit")
     args = ap.parse_args(argv)
@@ -349,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_recipe:
             print(yaml.safe_dump(recipe, sort_keys=False))
             continue
-        summary = train(recipe, fresh=args.fresh, export_model=not args.no_export)
+        summary = train(recipe, fresh=args.fresh, export_model=not args.no_export, stop_at=args.stop_at)
         print(json.dumps({k: v for k, v in summary.items() if k not in ("train_tokens", "val_tokens")}),
               flush=True)
     return 0
