@@ -1,0 +1,478 @@
+"""Quill's engine against transformers, on the same model and the same workload, in one run.
+
+    quill bench engine [--models small,medium] [--requests 64] [--threads 2] [--quick]
+                       [--peers generate-serial,generate-static,hf-continuous] [--out docs/performance.md]
+    python -m bench.engine --quick
+
+What one run does:
+1. measures the machine's limits (fp32 matmul rate, copy bandwidth) with the thread count used;
+2. for each model size, saves one random-weight GPT-2 checkpoint and draws one seeded workload:
+   requests arriving as a Poisson process, prompts of random token ids (uniform lengths),
+   max_tokens uniform, greedy decoding;
+3. replays that workload on each system in turn (bench/systems.py), each in a fresh child
+   process (multiprocessing "spawn") so that its peak memory (VmHWM) is its own;
+4. writes a section of docs/performance.md (between markers, so a re-run replaces it) and the
+   raw numbers as JSON under bench/results/.
+
+Metrics per system, all latencies from the request's scheduled arrival:
+- tokens/s: output tokens of all requests / (last completion - first arrival);
+- TTFT: first token - arrival (p50, p99 over requests);
+- TPOT: (finish - first token) / (tokens - 1), per request (p50, p99 over requests);
+- peak RSS: the child's VmHWM, reset just before the replay (so: model + serving working set).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENIZER_DIR = REPO / "models" / "gpt2-tokenizer"
+DEFAULT_OUT = REPO / "docs" / "performance.md"
+RESULTS_DIR = REPO / "bench" / "results"
+
+# Random weights are enough to measure speed: the arithmetic per token does not depend on
+# what the weights say. "tiny" exists for the smoke test.
+MODELS = {
+    "tiny": dict(n_layer=2, n_embd=64, n_head=4),
+    "small": dict(n_layer=12, n_embd=768, n_head=12),  # gpt2 (124M)
+    "medium": dict(n_layer=24, n_embd=1024, n_head=16),  # gpt2-medium (355M)
+}
+VOCAB, N_POSITIONS, EOS = 50257, 1024, 50256
+
+# Mean arrival rates (requests/s): chosen so that arrivals span roughly the first third to half
+# of our engine's run on this 2-core box, so every system is under load the whole time and
+# queueing shows up in TTFT. The same seeded gaps are scaled by 1/rate for every model.
+DEFAULT_RATES = {"tiny": 40.0, "small": 4.0, "medium": 1.5}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from bench.systems import OURS, SYSTEMS
+
+    p = argparse.ArgumentParser(prog="quill bench engine", description=__doc__.split("\n")[0])
+    p.add_argument("--models", default=None, help="comma list of tiny,small,medium (default small,medium; "
+                   "--quick: small)")
+    p.add_argument("--requests", type=int, default=None, help="requests per model (default 64; --quick: 8)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads, the same for every system")
+    p.add_argument("--peers", default=",".join(s for s in SYSTEMS if s != OURS),
+                   help=f"comma list of peers to measure beside {OURS}: {', '.join(SYSTEMS[1:])}")
+    p.add_argument("--rate", type=float, default=None, help="mean arrivals per second (default per model: "
+                   + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_RATES.items()) + ")")
+    p.add_argument("--prompt-tokens", default=None, help="min-max prompt length (default 16-256; --quick: 16-32)")
+    p.add_argument("--max-tokens", default=None, help="min-max of max_tokens (default 16-128; --quick: 4-16)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the workload and of the random weights")
+    p.add_argument("--serial-cap", default="", help="run the one-at-a-time peer on the first K requests only: "
+                   "'K' for every model or 'medium=K,small=K'")
+    p.add_argument("--max-batch-size", type=int, default=64, help="our engine's batch, the static batch and "
+                   "transformers' requests per step")
+    p.add_argument("--hf-max-batch-tokens", type=int, default=None,
+                   help="tokens per step of transformers' continuous batching (default: its own)")
+    p.add_argument("--isolation", choices=("process", "inline"), default="process",
+                   help="process: each system in a fresh spawned child (own peak memory); inline: all in "
+                   "this process (faster, for tests; the peak memory column is then process-wide)")
+    p.add_argument("--system-timeout", type=float, default=1800.0, help="seconds before a system is given up")
+    p.add_argument("--quick", action="store_true", help="a small workload for a smoke check (< 2 minutes)")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="markdown file whose section is (re)written")
+    p.add_argument("--json", default=None, help="raw results (default bench/results/engine-cpu[-quick].json)")
+    args = p.parse_args(argv)
+
+    args.models = [m for m in (args.models or ("small" if args.quick else "small,medium")).split(",") if m]
+    for m in args.models:
+        if m not in MODELS:
+            p.error(f"unknown model {m!r}; choose from {', '.join(MODELS)}")
+    args.peers = [s for s in args.peers.split(",") if s]
+    for s in args.peers:
+        if s not in SYSTEMS or s == OURS:
+            p.error(f"unknown peer {s!r}; choose from {', '.join(SYSTEMS[1:])}")
+    args.requests = args.requests or (8 if args.quick else 64)
+    args.prompt_tokens = _range(args.prompt_tokens or ("16-32" if args.quick else "16-256"), p)
+    args.max_tokens = _range(args.max_tokens or ("4-16" if args.quick else "16-128"), p)
+    args.serial_cap = _caps(args.serial_cap, p)
+    args.json = args.json or str(RESULTS_DIR / f"engine-cpu{'-quick' if args.quick else ''}.json")
+    return args
+
+
+def _range(text: str, p: argparse.ArgumentParser) -> tuple[int, int]:
+    try:
+        lo, hi = (int(x) for x in text.split("-"))
+    except ValueError:
+        p.error(f"expected MIN-MAX, got {text!r}")
+    if not 1 <= lo <= hi:
+        p.error(f"expected 1 <= MIN <= MAX, got {text!r}")
+    return lo, hi
+
+
+def _caps(text: str, p: argparse.ArgumentParser) -> dict[str, int]:
+    if not text:
+        return {}
+    if text.isdigit():
+        return {m: int(text) for m in MODELS}
+    try:
+        return {k: int(v) for k, v in (item.split("=") for item in text.split(","))}
+    except ValueError:
+        p.error(f"--serial-cap: expected K or model=K,..., got {text!r}")
+
+
+# ---- workload -------------------------------------------------------------------------------
+
+
+def make_workload(n: int, rate: float, prompt_tokens: tuple[int, int], max_tokens: tuple[int, int],
+                  seed: int) -> list[dict]:
+    """n requests: Poisson arrivals (the first at t=0), random prompts, uniform max_tokens.
+
+    The draws depend only on the seed; the rate only scales the gaps, so every model sees the
+    same prompts and lengths, and every system of a model sees the identical list.
+    """
+    rng = random.Random(seed)
+    gaps = [0.0] + [rng.expovariate(1.0) for _ in range(n - 1)]
+    workload, t = [], 0.0
+    for i in range(n):
+        t += gaps[i] / rate
+        length = rng.randint(*prompt_tokens)
+        workload.append({
+            "id": f"r{i:03d}",
+            "arrival_s": round(t, 4),
+            # Any id but EOS, so no prompt carries a document break in the middle.
+            "prompt": [rng.randrange(EOS) for _ in range(length)],
+            "max_tokens": rng.randint(*max_tokens),
+        })
+    return workload
+
+
+def make_checkpoint(size: str, folder: Path, seed: int) -> Path:
+    """A random-weight GPT-2 of the named shape with GPT-2's real tokenizer, as safetensors."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=VOCAB, n_positions=N_POSITIONS, **MODELS[size])
+    model = GPT2LMHeadModel(config)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(TOKENIZER_DIR).save_pretrained(folder)
+    del model
+    return folder
+
+
+# ---- running the systems --------------------------------------------------------------------
+
+
+def run_one(system: str, checkpoint: Path, workload: list[dict], settings: dict, isolation: str,
+            timeout: float) -> dict:
+    from bench.systems import child_main, run_system
+
+    if isolation == "inline":
+        import torch
+
+        threads = torch.get_num_threads()  # put back afterwards: the caller may be a test run
+        try:
+            return run_system(system, str(checkpoint), workload, settings)
+        except Exception as exc:  # one broken peer must not lose the others' numbers
+            return {"system": system, "error": f"{type(exc).__name__}: {exc}"}
+        finally:
+            torch.set_num_threads(threads)
+
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")  # a fresh interpreter: no torch state or memory carried over
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=child_main, args=(system, str(checkpoint), workload, settings, send),
+                        name=f"bench-{system}")
+    child.start()
+    send.close()
+    try:
+        if receive.poll(timeout):
+            result = receive.recv()
+        else:
+            result = {"system": system, "error": f"gave up after {timeout:.0f} s"}
+    except EOFError:
+        result = {"system": system, "error": f"the child process died (exit code {child.exitcode})"}
+    finally:
+        child.join(10)
+        if child.is_alive():
+            child.terminate()
+            child.join()
+    return result
+
+
+# ---- statistics -----------------------------------------------------------------------------
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Linear interpolation between closest ranks (numpy's default); None for no values."""
+    if not values:
+        return None
+    xs = sorted(values)
+    k = (len(xs) - 1) * q / 100
+    lo = int(k)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def summarize(result: dict) -> dict:
+    """One table row from a system's per-request records."""
+    if "error" in result:
+        return {"system": result["system"], "error": result["error"]}
+    recs = result["records"]
+    done = [r for r in recs if r.get("finish") is not None and r.get("first") is not None]
+    tokens = sum(r["tokens"] for r in done)
+    prompt_tokens = sum(r["prompt_tokens"] for r in done)
+    wall = max(r["finish"] for r in done) - min(r["arrival"] for r in recs) if done else 0.0
+    ttft = [r["first"] - r["arrival"] for r in done]
+    tpot = [(r["finish"] - r["first"]) / (r["tokens"] - 1) for r in done if r["tokens"] >= 2]
+    return {
+        "system": result["system"],
+        "requests": len(recs),
+        "completed": len(done),
+        "output_tokens": tokens,
+        "prompt_tokens": prompt_tokens,
+        "eos_stops": sum(1 for r in done if r.get("finish_reason") == "stop"),
+        "wall_s": round(wall, 3),
+        "tok_s": round(tokens / wall, 2) if wall > 0 else 0.0,
+        "ttft_p50_s": _round(percentile(ttft, 50)),
+        "ttft_p99_s": _round(percentile(ttft, 99)),
+        "tpot_p50_ms": _round(percentile(tpot, 50), 1000),
+        "tpot_p99_ms": _round(percentile(tpot, 99), 1000),
+        "peak_rss_mib": result.get("peak_rss_mib"),
+        "threads": result.get("threads"),
+        "phase_s": result.get("phase_s"),
+    }
+
+
+def _round(x: float | None, scale: float = 1.0) -> float | None:
+    return None if x is None else round(x * scale, 4 if scale == 1.0 else 1)
+
+
+def add_ratios(rows: list[dict], ours: str) -> None:
+    """Quill's tokens/s over each row's, and each row's p50 TTFT over Quill's (> 1: Quill better)."""
+    base = next((r for r in rows if r["system"] == ours and "error" not in r), None)
+    for r in rows:
+        if base is None or "error" in r:
+            continue
+        r["quill_speedup"] = round(base["tok_s"] / r["tok_s"], 2) if r["tok_s"] else None
+        r["ttft_p50_vs_quill"] = (round(r["ttft_p50_s"] / base["ttft_p50_s"], 2)
+                                  if r["ttft_p50_s"] is not None and base["ttft_p50_s"] else None)
+
+
+# ---- the report -----------------------------------------------------------------------------
+
+
+def render(report: dict) -> str:
+    from bench.systems import DESCRIPTIONS, OURS, SERIAL
+
+    m, lim, wl = report["machine"], report["limits"], report["workload"]
+    lines = [
+        f"### Engine vs transformers, CPU ({report['mode']})",
+        "",
+        f"Command: `{report['command']}`  ",
+        f"Date: {m['date_utc']}; run took {report.get('run_minutes', '?')} min.  ",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, no GPU; load average at start "
+        f"{', '.join(str(x) for x in m['load_average_at_start'])}.  ",
+        f"Versions: Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}.  ",
+        f"Threads: {report['settings']['threads']} torch threads in every system; "
+        f"OMP_WAIT_POLICY={report['env'].get('OMP_WAIT_POLICY') or 'unset'}.  ",
+        f"Conditions: {report['conditions']}",
+        "",
+        f"Workload (seed {wl['seed']}, identical for every system of a model): {wl['requests']} requests, "
+        f"Poisson arrivals, prompts of {wl['prompt_tokens'][0]}-{wl['prompt_tokens'][1]} random token ids "
+        f"(uniform), max_tokens {wl['max_tokens'][0]}-{wl['max_tokens'][1]} (uniform), greedy. "
+        f"Our engine: max_batch_size {report['settings']['max_batch_size']}, max_seq_len "
+        f"{report['settings']['max_seq_len']}; the static batch takes up to the same number of arrived requests; "
+        f"transformers' continuous batching gets a paged cache of the same size.",
+        "",
+        f"Machine limits ({lim['threads']} threads): fp32 matmul {lim['matmul_gflops']} GFLOP/s "
+        f"({lim['matmul_n']}x{lim['matmul_n']} @ {lim['matmul_n']}x{lim['matmul_n']}, median); copy "
+        f"{lim['copy_gbs_read_plus_write']} GB/s ({lim['copy_bytes'] / 2**20:.0f} MiB, read + write counted).",
+        "",
+        "Systems: " + "; ".join(f"`{k}` = {v}" for k, v in DESCRIPTIONS.items()) + ".",
+        "",
+    ]
+    for name, mr in report["models"].items():
+        w, c, f = mr["workload"], mr["costs"], mr["floors"]
+        lines += [
+            f"#### {name} ({c['params'] / 1e6:.0f}M parameters, random weights)",
+            "",
+            f"Arrivals: {w['rate_per_s']:g} requests/s on average, spanning {w['arrival_span_s']:.1f} s; "
+            f"{w['output_tokens_asked']} output tokens asked for, {w['prompt_tokens']} prompt tokens.",
+        ]
+        if mr.get("serial_cap"):
+            lines.append(
+                f"`{SERIAL}` ran the first {mr['serial_cap']} requests only (to keep the run short); its "
+                "numbers are over those requests, whose arrivals span less time, so its TTFT is optimistic "
+                "(less queueing than the full workload would build)."
+            )
+        lines += [
+            "",
+            "| system | requests done | output tokens | tokens/s | TTFT p50 (s) | TTFT p99 (s) | TPOT p50 (ms) "
+            "| TPOT p99 (ms) | peak RSS (MiB) | Quill tokens/s ÷ this | this TTFT p50 ÷ Quill's |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in mr["rows"]:
+            if "error" in r:
+                lines.append(f"| `{r['system']}` | failed: {r['error'][:120]} |" + " |" * 9)
+                continue
+            lines.append(
+                f"| `{r['system']}` | {r['completed']}/{r['requests']} | {r['output_tokens']} | {r['tok_s']:.1f} "
+                f"| {_fmt(r['ttft_p50_s'], 2)} | {_fmt(r['ttft_p99_s'], 2)} | {_fmt(r['tpot_p50_ms'], 1)} "
+                f"| {_fmt(r['tpot_p99_ms'], 1)} | {_fmt(r['peak_rss_mib'], 0)} | {_fmt(r.get('quill_speedup'), 2)} "
+                f"| {_fmt(r.get('ttft_p50_vs_quill'), 2)} |"
+            )
+        ours = next((r for r in mr["rows"] if r["system"] == OURS and "error" not in r), None)
+        lines += [
+            "",
+            f"Limits for this model: {c['bytes_per_decode_step'] / 1e6:.0f} MB of weights read per decode step "
+            f"→ at least {f['batch1_floor_ms']} ms per step, at most {f['batch1_max_tok_s']} tokens/s at batch 1; "
+            f"{c['flops_per_token'] / 1e9:.2f} GFLOP per token → at most {f['compute_max_tok_s']} tokens/s "
+            "at any batch (output and prompt tokens cost the same).",
+        ]
+        if ours:
+            lines.append(
+                f"Quill reached {mr['quill_fraction_of_compute']:.0%} of the compute limit counting output tokens "
+                f"only, {mr['quill_fraction_of_compute_with_prompts']:.0%} counting the prompt tokens it "
+                "prefilled too."
+            )
+        lines.append("")
+    lines.append(f"Raw numbers: `{report['json_path']}`.")
+    return "\n".join(lines)
+
+
+def _fmt(x, digits: int) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+DOC_HEADER = """# Performance
+
+Measured claims only: every table below comes from a command in `bench/`, run on the machine it
+names, with the peers measured in the same run on the same workload. Ratios travel between
+machines better than seconds do; the limits say how far from the machine's best we are.
+"""
+
+
+def write_section(path: Path, key: str, body: str) -> None:
+    """Replace the text between this section's markers (or append the section)."""
+    start, end = f"<!-- bench:{key}:start -->", f"<!-- bench:{key}:end -->"
+    block = f"{start}\n{body}\n{end}"
+    text = path.read_text() if path.exists() else DOC_HEADER
+    if start in text and end in text:
+        before, rest = text.split(start, 1)
+        text = before + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+# ---- main -----------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Before torch loads, and inherited by the children: spinning OpenMP workers steal the
+    # cores from everything else on a 2-core box (see MEASURED.md).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    args = parse_args(argv)
+
+    from bench.machine import limits_for, machine_info, measure_limits, model_costs
+    from bench.systems import OURS, SERIAL
+
+    started = time.time()
+    shown = list(sys.argv[1:]) if argv is None else list(argv)
+    report = {
+        "mode": "quick smoke check" if args.quick else "full",
+        "command": "quill bench engine " + " ".join(shlex.quote(a) for a in shown),
+        "machine": machine_info(),
+        "env": {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")},
+        "conditions": os.environ.get(
+            "QUILL_BENCH_CONDITIONS",
+            "shared machine; other processes may run beside the benchmark (see the load average)."),
+        "settings": {
+            "threads": args.threads, "max_batch_size": args.max_batch_size, "max_seq_len": 512,
+            "max_prompt_tokens": 256, "max_tokens": 128, "hf_max_batch_tokens": args.hf_max_batch_tokens,
+        },
+        "workload": {"requests": args.requests, "prompt_tokens": args.prompt_tokens,
+                     "max_tokens": args.max_tokens, "seed": args.seed, "greedy": True},
+        "json_path": os.path.relpath(args.json, REPO) if args.json.startswith(str(REPO)) else args.json,
+        "models": {},
+    }
+    print(f"[bench] measuring the machine's limits with {args.threads} threads", flush=True)
+    report["limits"] = _limits(args, measure_limits)
+    print(f"[bench] {report['limits']}", flush=True)
+    out_path, json_path = Path(args.out), Path(args.json)
+    key = "engine:cpu:quick" if args.quick else "engine:cpu"
+
+    def save() -> None:
+        report["run_minutes"] = round((time.time() - started) / 60, 1)
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report, indent=1))
+        write_section(out_path, key, render(report))
+
+    with tempfile.TemporaryDirectory(prefix="quill-bench-") as tmp:
+        for size in args.models:
+            rate = args.rate or DEFAULT_RATES[size]
+            workload = make_workload(args.requests, rate, args.prompt_tokens, args.max_tokens, args.seed)
+            checkpoint = make_checkpoint(size, Path(tmp) / size, args.seed)
+            costs = model_costs(vocab_size=VOCAB, n_positions=N_POSITIONS, **{
+                k: v for k, v in MODELS[size].items() if k != "n_head"})
+            mr = report["models"][size] = {
+                "workload": {
+                    "rate_per_s": rate,
+                    "arrival_span_s": workload[-1]["arrival_s"],
+                    "output_tokens_asked": sum(w["max_tokens"] for w in workload),
+                    "prompt_tokens": sum(len(w["prompt"]) for w in workload),
+                },
+                "costs": costs,
+                "floors": limits_for(costs, report["limits"]),
+                "serial_cap": args.serial_cap.get(size),
+                "rows": [],
+                "raw": {},
+            }
+            for system in [OURS, *args.peers]:
+                wl = workload[: mr["serial_cap"]] if system == SERIAL and mr["serial_cap"] else workload
+                print(f"[bench] {size}: {system} on {len(wl)} requests ...", flush=True)
+                t = time.time()
+                result = run_one(system, checkpoint, wl, report["settings"], args.isolation, args.system_timeout)
+                row = summarize(result)
+                print(f"[bench] {size}: {system} done in {time.time() - t:.0f} s: {row}", flush=True)
+                mr["rows"].append(row)
+                mr["raw"][system] = {k: v for k, v in result.items() if k not in ("traceback",)}
+                if "traceback" in result:
+                    print(result["traceback"], file=sys.stderr, flush=True)
+                add_ratios(mr["rows"], OURS)
+                _fractions(mr, report["limits"])
+                save()
+    save()
+    print(f"[bench] wrote {out_path} and {json_path} in {report['run_minutes']} min", flush=True)
+    failed = [r["system"] for mr in report["models"].values() for r in mr["rows"] if "error" in r]
+    return 1 if failed else 0
+
+
+def _limits(args, measure_limits) -> dict:
+    """In a child too, so the parent's threads and memory do not colour the numbers."""
+    if args.isolation == "inline":
+        return measure_limits(args.threads, args.quick)
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(1) as pool:
+        return pool.apply(measure_limits, (args.threads, args.quick))
+
+
+def _fractions(mr: dict, limits: dict) -> None:
+    """Quill's tokens/s x FLOPs per token / measured FLOP/s: how much of the machine it used."""
+    from bench.systems import OURS
+
+    ours = next((r for r in mr["rows"] if r["system"] == OURS and "error" not in r), None)
+    if not ours or not ours["wall_s"]:
+        return
+    flops = mr["costs"]["flops_per_token"]
+    rate = limits["matmul_gflops"] * 1e9
+    mr["quill_fraction_of_compute"] = round(ours["tok_s"] * flops / rate, 3)
+    with_prompts = (ours["output_tokens"] + ours["prompt_tokens"]) / ours["wall_s"]
+    mr["quill_fraction_of_compute_with_prompts"] = round(with_prompts * flops / rate, 3)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
