@@ -227,6 +227,10 @@ def test_lora_adapter_trains_exports_small_and_merges(tiny_base, corpora):
         assert not torch.allclose(merged(x).logits, plain(x).logits)  # the adapter changes the model
     # and the adapter helps on its own genre, as measured at export on the merged model
     assert summary["held_out_ppl"]["legal"] < base_summary["held_out_ppl"]["legal"]
+    # the card's "base alone" column is the same base, measured the same way
+    assert summary["base_held_out_ppl"]["legal"] == pytest.approx(base_summary["held_out_ppl"]["legal"],
+                                                                  rel=1e-3)
+    assert "tiny-base alone" in (out / "README.md").read_text()
 
     registry = yaml.safe_load(Path(lora["export"]["registry"]).read_text())
     entry = {m["name"]: m for m in registry["models"]}["tiny-legal"]

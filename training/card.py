@@ -6,6 +6,8 @@ from pathlib import Path
 
 import yaml
 
+from training.data import REPO_ROOT
+
 LICENCE_TEXT = """\
 - Training text: public domain (pre-1929 publications and US federal government works; the
   arXiv titles/abstracts are CC0 1.0). Every file's origin, commit and licence basis is listed
@@ -29,6 +31,12 @@ GENRE_DATA = {
                "(Grimm, Andersen, Lang) and George MacDonald",
     "abstracts": "research-paper titles and abstracts from arXiv's own metadata samples (CC0)",
 }
+
+
+def _recipe_path(recipe: dict) -> str:
+    """The recipe's path as a user would type it: relative to the repository root if inside it."""
+    path = Path(recipe["_path"]).resolve()
+    return path.relative_to(REPO_ROOT).as_posix() if path.is_relative_to(REPO_ROOT) else str(path)
 
 
 def model_card(recipe: dict, summary: dict, entry: dict) -> str:
@@ -60,7 +68,8 @@ def model_card(recipe: dict, summary: dict, entry: dict) -> str:
     lines += ["## Licence", "", LICENCE_TEXT]
 
     lines += ["## Training", "",
-              f"- command: `quill train --recipe {Path(recipe['_path']).as_posix().split('/work/main/')[-1]}`",
+              f"- command: `quill train --recipe {_recipe_path(recipe)}` "
+              "(or `python -m training.train --recipe ...`)",
               f"- {summary['steps']:,} steps, {summary['tokens']:,} tokens, "
               f"{summary['train_seconds']/60:.1f} min on {summary['device']} "
               f"({summary['tokens_per_second']:.0f} tokens/s, precision {summary['precision']})",
@@ -75,9 +84,16 @@ def model_card(recipe: dict, summary: dict, entry: dict) -> str:
               f"{recipe['data']['block_size']}-token blocks, as exported"
               + (" (adapter merged into the base)" if is_lora else "") + ". Lower is better; "
               "`docs/models.md` compares every model.", "",
-              "| genre | perplexity |", "| --- | --- |"]
-    for g, ppl in summary["held_out_ppl"].items():
-        lines.append(f"| {g}{' (own genre)' if is_lora and g in genres else ''} | {ppl} |")
+              ]
+    base_ppl = summary.get("base_held_out_ppl") or {}
+    if base_ppl:
+        lines += [f"| genre | {name} | {entry['source']} alone |", "| --- | --- | --- |"]
+        for g, ppl in summary["held_out_ppl"].items():
+            lines.append(f"| {g} | {ppl} | {base_ppl.get(g, '')} |")
+    else:
+        lines += ["| genre | perplexity |", "| --- | --- |"]
+        for g, ppl in summary["held_out_ppl"].items():
+            lines.append(f"| {g} | {ppl} |")
     lines += ["", "## Limitations", "",
               "A tiny model trained for under an hour on a 2-core CPU: it imitates the voice and "
               "vocabulary of its genre, not facts. Text reflects the attitudes of its (mostly "

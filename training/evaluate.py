@@ -1,6 +1,6 @@
 """Held-out perplexity of every registry model on every genre, plus sample text -> docs/models.md.
 
-    quill eval                                   # all models in models/registry.yaml
+    quill evaluate                               # all models in models/registry.yaml
     python -m training.evaluate --models quill-base quill-legal --max-tokens 8192
 
 Models are loaded the way the server loads them: the entry's `source` (safetensors only) and,
@@ -158,7 +158,7 @@ def render(results: dict, genres: list[str], command: str, max_tokens: int, bloc
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="quill eval",
+    ap = argparse.ArgumentParser(prog="quill evaluate",
                                  description="Held-out perplexity per genre and samples -> docs/models.md")
     ap.add_argument("--registry", default="models/registry.yaml")
     ap.add_argument("--models", nargs="*", help="names from the registry (default: all)")
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     registry = repo_path(args.registry)
     results = evaluate(registry, args.models, args.genres, args.max_tokens, args.block_size, args.seed)
-    command = "quill eval " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = "quill evaluate " + shlex.join(sys.argv[1:] if argv is None else argv)
     text = render(results, args.genres, command.strip(), args.max_tokens, args.block_size)
     if args.out == "-":
         print(text)

@@ -319,6 +319,13 @@ def export_recipe_model(recipe: dict, model, tokenizer, summary: dict) -> str:
         export.export_adapter(model, tokenizer, out_dir, base_ref, d["block_size"])
         entry = export.registry_entry(recipe["name"], base_ref,
                                       os.path.relpath(out_dir, registry_path.parent), e["entry"])
+        # The base alone on the same text, for the card's comparison (adapter switched off).
+        with model.disable_adapter():
+            summary["base_held_out_ppl"] = {
+                g: round(perplexity(model, genre_tokens(g, "val", repo_path(d["corpora_dir"]),
+                                                        SplitSettings(d["val_fraction"], d["chunk_chars"]),
+                                                        tokenizer, repo_path(d["cache_dir"])),
+                                    d["block_size"], e["eval_tokens"]), 2) for g in d["genres"]}
         # Measure what will be served: the adapter merged into the exported base.
         scored = model.merge_and_unload()
     else:
@@ -326,10 +333,12 @@ def export_recipe_model(recipe: dict, model, tokenizer, summary: dict) -> str:
         entry = export.registry_entry(recipe["name"], os.path.relpath(out_dir, registry_path.parent),
                                       None, e["entry"])
         scored = model.float()  # weights already rounded to the export dtype by export_full
-    # Every genre that has a corpus folder, so a card shows what the model gained and lost.
+    # A base is scored on every genre that has a corpus folder; an adapter on its own genre(s)
+    # (docs/models.md compares it with the base there; scoring all genres costs minutes on a CPU).
     settings = SplitSettings(d["val_fraction"], d["chunk_chars"])
     corpora = repo_path(d["corpora_dir"])
-    genres = [g for g in GENRES if (corpora / g).is_dir()]
+    genres = (d["genres"] if recipe["method"] == "lora"
+              else [g for g in GENRES if (corpora / g).is_dir()])
     val_ppl = {g: round(perplexity(scored, genre_tokens(g, "val", corpora, settings, tokenizer,
                                                         repo_path(d["cache_dir"])),
                                    d["block_size"], e["eval_tokens"]), 2) for g in genres}
