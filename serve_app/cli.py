@@ -42,6 +42,7 @@ def serve_main(argv: list[str]) -> int:
     p.add_argument("--num-cpus", type=float, default=None,
                    help="logical CPUs for the local Ray (default: this machine's cores)")
     args = p.parse_args(argv)
+    t0 = time.monotonic()
 
     try:
         registry = load_registry(args.registry)
@@ -80,15 +81,20 @@ def serve_main(argv: list[str]) -> int:
     import ray
     from ray import serve
 
-    t0 = time.monotonic()
     try:
         if local:
             ray.init(
                 num_cpus=int(num_cpus) if float(num_cpus).is_integer() else num_cpus,
                 include_dashboard=False,
                 _metrics_export_port=_free_port(),
-                # Metrics reach the node's agent every 2 s instead of 10 s, so /metrics is fresh.
-                _system_config={"metrics_report_interval_ms": 2000},
+                _system_config={
+                    # Metrics reach the node's agent every 2 s instead of 10 s: /metrics is fresh.
+                    "metrics_report_interval_ms": 2000,
+                    # Ray runs its workers at nice 15, but here the workers are the server (proxy,
+                    # ingress, engines): on a shared machine they would starve behind any busy
+                    # process, with seconds added to every token.
+                    "worker_niceness": 0,
+                },
                 logging_level="WARNING",
             )
         else:
