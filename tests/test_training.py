@@ -236,6 +236,19 @@ def test_lora_adapter_trains_exports_small_and_merges(tiny_base, corpora):
     entry = {m["name"]: m for m in registry["models"]}["tiny-legal"]
     assert entry["source"] == "tiny-base" and entry["adapter"] == "tiny-legal"
 
+    # evaluate.py reads that registry, loads both models the way the server does, and writes
+    # the comparison table + samples; it exits 0 only if the genre model beats the base
+    from training.evaluate import main as evaluate_main
+
+    doc = tmp_path / "models.md"
+    rc = evaluate_main(["--registry", lora["export"]["registry"], "--genres", "legal", "abstracts",
+                        "--max-tokens", "256", "--block-size", "32", "--out", str(doc),
+                        "--corpora", str(corpora), "--cache-dir", str(tmp_path / "cache")])
+    text = doc.read_text()
+    assert rc == 0
+    assert "| `tiny-legal` | - | " not in text and "| `tiny-legal` | **" in text
+    assert "### tiny-legal" in text and "quill evaluate --registry" in text
+
 
 def test_recipe_refuses_typos_and_lora_from_scratch(tmp_path):
     bad = tmp_path / "bad.yaml"

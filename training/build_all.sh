@@ -4,7 +4,7 @@
 #   sh training/build_all.sh            # from the repository root
 #
 # quill-base trains from scratch (30-60 min on one CPU core), then each genre LoRA adapter
-# trains on top of the exported base (~5 min each). Every step resumes from runs/<name>/ if it
+# trains on top of the exported base (5-10 min each). Every step resumes from runs/<name>/ if it
 # was interrupted; pass --fresh to start over. Logs: runs/<name>/log.jsonl.
 set -eu
 cd "$(dirname "$0")/.."

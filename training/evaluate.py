@@ -52,7 +52,8 @@ def load_entry_model(entry: dict, registry_dir: Path):
 
 
 def genre_of(name: str) -> str | None:
-    g = name.removeprefix("quill-")
+    """quill-legal -> legal; a name that doesn't end in a genre (quill-base) -> None."""
+    g = name.rsplit("-", 1)[-1]
     return g if g in GENRES else None
 
 
@@ -66,22 +67,27 @@ def sample(model, tokenizer, prompt: str, seed: int, max_new_tokens: int = 48) -
 
 
 def evaluate(registry: Path, names: list[str] | None, genres: list[str], max_tokens: int,
-             block_size: int, seed: int) -> dict:
+             block_size: int, seed: int, matrix: str = "own", corpora: Path | None = None,
+             cache_dir: Path | None = None) -> dict:
     data = yaml.safe_load(registry.read_text())
     entries = [m for m in data["models"] if not names or m["name"] in names]
     tokenizer = load_tokenizer()
-    streams = {g: genre_tokens(g, "val", tokenizer=tokenizer, settings=SplitSettings()) for g in genres}
+    streams = {g: genre_tokens(g, "val", corpora or repo_path("training/corpora"), SplitSettings(),
+                               tokenizer, cache_dir or repo_path("runs/cache")) for g in genres}
     results = {"ppl": {}, "samples": {}, "sizes": {}, "seconds": {}}
     for entry in entries:
         name, t0 = entry["name"], time.time()
         model = load_entry_model(entry, registry.parent)
-        results["ppl"][name] = {g: perplexity(model, s, block_size, max_tokens) for g, s in streams.items()}
         own = genre_of(name)
+        # "own": a genre model is scored on its own genre only (the base on all of them);
+        # "full": every model on every genre (6 x 5 evaluations: minutes on a CPU).
+        scored = [g for g in streams if matrix == "full" or own is None or g == own]
+        results["ppl"][name] = {g: perplexity(model, streams[g], block_size, max_tokens) for g in scored}
         prompt_genres = [own] if own else list(PROMPTS)
         results["samples"][name] = [(PROMPTS[g], sample(model, tokenizer, PROMPTS[g], seed))
                                     for g in prompt_genres]
         results["seconds"][name] = time.time() - t0
-        print(f"{name}: " + ", ".join(f"{g} {p:.1f}" for g, p in results["ppl"][name].items())
+        print(f"{name}: " + ", ".join(f"{g} {v:.1f}" for g, v in results["ppl"][name].items())
               + f"  ({results['seconds'][name]:.0f} s)", flush=True)
         folder = [entry.get("adapter") or entry["source"]]
         results["sizes"][name] = sum(p.stat().st_size for f in folder
@@ -93,7 +99,9 @@ def render(results: dict, genres: list[str], command: str, max_tokens: int, bloc
     import peft
     import transformers
 
-    ppl, base = results["ppl"], results["ppl"].get("quill-base")
+    ppl = results["ppl"]
+    base_name = next((n for n in ppl if genre_of(n) is None), None)
+    base = ppl.get(base_name)
     lines = [
         "# Quill's shipped models",
         "",
@@ -106,10 +114,11 @@ def render(results: dict, genres: list[str], command: str, max_tokens: int, bloc
         "| model | what | shipped weights |",
         "| --- | --- | --- |",
     ]
+    base_name = next((n for n in results["sizes"] if genre_of(n) is None), "the base")
     for name, size in results["sizes"].items():
         g = genre_of(name)
-        what = f"LoRA adapter on quill-base, {g} corpus" if g else "base, all five genres"
-        lines.append(f"| `{name}` | {what} | {size / 1e6:.1f} MB |")
+        what = f"LoRA adapter on {base_name}, {g} corpus" if g else "base, all five genres"
+        lines.append(f"| `{name}` | {what} | {size / 1e6:.2f} MB |")
     lines += ["", f"All shipped weights together: {sum(results['sizes'].values()) / 1e6:.1f} MB "
               "(`find models -name '*.safetensors' | xargs du -cb`).", ""]
 
@@ -121,14 +130,15 @@ def render(results: dict, genres: list[str], command: str, max_tokens: int, bloc
               "| model | " + " | ".join(genres) + " |",
               "| --- | " + " | ".join("---:" for _ in genres) + " |"]
     for name, row in ppl.items():
-        cells = [f"**{row[g]:.1f}**" if genre_of(name) == g else f"{row[g]:.1f}" for g in genres]
+        cells = ["-" if g not in row else f"**{row[g]:.1f}**" if genre_of(name) == g
+                 else f"{row[g]:.1f}" for g in genres]
         lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
     if base:
-        lines += ["", "| genre model | own genre | quill-base on that genre | change |",
+        lines += ["", f"| genre model | own genre | {base_name} on that genre | change |",
                   "| --- | ---: | ---: | ---: |"]
         for name, row in ppl.items():
             g = genre_of(name)
-            if g and g in row:
+            if g and g in row and g in base:
                 change = 100 * (row[g] / base[g] - 1)
                 lines.append(f"| `{name}` | {row[g]:.1f} | {base[g]:.1f} | {change:+.0f}% |")
     lines += ["", "Made by:", "", "```", command, "```", "",
@@ -148,7 +158,7 @@ def render(results: dict, genres: list[str], command: str, max_tokens: int, bloc
             lines += ["> " + quoted, ""]
     lines += ["## Reproduce", "",
               "```sh",
-              "sh training/build_all.sh          # quill-base (~55 min) then the five adapters (~5 min each), one CPU thread",
+              "sh training/build_all.sh          # quill-base (30-60 min) then the five adapters (5-10 min each), one CPU thread",
               command,
               "```", "",
               "Each recipe is one YAML file in `training/recipes/`; `quill train --recipe <file>` "
@@ -166,12 +176,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=8192, help="held-out tokens per genre")
     ap.add_argument("--block-size", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--matrix", choices=["own", "full"], default="own",
+                    help="own: genre models on their own genre, the base on all; full: every pair")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--corpora", default="training/corpora", help=argparse.SUPPRESS)
+    ap.add_argument("--cache-dir", default="runs/cache", help=argparse.SUPPRESS)
     ap.add_argument("--out", default="docs/models.md", help="Markdown file to write ('-' = stdout)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     registry = repo_path(args.registry)
-    results = evaluate(registry, args.models, args.genres, args.max_tokens, args.block_size, args.seed)
+    results = evaluate(registry, args.models, args.genres, args.max_tokens, args.block_size, args.seed,
+                       args.matrix, repo_path(args.corpora), repo_path(args.cache_dir))
     command = "quill evaluate " + shlex.join(sys.argv[1:] if argv is None else argv)
     text = render(results, args.genres, command.strip(), args.max_tokens, args.block_size)
     if args.out == "-":
@@ -182,11 +197,11 @@ def main(argv: list[str] | None = None) -> int:
         out.write_text(text)
         print(f"wrote {out}")
     # A genre model that doesn't beat the base on its own genre is a failed training run.
-    base = results["ppl"].get("quill-base")
+    base = next((row for n, row in results["ppl"].items() if genre_of(n) is None), None)
     worse = [n for n, row in results["ppl"].items()
              if base and genre_of(n) in row and row[genre_of(n)] >= base[genre_of(n)]]
     if worse:
-        print(f"WARNING: not better than quill-base on their own genre: {worse}", file=sys.stderr)
+        print(f"WARNING: not better than the base on their own genre: {worse}", file=sys.stderr)
         return 1
     return 0
 
