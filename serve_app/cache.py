@@ -9,7 +9,10 @@ else is in the batch), so identical seeded requests need to be generated only on
   identical requests are answered from it at once.
 
 The finished results live in Redis when REDIS_URL is set (shared by every ingress replica),
-in this process otherwise. Unseeded sampling is never cached: two unseeded requests are meant
+in this process otherwise. With Redis, single-flight spans ingress replicas too: the replica
+that claims a request first generates it and appends its deltas to a Redis stream, and an
+identical request on another replica reads that stream (if the leader dies before sending
+anything, the follower generates instead). Unseeded sampling is never cached: two unseeded requests are meant
 to differ. Results that did not finish normally (cancelled, error) are never stored.
 
 The generation belongs to the flight, not to the first client: if the leader's client goes
@@ -26,13 +29,22 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from typing import AsyncIterator, Callable
 
-from serve_app.engine.types import Delta, SamplingParams
+from serve_app.engine.types import Delta, EngineOverloaded, RequestRejected, SamplingParams
 
 log = logging.getLogger("quill.cache")
 
 DEFAULT_TTL = 600.0
 DEFAULT_MAX_ENTRIES = 1024
 KEY_PREFIX = "quill:cache:"
+FLIGHT_PREFIX = "quill:flight:"
+STREAM_PREFIX = "quill:stream:"
+
+
+class LeaderGone(Exception):
+    """The replica generating a shared request stopped without finishing it."""
+
+
+_ERRORS = {"RequestRejected": RequestRejected, "EngineOverloaded": EngineOverloaded}
 
 
 def cache_key(model: str, prompt: str | list[int], params: SamplingParams) -> str | None:
@@ -138,6 +150,62 @@ class RedisStore:
         except Exception as exc:
             log.warning("redis put failed: %s", exc)
 
+    # --- single-flight across ingress replicas ---------------------------------------------
+    # The leader holds `quill:flight:<key>` (SET NX with a lease) and appends its deltas to the
+    # Redis stream `quill:stream:<key>`; another replica's identical request reads that stream
+    # from the start instead of generating. The stream ends with "end", "err" or "gone".
+
+    shared = True
+    LEASE_MS = 60_000
+
+    async def claim(self, key: str) -> bool:
+        """True when this process should generate (it holds the lease, or Redis is down)."""
+        try:
+            return bool(await self._r.set(FLIGHT_PREFIX + key, "1", nx=True, px=self.LEASE_MS))
+        except Exception as exc:
+            log.warning("redis claim failed: %s", exc)
+            return True
+
+    async def publish(self, key: str, kind: str, value: str = "") -> None:
+        try:
+            stream = STREAM_PREFIX + key
+            async with self._r.pipeline(transaction=False) as p:
+                p.xadd(stream, {"k": kind, "v": value})
+                p.pexpire(stream, self.LEASE_MS)
+                if kind == "d":
+                    p.pexpire(FLIGHT_PREFIX + key, self.LEASE_MS)  # still alive: renew the lease
+                else:
+                    p.delete(FLIGHT_PREFIX + key)
+                await p.execute()
+        except Exception as exc:
+            log.warning("redis publish failed: %s", exc)
+
+    async def follow(self, key: str) -> AsyncIterator[Delta]:
+        """The leader's deltas from the start; LeaderGone if it vanished without finishing."""
+        stream, last = STREAM_PREFIX + key, "0-0"
+        while True:
+            resp = await self._r.xread({stream: last}, block=1000, count=256)
+            if not resp:
+                if await self._r.exists(FLIGHT_PREFIX + key):
+                    continue
+                resp = await self._r.xread({stream: last}, count=256)  # it may have just ended
+                if not resp:
+                    raise LeaderGone()
+            for _, entries in resp:
+                for entry_id, fields in entries:
+                    last = entry_id
+                    kind, value = fields[b"k"].decode(), fields[b"v"].decode()
+                    if kind == "d":
+                        for d in json.loads(value):
+                            yield Delta(**{**d, "token_ids": tuple(d["token_ids"])})
+                    elif kind == "end":
+                        return
+                    elif kind == "err":
+                        err = json.loads(value)
+                        raise _ERRORS.get(err["type"], RuntimeError)(err["message"])
+                    else:
+                        raise LeaderGone()
+
     async def close(self) -> None:
         await self._r.aclose()
 
@@ -189,9 +257,8 @@ class SingleFlight:
             return
         flight = self._flights.get(key)
         if flight is None:
-            self.on_outcome(model, "miss")
-            flight = self._flights[key] = _Flight()
-            flight.task = asyncio.create_task(self._produce(key, flight, start))
+            flight = self._flights[key] = _Flight()  # its producer reports "miss" or "joined"
+            flight.task = asyncio.create_task(self._produce(key, model, flight, start))
         else:
             self.on_outcome(model, "joined")
         flight.listeners += 1
@@ -214,24 +281,52 @@ class SingleFlight:
                 if self._flights.get(key) is flight:
                     del self._flights[key]
 
-    async def _produce(self, key: str, flight: _Flight, start: Callable[[], AsyncIterator[Delta]]) -> None:
+    async def _produce(
+        self, key: str, model: str, flight: _Flight, start: Callable[[], AsyncIterator[Delta]]
+    ) -> None:
+        shared = getattr(self.store, "shared", False)
+        leader = True
         try:
+            if shared and not await self.store.claim(key):
+                # Another ingress replica is generating this: read its stream instead.
+                leader = False
+                self.on_outcome(model, "joined")
+                try:
+                    async for d in self.store.follow(key):
+                        flight.deltas.append(d)
+                        flight.notify()
+                    return
+                except LeaderGone:
+                    if flight.deltas:
+                        raise RuntimeError("the shared generation was abandoned; retry") from None
+                    leader = await self.store.claim(key)  # nothing sent yet: generate here
+            else:
+                self.on_outcome(model, "miss")
+            publish = shared and leader
             gen = start()
             try:
                 async for d in gen:
                     flight.deltas.append(d)
                     flight.notify()
+                    if publish:
+                        await self.store.publish(key, "d", json.dumps([asdict(d)]))
             finally:
                 if hasattr(gen, "aclose"):
                     await gen.aclose()  # cancels the generation downstream if we stopped early
             result = Result.from_deltas(flight.deltas)
             if result is not None:
                 await self.store.put(key, result)
+            if publish:
+                await self.store.publish(key, "end")
         except asyncio.CancelledError:
             flight.error = RuntimeError("generation cancelled")
+            if shared and leader:
+                await self.store.publish(key, "gone")
             raise
         except BaseException as exc:  # shared with every listener, who re-raise it
             flight.error = exc
+            if shared and leader:
+                await self.store.publish(key, "err", json.dumps({"type": type(exc).__name__, "message": str(exc)}))
         finally:
             flight.done = True
             if self._flights.get(key) is flight:

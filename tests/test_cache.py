@@ -4,8 +4,6 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-import pytest
-
 from serve_app.cache import MemoryStore, RedisStore, Result, SingleFlight, cache_key
 from serve_app.engine.types import Delta, SamplingParams
 
@@ -183,3 +181,56 @@ async def test_redis_outage_degrades_to_generating(tmp_path):
     got = await _collect(flights, "k", model.start())
     assert text_of(got) and model.generations == 1
     await flights.close()
+
+
+async def test_single_flight_across_ingress_replicas_through_redis(redis_url):
+    """Two SingleFlights with their own Redis connections stand for two ingress replicas."""
+    model = FakeModel(tokens=8, delay=0.03)
+    outcomes = []
+    a = SingleFlight(RedisStore(redis_url, ttl=30), on_outcome=lambda m, o: outcomes.append(("a", o)))
+    b = SingleFlight(RedisStore(redis_url, ttl=30), on_outcome=lambda m, o: outcomes.append(("b", o)))
+    key = uuid.uuid4().hex
+    try:
+        first = asyncio.create_task(_collect(a, key, model.start(n=2)))
+        await asyncio.sleep(0.1)  # a is generating
+        results = await asyncio.gather(first, *(_collect(x, key, model.start(n=2)) for x in (a, b, b, a)))
+        assert model.generations == 1
+        for i in (0, 1):
+            assert len({text_of(r, i) for r in results}) == 1
+        assert ("a", "miss") in outcomes and ("b", "joined") in outcomes
+        assert all(r[-1].finish_reason == "length" for r in results)
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_follower_generates_itself_when_the_leader_vanishes(redis_url):
+    import redis.asyncio as aioredis
+
+    key = uuid.uuid4().hex
+    raw = aioredis.from_url(redis_url)
+    await raw.set(f"quill:flight:{key}", "1", px=1200)  # a "leader" that dies before sending anything
+    await raw.aclose()
+    model = FakeModel()
+    flights = SingleFlight(RedisStore(redis_url, ttl=30))
+    try:
+        got = await asyncio.wait_for(_collect(flights, key, model.start()), 20)
+        assert model.generations == 1 and text_of(got) == "".join(f"<0:{t}>" for t in range(5))
+    finally:
+        await flights.close()
+
+
+async def test_a_leader_failure_reaches_followers_on_other_replicas(redis_url):
+    model = FakeModel(tokens=6, delay=0.03, fail_at=3)
+    a, b = SingleFlight(RedisStore(redis_url)), SingleFlight(RedisStore(redis_url))
+    key = uuid.uuid4().hex
+    try:
+        leader = asyncio.create_task(_collect(a, key, model.start()))
+        await asyncio.sleep(0.05)
+        follower = asyncio.create_task(_collect(b, key, model.start()))
+        results = await asyncio.gather(leader, follower, return_exceptions=True)
+        assert model.generations == 1
+        assert all(isinstance(r, RuntimeError) and "boom" in str(r) for r in results), results
+    finally:
+        await a.close()
+        await b.close()
