@@ -28,6 +28,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 class _Stop(Exception):
     pass
 
@@ -48,6 +58,11 @@ def serve_main(argv: list[str]) -> int:
         registry = load_registry(args.registry)
     except RegistryError as exc:
         print(f"quill serve: the registry cannot be served:\n{exc}", file=sys.stderr)
+        return 2
+
+    if not args.address and not _port_free(args.host, args.port):
+        # Ray Serve's proxy would retry binding forever; say it now instead.
+        print(f"quill serve: {args.host}:{args.port} is already in use (pass --port)", file=sys.stderr)
         return 2
 
     # Before Ray starts, so its workers inherit them: a local run needs no token auth, and

@@ -143,3 +143,14 @@ def test_quill_serve_refuses_a_registry_that_cannot_fit(tmp_path):
 def test_quill_help_and_unknown_command():
     assert "serve" in _quill("--help").stdout
     assert _quill("frobnicate").returncode == 2
+
+
+def test_quill_serve_refuses_a_busy_port(tmp_path):
+    import socket
+
+    path = write(tmp_path, "models:\n" + ENTRY)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        r = _quill("serve", "--registry", str(path), "--port", str(s.getsockname()[1]))
+    assert r.returncode == 2 and "already in use" in r.stderr
