@@ -1,7 +1,7 @@
 """The `quill` command.
 
     quill serve [--registry models/registry.yaml] [--host 127.0.0.1] [--port 8000]
-    quill train ... | quill evaluate ... | quill bench engine ...
+    quill train ... | quill evaluate ... | quill data ... | quill bench engine ...
 
 `serve` validates the registry before anything starts, brings up a local Ray (or joins the
 cluster at --address / RAY_ADDRESS), deploys the app, prints the URL once every model has
@@ -171,7 +171,8 @@ USAGE = """usage: quill <command> [args]
 commands:
   serve       serve every model of the registry (quill serve --help)
   train       fine-tune a model (training.train)
-  evaluate    evaluate a checkpoint (training.evaluate)
+  evaluate    evaluate checkpoints (training.evaluate)
+  data        prepare the training data splits (training.data)
   bench       benchmarks: quill bench engine ...
 """
 
@@ -188,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         return _front_door("training.train", rest)
     if cmd == "evaluate":
         return _front_door("training.evaluate", rest)
+    if cmd == "data":
+        return _front_door("training.data", rest)
     if cmd == "bench":
         if not rest or rest[0] in ("-h", "--help"):
             print("usage: quill bench engine [args]")

@@ -62,6 +62,10 @@ class _Socket:
         except ApiError as exc:
             await self.send({"type": "error", "id": msg.id, "error": {"type": exc.type, "message": exc.message}})
             return
+        except Exception as exc:  # never leave the client without an answer
+            log.exception("generation %s failed to start", msg.id)
+            await self.send(_error(msg.id, "internal_error", f"{type(exc).__name__}: {exc}"))
+            return
         texts: dict[int, str] = {}
         reasons: dict[int, str | None] = {}
         counts: dict[int, int] = {}
