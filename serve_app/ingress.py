@@ -119,6 +119,7 @@ class Service:
         self.flights = SingleFlight(store, on_outcome=lambda model, outcome: metrics.cache.inc(1, model=model, outcome=outcome))
         self.render_metrics = render_metrics
         self.ready_timeout = ready_timeout
+        self._loaded: set[str] = set()
 
     def backend(self, name: str) -> Backend:
         b = self.backends.get(name)
@@ -160,9 +161,14 @@ class Service:
         return chained()
 
     async def readiness(self) -> dict[str, bool]:
-        names = list(self.backends)
-        oks = await asyncio.gather(*(self.backends[n].ready(self.ready_timeout) for n in names))
-        return dict(zip(names, oks))
+        # "Every model has loaded": once a model has answered, it stays ready. Probing it again
+        # would queue the probe behind a full batch under load, and a readiness probe that
+        # fails under load would take a busy server out of rotation. Serve replaces replicas
+        # that die; that is not this endpoint's business.
+        todo = [n for n in self.backends if n not in self._loaded]
+        oks = await asyncio.gather(*(self.backends[n].ready(self.ready_timeout) for n in todo))
+        self._loaded.update(n for n, ok in zip(todo, oks) if ok)
+        return {n: n in self._loaded for n in self.backends}
 
     def model_card(self, entry: ModelEntry) -> dict:
         return {

@@ -141,19 +141,26 @@ def test_models_health_ready_metrics(app_client):
 
 class _NotReady:
     def __init__(self, entry):
-        self.entry = entry
+        self.entry, self.loaded, self.probes = entry, False, 0
 
     async def ready(self, timeout):
-        return False
+        self.probes += 1
+        return self.loaded
 
 
 def test_readyz_is_503_until_every_model_loaded(app_client):
     service = app_client.app.state.service
     registry = service.registry
-    app = create_app(Service(registry, {"tiny-a": service.backends["tiny-a"], "tiny-b": _NotReady(registry.get("tiny-b"))}))
-    r = TestClient(app).get("/readyz")
+    loading = _NotReady(registry.get("tiny-b"))
+    client = TestClient(create_app(Service(registry, {"tiny-a": service.backends["tiny-a"], "tiny-b": loading})))
+    r = client.get("/readyz")
     assert r.status_code == 503
     assert r.json()["error"]["type"] == "not_ready" and r.json()["error"]["models"] == {"tiny-a": True, "tiny-b": False}
+    loading.loaded = True
+    assert client.get("/readyz").status_code == 200
+    probes = loading.probes
+    loading.loaded = False  # e.g. a busy replica that cannot answer in time: still "loaded"
+    assert client.get("/readyz").status_code == 200 and loading.probes == probes
 
 
 class _FailsMidStream:
