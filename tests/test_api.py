@@ -239,3 +239,30 @@ def test_writing_page(app_client):
     r = app_client.get("/")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     assert "/v1/stream" in r.text and "/v1/models" in r.text
+
+
+RAY_EXPORT = '''# HELP ray_quill_requests_total Generations
+# TYPE ray_quill_requests_total counter
+ray_quill_requests_total{Component="core_worker",NodeAddress="10.0.0.1",SessionName="s",Version="2.60.0",WorkerId="w1",application="quill",deployment="model-a",model="a",otel_scope_name="x",replica="r1",status="ok"} 3.0
+# HELP ray_quill_time_to_first_token_seconds TTFT
+# TYPE ray_quill_time_to_first_token_seconds histogram
+ray_quill_time_to_first_token_seconds_bucket{WorkerId="w1",le="0.1",model="a",replica="r1"} 1.0
+ray_quill_time_to_first_token_seconds_bucket{WorkerId="w1",le="+Inf",model="a",replica="r1"} 3.0
+ray_quill_time_to_first_token_seconds_count{WorkerId="w1",model="a",replica="r1"} 3.0
+ray_quill_time_to_first_token_seconds_sum{WorkerId="w1",model="a",replica="r1"} 0.9
+# HELP ray_serve_num_http_requests Ray's own
+# TYPE ray_serve_num_http_requests counter
+ray_serve_num_http_requests_total{route="/"} 7.0
+'''
+
+
+def test_cluster_metrics_are_merged_renamed_and_trimmed():
+    from serve_app.metrics import filter_quill_families
+
+    other_node = RAY_EXPORT.replace("10.0.0.1", "10.0.0.2").replace('replica="r1"', 'replica="r2"')
+    text = filter_quill_families([RAY_EXPORT, other_node]).decode()
+    assert "ray_" not in text and "WorkerId" not in text and "otel_scope" not in text
+    assert text.count("# TYPE quill_requests_total counter") == 1
+    assert 'quill_requests_total{NodeAddress="10.0.0.1",application="quill",deployment="model-a",model="a",replica="r1",status="ok"} 3.0' in text
+    assert 'replica="r2"' in text  # both replicas' series kept, to be summed by the reader
+    assert 'quill_time_to_first_token_seconds_bucket{le="+Inf",model="a",replica="r1"} 3.0' in text
