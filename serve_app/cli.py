@@ -38,6 +38,27 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
+class _Import(threading.Thread):
+    """Import a module in the background; get() waits for it (and re-raises its error)."""
+
+    def __init__(self, name: str):
+        super().__init__(name=f"import-{name}", daemon=True)
+        self.module_name, self.module, self.error = name, None, None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.module = importlib.import_module(self.module_name)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            self.error = exc
+
+    def get(self):
+        self.join()
+        if self.error is not None:
+            raise self.error
+        return self.module
+
+
 class _Stop(Exception):
     pass
 
@@ -82,8 +103,9 @@ def serve_main(argv: list[str]) -> int:
         )
         return 2
 
-    # Imported only now: it pulls in torch (through the engine's types), seconds on a small box.
-    from serve_app.app import APP_NAME, build_app
+    # serve_app.app pulls in torch and transformers (through the engine's types): about 10 s of
+    # CPU on a small box. Import it in a thread while Ray starts its own processes.
+    app_module = _Import("serve_app.app")
 
     stop = threading.Event()
 
@@ -119,7 +141,8 @@ def serve_main(argv: list[str]) -> int:
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGTERM, on_signal)
         serve.start(http_options={"host": args.host, "port": args.port})
-        serve.run(build_app(registry), name=APP_NAME, route_prefix="/")
+        app = app_module.get()
+        serve.run(app.build_app(registry), name=app.APP_NAME, route_prefix="/")
         url = f"http://{args.host}:{args.port}"
         print(f"Quill is serving {', '.join(registry.names)} at {url} "
               f"(ready in {time.monotonic() - t0:.1f} s; Ctrl-C to stop)", flush=True)
