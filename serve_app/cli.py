@@ -121,6 +121,9 @@ def serve_main(argv: list[str]) -> int:
     try:
         if local:
             ray.init(
+                # "local": a new Ray of our own. With no address, ray.init would join any cluster
+                # a `ray start` left on this machine, and our shutdown would take its Serve down.
+                address="local",
                 num_cpus=int(num_cpus) if float(num_cpus).is_integer() else num_cpus,
                 include_dashboard=False,
                 _metrics_export_port=_free_port(),
