@@ -10,6 +10,7 @@ Relative paths resolve against the registry's folder, as in serve_app/config.py.
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import shlex
 import sys
@@ -89,6 +90,9 @@ def evaluate(registry: Path, names: list[str] | None, genres: list[str], max_tok
         results["seconds"][name] = time.time() - t0
         print(f"{name}: " + ", ".join(f"{g} {v:.1f}" for g, v in results["ppl"][name].items())
               + f"  ({results['seconds'][name]:.0f} s)", flush=True)
+        summary = repo_path("runs") / name / "summary.json"  # present where the model was trained
+        if summary.exists():
+            results.setdefault("training", {})[name] = json.loads(summary.read_text())
         folder = [entry.get("adapter") or entry["source"]]
         results["sizes"][name] = sum(p.stat().st_size for f in folder
                                      for p in (registry.parent / f).glob("*.safetensors"))
@@ -121,6 +125,23 @@ def render(results: dict, genres: list[str], command: str, max_tokens: int, bloc
         lines.append(f"| `{name}` | {what} | {size / 1e6:.2f} MB |")
     lines += ["", f"All shipped weights together: {sum(results['sizes'].values()) / 1e6:.1f} MB "
               "(`find models -name '*.safetensors' | xargs du -cb`).", ""]
+
+    training = results.get("training") or {}
+    if training:
+        lines += ["## Training runs", "",
+                  "One CPU thread each on the shared 2-core build box (AMD EPYC Zen 1), so "
+                  "tokens/s depend on what else ran beside it. From `runs/<name>/summary.json`:", "",
+                  "| model | method | steps | tokens | minutes | tokens/s | trainable params |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+        for name, t in training.items():
+            method = "LoRA" if t["trainable_params"] < t["params"] / 2 else "from scratch"
+            lines.append(f"| `{name}` | {method} | {t['steps']:,} | {t['tokens']:,} | "
+                         f"{t['train_seconds'] / 60:.1f} | {t['tokens_per_second']:.0f} | "
+                         f"{t['trainable_params'] / 1e6:.2f}M of {t['params'] / 1e6:.1f}M |")
+        lines += ["", "Why LoRA for the genre models: five full copies of the base would not fit "
+                  "the 60 MB budget for shipped weights; an adapter is a few hundred KB, trains "
+                  "faster per token (no gradients for the 50,257-row embedding), and is merged into "
+                  "the base at load, so it costs nothing per generated token.", ""]
 
     lines += ["## Held-out perplexity", "",
               "Perplexity on each genre's held-out split (about 5% of the corpus, chosen by hash of "

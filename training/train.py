@@ -228,6 +228,13 @@ def train(recipe: dict, fresh: bool = False, export_model: bool = True, log_to_s
         if meta.get("recipe_hash") != rhash:
             raise SystemExit(f"{ckpt_dir} was made by a different recipe; rerun with --fresh "
                              "to start over (or restore the recipe)")
+        done_summary = run_dir / "summary.json"
+        if (meta["step"] >= t["steps"] and done_summary.exists()
+                and (repo_path(recipe["export"]["dir"]) / "README.md").exists()):
+            # Finished and exported already: a rerun of build_all.sh moves on to the next model.
+            print(f"[{name}] already trained ({meta['step']} steps) and exported; --fresh retrains",
+                  flush=True)
+            return json.loads(done_summary.read_text())
         state = load_checkpoint(ckpt_dir, model, optimizer)
         start_step, elapsed_before = state["step"], state.get("elapsed_s", 0.0)
         print(f"[{name}] resuming from step {start_step} ({ckpt_dir})", flush=True)
