@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import signal
 import socket
 import sys
@@ -155,11 +156,37 @@ def serve_main(argv: list[str]) -> int:
         pass
     except Exception as exc:
         print(f"quill serve: failed to start: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        for line in _deployment_failures():
+            print(f"  {line}", file=sys.stderr, flush=True)
         _shutdown(local)
         return 1
     print("quill serve: shutting down", flush=True)
     _shutdown(local)
     return 0
+
+
+def _deployment_failures() -> list[str]:
+    """Why each unhealthy deployment failed, one line each (the last line of the replica's
+    traceback), so a broken checkpoint is named without reading Ray's logs."""
+    try:
+        from ray import serve
+
+        from serve_app.app import APP_NAME
+
+        app = serve.status().applications.get(APP_NAME)
+        out = []
+        for name, d in (app.deployments if app else {}).items():
+            lines = [ln.strip() for ln in (d.message or "").splitlines() if ln.strip()]
+            if str(d.status).endswith("HEALTHY") and not str(d.status).endswith("UNHEALTHY"):
+                continue
+            label = f"model {name.removeprefix('model-')!r}" if name.startswith("model-") else name
+            # The exception line of the traceback (and its continuation lines), not the frames.
+            starts = [i for i, ln in enumerate(lines) if re.match(r"^[\w.]*(Error|Exception|Exit)\b.*:", ln)]
+            reason = " ".join(lines[starts[-1]:]) if starts else (lines[-1] if lines else str(d.status))
+            out.append(f"{label}: {reason[:400]}")
+        return out
+    except Exception:  # best effort: the error above still stands
+        return []
 
 
 def _shutdown(local: bool) -> None:
