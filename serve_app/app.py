@@ -8,8 +8,9 @@ and a KubeRay serveConfigV2 (`import_path: serve_app.app:build`) start the same 
 
 Resources come from the registry: each model replica reserves `cpus_per_replica` logical CPUs and
 `gpus_per_replica` GPUs, and autoscales on ongoing requests between min and max replicas. The
-ingress reserves only a fraction of a CPU: Ray Serve's default of one CPU per replica would,
-on a 2-core box, leave the second model unschedulable and `serve.run` waiting forever.
+ingress reserves only INGRESS_CPUS (a tenth of a CPU): Ray Serve's default of one CPU per
+replica would, on a 2-core box, leave the second model unschedulable and `serve.run` waiting
+forever.
 """
 from __future__ import annotations
 
@@ -98,7 +99,8 @@ def deployment_options(entry: ModelEntry) -> dict[str, Any]:
             "max_replicas": a.max_replicas,
             "target_ongoing_requests": a.target_ongoing_requests,
         },
-        # Loading a checkpoint can take a while on a cold node.
+        # The engine steps in its own thread, so a busy replica still answers health checks;
+        # the slack is for small, oversubscribed nodes where a check can wait for the GIL.
         "health_check_timeout_s": 60,
         "graceful_shutdown_timeout_s": 5,
     }
