@@ -97,10 +97,13 @@ def test_exported_adapter_loads_through_the_engine_loader(tmp_path):
     base = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=64)).eval()
     export_full(base, tok, tmp_path / "base", dtype="float32")
     lora = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, fan_in_fan_out=True,
-                                           target_modules=["c_attn", "c_proj", "c_fc"]))
+                                           target_modules=["c_attn", "c_proj", "c_fc"],
+                                           modules_to_save=["ln_f"]))  # as the genre recipes do
     with torch.no_grad():  # a freshly initialised adapter is a no-op (B = 0): make it count
         for name, p in lora.named_parameters():
             if "lora_B" in name:
+                p.normal_(0, 0.5)
+            if "modules_to_save" in name and name.endswith("bias"):
                 p.normal_(0, 0.5)
     export_adapter(lora, tok, tmp_path / "legal", "../base", max_len=64)
 

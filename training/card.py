@@ -72,10 +72,12 @@ def model_card(recipe: dict, summary: dict, entry: dict) -> str:
               "(or `python -m training.train --recipe ...`)",
               f"- {summary['steps']:,} steps, {summary['tokens']:,} tokens, "
               f"{summary['train_seconds']/60:.1f} min on {summary['device']} "
-              f"({summary['tokens_per_second']:.0f} tokens/s, precision {summary['precision']})",
+              f"({summary['tokens_per_second']:.0f} tokens/s, "
+              f"{'fp32' if summary['precision'] == 'no' else summary['precision']})",
               f"- parameters: {summary['params']/1e6:.2f}M, trained: {summary['trainable_params']/1e6:.3f}M",
               f"- final training loss (moving average): {summary['final_loss_ema']}", ""]
-    shown = {k: v for k, v in recipe.items() if not k.startswith("_") and k not in ("card",)}
+    hidden = {"card"} | ({"lora"} if not is_lora else set())  # the card already says these
+    shown = {k: v for k, v in recipe.items() if not k.startswith("_") and k not in hidden}
     lines += ["Recipe (defaults filled in):", "", "```yaml",
               yaml.safe_dump(shown, sort_keys=False, width=100).rstrip(), "```", ""]
 

@@ -24,7 +24,11 @@ DEFAULTS: dict = {
         "config": {"n_embd": 256, "n_layer": 4, "n_head": 4, "n_positions": 512},
     },
     "method": "full",  # full | lora
-    "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": ["c_attn", "c_proj", "c_fc"]},
+    "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": ["c_attn", "c_proj", "c_fc"],
+             # small modules trained in full and saved with the adapter (peft modules_to_save);
+             # merge_and_unload swaps them in. ln_f's bias, multiplied by the tied embedding,
+             # shifts every logit: the cheapest lever toward a genre's own vocabulary.
+             "modules_to_save": []},
     "data": {
         "genres": list(GENRES),
         "genre_weights": None,  # None = each genre equally often, whatever its size

@@ -73,6 +73,7 @@ def build_model(recipe: dict):
         lora = recipe["lora"]
         cfg = LoraConfig(task_type="CAUSAL_LM", r=lora["r"], lora_alpha=lora["alpha"],
                          lora_dropout=lora["dropout"], target_modules=list(lora["target_modules"]),
+                         modules_to_save=list(lora.get("modules_to_save") or []) or None,
                          fan_in_fan_out=True)  # GPT-2 uses Conv1D: weights stored (in, out)
         torch.manual_seed(recipe["seed"])  # LoRA A matrices are randomly initialised
         model = get_peft_model(model, cfg)
