@@ -5,6 +5,7 @@ protocol); tests/test_api_serve.py drives the same routes through `quill serve` 
 """
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -266,3 +267,72 @@ def test_cluster_metrics_are_merged_renamed_and_trimmed():
     assert 'quill_requests_total{NodeAddress="10.0.0.1",application="quill",deployment="model-a",model="a",replica="r1",status="ok"} 3.0' in text
     assert 'replica="r2"' in text  # both replicas' series kept, to be summed by the reader
     assert 'quill_time_to_first_token_seconds_bucket{le="+Inf",model="a",replica="r1"} 3.0' in text
+
+
+class _FakeResponses:
+    """Stands for Ray's DeploymentResponseGenerator."""
+
+    def __init__(self, items):
+        self.items, self.cancelled = list(items), False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if not self.items:
+            raise StopAsyncIteration
+        return self.items.pop(0)
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class _FakeHandle:
+    def __init__(self, items, ready_after=0.0):
+        self.responses = _FakeResponses(items)
+        self.ready_after = ready_after
+        outer = self
+
+        class _Method:
+            def remote(self, *args):
+                return outer.responses
+
+        class _Ready:
+            async def _go(self):
+                await asyncio.sleep(outer.ready_after)
+                return {"model": "x"}
+
+            def remote(self):
+                return self._go()
+
+        self.generate, self.ready = _Method(), _Ready()
+
+    def options(self, **kw):
+        assert kw == {"stream": True}
+        return self
+
+
+async def test_handle_backend_flattens_steps_maps_failures_and_cancels_early_exits(tiny_checkpoints):
+    from serve_app.app import HandleBackend
+    from serve_app.engine.types import GenerationRequest, RequestRejected
+    from serve_app.model_server import Failure
+
+    entry = parse_registry({"models": [{"name": "x", "source": "hf://x"}]}, None).models[0]
+    req = GenerationRequest("hi")
+    steps = [[Delta("r", 0, "a"), Delta("r", 1, "b")], [Delta("r", 0, "c", finish_reason="length")]]
+    b = HandleBackend(_FakeHandle(steps), entry)
+    assert [d.text for d in [d async for d in b.stream(req)]] == ["a", "b", "c"]
+    assert not b.handle.responses.cancelled  # ran to the end: nothing to cancel
+
+    b = HandleBackend(_FakeHandle([Failure("rejected", "prompt too long")]), entry)
+    with pytest.raises(RequestRejected, match="prompt too long"):
+        [d async for d in b.stream(req)]
+
+    b = HandleBackend(_FakeHandle(steps), entry)
+    gen = b.stream(req)
+    await anext(gen)
+    await gen.aclose()  # the client went away
+    assert b.handle.responses.cancelled
+
+    assert await HandleBackend(_FakeHandle([]), entry).ready(1.0)
+    assert not await HandleBackend(_FakeHandle([], ready_after=5), entry).ready(0.1)
