@@ -78,8 +78,12 @@ class GPT2Runner:
         self.device = self.wte.device
         self.dtype = self.wte.dtype
         shape = (cfg.n_layer, max_batch_size, cfg.n_head, max_seq_len, self.head_dim)
-        self.k_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
-        self.v_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        # Allocated once. Masked positions are still multiplied (by a probability of 0), so every
+        # position a slot may read must hold a finite number: a slot is zeroed the first time it
+        # is used. On a CPU that also means untouched slots cost no resident memory.
+        self.k_cache = torch.empty(shape, device=self.device, dtype=self.dtype)
+        self.v_cache = torch.empty(shape, device=self.device, dtype=self.dtype)
+        self._zeroed = [False] * max_batch_size
 
     @property
     def cache_bytes(self) -> int:
@@ -99,6 +103,7 @@ class GPT2Runner:
     def prefill(self, token_ids: list[int], slot: int) -> torch.Tensor:
         """Run a whole prompt for one sequence into `slot`; return the last position's logits [V]."""
         T = len(token_ids)
+        self._zero_once(slot)
         tokens = torch.tensor(token_ids, device=self.device)
         x = self.wte[tokens] + self.wpe[:T]  # [T, E]
         for i, layer in enumerate(self.layers):
@@ -144,5 +149,12 @@ class GPT2Runner:
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` cached positions of one slot to another (n choices, packing)."""
+        self._zero_once(dst)
         self.k_cache[:, dst, :, :length] = self.k_cache[:, src, :, :length]
         self.v_cache[:, dst, :, :length] = self.v_cache[:, src, :, :length]
+
+    def _zero_once(self, slot: int) -> None:
+        if not self._zeroed[slot]:
+            self.k_cache[:, slot].zero_()
+            self.v_cache[:, slot].zero_()
+            self._zeroed[slot] = True
