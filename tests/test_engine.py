@@ -330,3 +330,11 @@ async def test_many_concurrent_callers_some_leaving_early(checkpoint):
         assert engine.num_running == 0 and engine.num_waiting == 0
     finally:
         aengine.shutdown()
+
+
+def test_checkpoint_without_tokenizer_is_named(tmp_path):
+    from serve_app.engine import CheckpointError
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2)).save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="no tokenizer"):
+        make_engine(tmp_path)

@@ -5,11 +5,14 @@
     while engine.has_work:
         for delta in engine.step():
             print(delta.text, end="")
+
+`Engine`, `AsyncEngine` and `CheckpointError` are imported on first use: they pull in torch and
+transformers (seconds of CPU), which the ingress and the CLI, needing only the request types,
+should not pay for.
 """
-from serve_app.engine.async_engine import AsyncEngine
+from importlib import import_module
+
 from serve_app.engine.config import EngineConfig
-from serve_app.engine.engine import Engine
-from serve_app.engine.loader import CheckpointError
 from serve_app.engine.types import (
     Delta,
     EngineOverloaded,
@@ -18,11 +21,24 @@ from serve_app.engine.types import (
     SamplingParams,
 )
 
+_LAZY = {
+    "Engine": "serve_app.engine.engine",
+    "AsyncEngine": "serve_app.engine.async_engine",
+    "CheckpointError": "serve_app.engine.loader",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "AsyncEngine",
     "CheckpointError",
-    "Engine",
     "Delta",
+    "Engine",
     "EngineConfig",
     "EngineOverloaded",
     "GenerationRequest",

@@ -49,8 +49,17 @@ def _local_path(source: str) -> str:
     return source
 
 
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json")  # either is enough for GPT-2's BPE
+
+
 def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(_local_path(source), trust_remote_code=False)
+    path = _local_path(source)
+    if Path(path).is_dir() and not any((Path(path) / f).exists() for f in TOKENIZER_FILES):
+        raise CheckpointError(
+            f"{source!r} has no tokenizer (neither tokenizer.json nor vocab.json + merges.txt); "
+            "save the tokenizer into the checkpoint folder with tokenizer.save_pretrained(folder)"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     # transformers 5 can build a GPT-2 tokenizer that silently encodes everything to []
     # when its files are not where it expects them: refuse that instead of serving nonsense.
     if not tokenizer.encode("Hello world"):
