@@ -46,10 +46,13 @@ MODELS = {
 }
 VOCAB, N_POSITIONS, EOS = 50257, 1024, 50256
 
-# Mean arrival rates (requests/s): chosen so that arrivals span roughly the first third to half
-# of our engine's run on this 2-core box, so every system is under load the whole time and
-# queueing shows up in TTFT. The same seeded gaps are scaled by 1/rate for every model.
-DEFAULT_RATES = {"tiny": 40.0, "small": 4.0, "medium": 1.5}
+# Mean arrival rates (requests/s). Fast enough that every system is loaded the whole time
+# (the prompts alone are ~2x the output tokens, so even our engine needs minutes on this box
+# while the arrivals span ~30 s for small and ~85 s for medium), and slow enough that requests
+# really do arrive while others decode. Note tokens/s can never exceed what arrives
+# (~145 tok/s for small, ~55 for medium): keep the rate above what the systems can serve.
+# The same seeded gaps are scaled by 1/rate for every model.
+DEFAULT_RATES = {"tiny": 40.0, "small": 2.0, "medium": 0.75}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -77,6 +80,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="process: each system in a fresh spawned child (own peak memory); inline: all in "
                    "this process (faster, for tests; the peak memory column is then process-wide)")
     p.add_argument("--system-timeout", type=float, default=1800.0, help="seconds before a system is given up")
+    p.add_argument("--conditions", default="shared machine; other processes may run beside the benchmark "
+                   "(see the load average).", help="what else ran on the machine, written into the report")
+    p.add_argument("--section", default="", help="name of this run's section in --out (a run of another "
+                   "model set can sit beside the main one): markers bench:engine:cpu[:SECTION]")
+    p.add_argument("--note", default="", help="a remark printed under the section's title")
+    p.add_argument("--render-only", default=None, metavar="JSON",
+                   help="measure nothing: rewrite the --out section from a results file of an earlier run")
     p.add_argument("--quick", action="store_true", help="a small workload for a smoke check (< 2 minutes)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="markdown file whose section is (re)written")
     p.add_argument("--json", default=None, help="raw results (default bench/results/engine-cpu[-quick].json)")
@@ -94,7 +104,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.prompt_tokens = _range(args.prompt_tokens or ("16-32" if args.quick else "16-256"), p)
     args.max_tokens = _range(args.max_tokens or ("4-16" if args.quick else "16-128"), p)
     args.serial_cap = _caps(args.serial_cap, p)
-    args.json = args.json or str(RESULTS_DIR / f"engine-cpu{'-quick' if args.quick else ''}.json")
+    suffix = ("-quick" if args.quick else "") + (f"-{args.section}" if args.section else "")
+    args.json = args.json or str(RESULTS_DIR / f"engine-cpu{suffix}.json")
     return args
 
 
@@ -160,6 +171,23 @@ def make_checkpoint(size: str, folder: Path, seed: int) -> Path:
 
 
 # ---- running the systems --------------------------------------------------------------------
+
+
+def engine_version() -> str:
+    """The commit of serve_app/engine, and whether the working tree differs from it: the engine
+    is loaded from disk when its child starts, so a run beside ongoing work must say which."""
+    import subprocess
+
+    def git(*a: str) -> str:
+        try:
+            return subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True,
+                                  timeout=20).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    commit = git("log", "-1", "--format=%h", "--", "serve_app/engine") or "unknown"
+    dirty = git("status", "--porcelain", "--", "serve_app/engine")
+    return f"{commit}{' + uncommitted changes' if dirty else ''}"
 
 
 def run_one(system: str, checkpoint: Path, workload: list[dict], settings: dict, isolation: str,
@@ -267,14 +295,15 @@ def render(report: dict) -> str:
 
     m, lim, wl = report["machine"], report["limits"], report["workload"]
     lines = [
-        f"### Engine vs transformers, CPU ({report['mode']})",
+        f"### Engine vs transformers, CPU ({report['mode']}: {', '.join(report['models']) or 'no model yet'})",
         "",
-        f"Command: `{report['command']}`  ",
+        *([f"*{report['note']}*", ""] if report.get("note") else []),
+        f"Command: `{_short_command(report['command'])}`  ",
         f"Date: {m['date_utc']}; run took {report.get('run_minutes', '?')} min.  ",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, no GPU; load average at start "
         f"{', '.join(str(x) for x in m['load_average_at_start'])}.  ",
         f"Versions: Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}.  ",
-        f"Threads: {report['settings']['threads']} torch threads in every system; "
+        f"Threads: {report['settings']['threads']} torch thread(s) in every system; "
         f"OMP_WAIT_POLICY={report['env'].get('OMP_WAIT_POLICY') or 'unset'}.  ",
         f"Conditions: {report['conditions']}",
         "",
@@ -285,7 +314,7 @@ def render(report: dict) -> str:
         f"{report['settings']['max_seq_len']}; the static batch takes up to the same number of arrived requests; "
         f"transformers' continuous batching gets a paged cache of the same size.",
         "",
-        f"Machine limits ({lim['threads']} threads): fp32 matmul {lim['matmul_gflops']} GFLOP/s "
+        f"Machine limits ({lim['threads']} thread(s)): fp32 matmul {lim['matmul_gflops']} GFLOP/s "
         f"({lim['matmul_n']}x{lim['matmul_n']} @ {lim['matmul_n']}x{lim['matmul_n']}, median); copy "
         f"{lim['copy_gbs_read_plus_write']} GB/s ({lim['copy_bytes'] / 2**20:.0f} MiB, read + write counted).",
         "",
@@ -330,6 +359,8 @@ def render(report: dict) -> str:
             f"{c['flops_per_token'] / 1e9:.2f} GFLOP per token → at most {f['compute_max_tok_s']} tokens/s "
             "at any batch (output and prompt tokens cost the same).",
         ]
+        if mr.get("engine_version"):
+            lines.append(f"Quill engine as measured: serve_app/engine at {mr['engine_version']}.")
         if ours:
             lines.append(
                 f"Quill reached {mr['quill_fraction_of_compute']:.0%} of the compute limit counting output tokens "
@@ -339,6 +370,16 @@ def render(report: dict) -> str:
         lines.append("")
     lines.append(f"Raw numbers: `{report['json_path']}`.")
     return "\n".join(lines)
+
+
+def _short_command(command: str) -> str:
+    """The exact command, except that the free text of --conditions/--note (printed in full
+    beside it) is shown as '...'."""
+    words, out, skip = shlex.split(command), [], False
+    for w in words:
+        out.append("'...'" if skip else shlex.quote(w))
+        skip = w in ("--conditions", "--note")
+    return " ".join(out)
 
 
 def _fmt(x, digits: int) -> str:
@@ -375,6 +416,14 @@ def main(argv: list[str] | None = None) -> int:
     # cores from everything else on a 2-core box (see MEASURED.md).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = parse_args(argv)
+    if args.render_only:
+        report = json.loads(Path(args.render_only).read_text())
+        if args.note:
+            report["note"] = args.note
+        key = report.get("section_key") or ("engine:cpu:quick" if report["mode"].startswith("quick") else "engine:cpu")
+        write_section(Path(args.out), key, render(report))
+        print(f"[bench] rewrote the {key} section of {args.out} from {args.render_only}")
+        return 0
 
     from bench.machine import limits_for, machine_info, measure_limits, model_costs
     from bench.systems import OURS, SERIAL
@@ -386,9 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "quill bench engine " + " ".join(shlex.quote(a) for a in shown),
         "machine": machine_info(),
         "env": {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")},
-        "conditions": os.environ.get(
-            "QUILL_BENCH_CONDITIONS",
-            "shared machine; other processes may run beside the benchmark (see the load average)."),
+        "conditions": args.conditions,
         "settings": {
             "threads": args.threads, "max_batch_size": args.max_batch_size, "max_seq_len": 512,
             "max_prompt_tokens": 256, "max_tokens": 128, "hf_max_batch_tokens": args.hf_max_batch_tokens,
@@ -402,7 +449,10 @@ def main(argv: list[str] | None = None) -> int:
     report["limits"] = _limits(args, measure_limits)
     print(f"[bench] {report['limits']}", flush=True)
     out_path, json_path = Path(args.out), Path(args.json)
-    key = "engine:cpu:quick" if args.quick else "engine:cpu"
+    key = "engine:cpu" + (":quick" if args.quick else "") + (f":{args.section}" if args.section else "")
+    report["section_key"] = key
+    if args.note:
+        report["note"] = args.note
 
     def save() -> None:
         report["run_minutes"] = round((time.time() - started) / 60, 1)
@@ -434,6 +484,8 @@ def main(argv: list[str] | None = None) -> int:
                 wl = workload[: mr["serial_cap"]] if system == SERIAL and mr["serial_cap"] else workload
                 print(f"[bench] {size}: {system} on {len(wl)} requests ...", flush=True)
                 t = time.time()
+                if system == OURS:
+                    mr["engine_version"] = engine_version()
                 result = run_one(system, checkpoint, wl, report["settings"], args.isolation, args.system_timeout)
                 row = summarize(result)
                 print(f"[bench] {size}: {system} done in {time.time() - t:.0f} s: {row}", flush=True)
