@@ -6,9 +6,11 @@ the duplicate-request cache. One server for the whole module: Ray takes 15-60 s 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,6 +26,7 @@ import websockets
 
 pytestmark = pytest.mark.integration
 
+REPO = Path(__file__).resolve().parents[1]
 STARTUP_TIMEOUT = 240  # a loaded 2-core box has needed ~70 s
 
 
@@ -410,6 +413,42 @@ def test_metrics_page_has_every_series(server):
                  "quill_prompt_tokens_total", "quill_generated_tokens_total"):
         assert re.search(rf'^{name}\{{.*model="tiny-a"', text, re.M), name
     assert "ray_quill" not in text
+
+
+@pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus not installed (.ci/run installs it)")
+def test_real_prometheus_scrapes_the_series(server, tmp_path):
+    """Debian's prometheus scrapes /metrics with the repo's own config and rules."""
+    import yaml
+
+    config = yaml.safe_load((REPO / "monitoring" / "prometheus" / "prometheus.yml").read_text())
+    config["global"]["scrape_interval"] = "1s"
+    config["rule_files"] = [str(REPO / "monitoring" / "prometheus" / "rules.yml")]
+    config["scrape_configs"][0]["static_configs"] = [{"targets": [server["url"].removeprefix("http://")]}]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = _free_port()
+    prom = subprocess.Popen(
+        ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
+         f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        expected = _settled(server["url"], "quill_requests_total", model="tiny-a")
+        assert expected > 0  # earlier tests sent requests to tiny-a
+        query = f'sum(quill_requests_total{{model="tiny-a"}})'
+        got, deadline = None, time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                result = httpx.get(f"http://127.0.0.1:{port}/api/v1/query", params={"query": query}).json()
+                if result["data"]["result"]:
+                    got = float(result["data"]["result"][0]["value"][1])
+                    if got == expected:
+                        break
+            time.sleep(1)
+        assert got == expected
+        rules = httpx.get(f"http://127.0.0.1:{port}/api/v1/rules").json()["data"]["groups"]
+        assert {g["name"] for g in rules} == {"quill.recording", "quill.alerts"}
+    finally:
+        _kill_group(prom)
 
 
 def test_sigterm_shuts_down_cleanly(server):
