@@ -201,6 +201,47 @@ def _use_cache(request: Request) -> bool:
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
+async def _collect(stream: AsyncIterator[Delta]) -> Accumulator:
+    """The whole answer, for a non-streaming request; a failed generation is a 500."""
+    acc = Accumulator()
+    async with contextlib.aclosing(stream):
+        async for d in stream:
+            acc.add(d)
+    if acc.error:
+        raise ApiError(500, "generation_error", acc.error)
+    return acc
+
+
+def _sse_response(
+    stream: AsyncIterator[Delta],
+    frame_delta: Callable[[Delta], str],
+    frame_end: Callable[[Accumulator], str | None],
+) -> StreamingResponse:
+    """Server-sent events: one frame per delta with text, an end frame, then [DONE]. A failure
+    mid-stream becomes an error event before [DONE], so the client always learns how it ended."""
+
+    async def events() -> AsyncIterator[str]:
+        acc = Accumulator()
+        async with contextlib.aclosing(stream):
+            try:
+                async for d in stream:
+                    acc.add(d)
+                    if acc.error:
+                        yield _sse_error(acc.error)
+                        break
+                    if d.text or d.finish_reason:
+                        yield frame_delta(d)
+                else:
+                    end = frame_end(acc)
+                    if end:
+                        yield end
+            except Exception as exc:
+                yield _sse_error(exc)
+        yield _sse("[DONE]")
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers=_SSE_HEADERS)
+
+
 def create_app(service: Service) -> FastAPI:
     app = FastAPI(title="Quill", docs_url="/docs", redoc_url=None)
     app.state.service = service
@@ -270,39 +311,20 @@ def create_app(service: Service) -> FastAPI:
                     "choices": choices, **extra}
 
         if not body.stream:
-            acc = Accumulator()
-            async with contextlib.aclosing(stream):
-                async for d in stream:
-                    acc.add(d)
-            if acc.error:
-                raise ApiError(500, "generation_error", acc.error)
+            acc = await _collect(stream)
             texts, reasons = acc.ordered(body.n)
             choices = [{"text": t, "index": i, "logprobs": None, "finish_reason": r}
                        for i, (t, r) in enumerate(zip(texts, reasons))]
             return chunk(choices, usage=acc.usage())
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-        async def events() -> AsyncIterator[str]:
-            acc = Accumulator()
-            async with contextlib.aclosing(stream):
-                try:
-                    async for d in stream:
-                        acc.add(d)
-                        if acc.error:
-                            yield _sse_error(acc.error)
-                            break
-                        if d.text or d.finish_reason:
-                            yield _sse(chunk([{"text": d.text, "index": d.index, "logprobs": None,
-                                               "finish_reason": d.finish_reason}]))
-                    else:
-                        if include_usage:  # as OpenAI: a last chunk with no choices
-                            yield _sse(chunk([], usage=acc.usage()))
-                except Exception as exc:  # mid-stream failure: tell the client, then end cleanly
-                    yield _sse_error(exc)
-            yield _sse("[DONE]")
-
-        return StreamingResponse(events(), media_type="text/event-stream", headers=_SSE_HEADERS)
+        return _sse_response(
+            stream,
+            lambda d: _sse(chunk([{"text": d.text, "index": d.index, "logprobs": None,
+                                   "finish_reason": d.finish_reason}])),
+            # as OpenAI: with include_usage, a last chunk with no choices
+            lambda acc: _sse(chunk([], usage=acc.usage())) if include_usage else None,
+        )
 
     @app.post("/v1/models/{name}/generate")
     async def generate(name: str, body: GenerateRequest, request: Request):
@@ -314,32 +336,12 @@ def create_app(service: Service) -> FastAPI:
             return {"id": rid, "model": name, "texts": texts, "finish_reasons": reasons, "usage": acc.usage()}
 
         if not body.stream:
-            acc = Accumulator()
-            async with contextlib.aclosing(stream):
-                async for d in stream:
-                    acc.add(d)
-            if acc.error:
-                raise ApiError(500, "generation_error", acc.error)
-            return final(acc)
-
-        async def events() -> AsyncIterator[str]:
-            acc = Accumulator()
-            async with contextlib.aclosing(stream):
-                try:
-                    async for d in stream:
-                        acc.add(d)
-                        if acc.error:
-                            yield _sse_error(acc.error)
-                            break
-                        if d.text or d.finish_reason:
-                            yield _sse({"index": d.index, "text": d.text, "finish_reason": d.finish_reason}, "delta")
-                    else:
-                        yield _sse(final(acc), "done")
-                except Exception as exc:
-                    yield _sse_error(exc)
-            yield _sse("[DONE]")
-
-        return StreamingResponse(events(), media_type="text/event-stream", headers=_SSE_HEADERS)
+            return final(await _collect(stream))
+        return _sse_response(
+            stream,
+            lambda d: _sse({"index": d.index, "text": d.text, "finish_reason": d.finish_reason}, "delta"),
+            lambda acc: _sse(final(acc), "done"),
+        )
 
     @app.websocket("/v1/stream")
     async def ws_stream(ws: WebSocket):
