@@ -67,6 +67,28 @@ def test_shipped_registry_serves_the_six_models_within_budget():
     assert "1866" in card and "1920" in card and "advertising" in card
 
 
+@pytest.mark.skipif(not (REPO_ROOT / "models" / "quill-copywriting").exists(),
+                    reason="genre models not built yet")
+def test_shipped_genre_model_served_is_the_one_evaluated():
+    """The engine's loader and training/evaluate.py build the same merged model from the registry."""
+    import torch
+
+    from serve_app.engine.loader import load_model
+    from training.evaluate import load_entry_model
+
+    registry = load_registry(shipped_registry)
+    entry = registry.get("quill-copywriting")
+    served = load_model(entry.source, entry.adapter, torch.device("cpu"), torch.float32)
+    raw = {m["name"]: m for m in yaml.safe_load(shipped_registry.read_text())["models"]}
+    evaluated = load_entry_model(raw["quill-copywriting"], shipped_registry.parent)
+    base = load_model(entry.source, None, torch.device("cpu"), torch.float32)
+    x = torch.tensor([[15496, 995, 13, 383, 1266]])
+    with torch.no_grad():
+        got, want, plain = served(input_ids=x).logits, evaluated(input_ids=x).logits, base(input_ids=x).logits
+    torch.testing.assert_close(got, want)
+    assert (got - plain).abs().max() > 1e-2  # the adapter is really merged in
+
+
 def test_shipped_registry_survives_being_copied_elsewhere(tmp_path):
     """Relative paths resolve against the registry's folder, so the models/ folder can move."""
     if not shipped_registry.exists():
