@@ -46,10 +46,12 @@ def model_card(recipe: dict, summary: dict, entry: dict) -> str:
     if recipe["card"].get("summary"):
         lines += [recipe["card"]["summary"].strip(), ""]
     if is_lora:
+        extra = recipe["lora"].get("modules_to_save") or []
         lines += [f"A LoRA adapter (rank {recipe['lora']['r']}, on "
-                  f"{', '.join(recipe['lora']['target_modules'])}) for `{entry['source']}`; the "
-                  "server merges it into the base at load (peft `merge_and_unload`), so it is "
-                  "served as a plain GPT-2.", ""]
+                  f"{', '.join(recipe['lora']['target_modules'])}"
+                  + (f"; {', '.join(extra)} trained in full" if extra else "")
+                  + f") for `{entry['source']}`; the server merges it into the base at load "
+                  "(peft `merge_and_unload`), so it is served as a plain GPT-2.", ""]
     else:
         cfg = recipe["model"]["config"] if recipe["model"]["init"] == "scratch" else {}
         lines += ["A small GPT-2-architecture model trained from scratch with GPT-2's own BPE "

@@ -314,6 +314,23 @@ def train(recipe: dict, fresh: bool = False, export_model: bool = True, log_to_s
     return summary
 
 
+def rewrite_card(recipe: dict, run_root: Path | None = None) -> Path:
+    """Re-render models/<name>/README.md from runs/<name>/summary.json, without training (for
+    when the card's wording changes). The registry entry is rebuilt the same way as at export."""
+    summary = json.loads(((run_root or repo_path("runs")) / recipe["name"] / "summary.json").read_text())
+    e = recipe["export"]
+    out_dir, registry_dir = repo_path(e["dir"]), repo_path(e["registry"]).parent
+    if recipe["method"] == "lora":
+        entry = export.registry_entry(recipe["name"],
+                                      os.path.relpath(repo_path(recipe["model"]["init"]), registry_dir),
+                                      os.path.relpath(out_dir, registry_dir), e["entry"])
+    else:
+        entry = export.registry_entry(recipe["name"], os.path.relpath(out_dir, registry_dir), None,
+                                      e["entry"])
+    export.write_card(out_dir, model_card(recipe, summary, entry))
+    return out_dir / "README.md"
+
+
 def export_recipe_model(recipe: dict, model, tokenizer, summary: dict) -> str:
     """Export weights + tokenizer + card, measure the card's held-out perplexity, and write
     the registry entry."""
@@ -366,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stop-at", type=int, help="checkpoint and exit after this step (resume later)")
     ap.add_argument("--no-export", action="store_true", help="train only; don't touch models/")
     ap.add_argument("--print-recipe", action="store_true", help="print the merged recipe and exit")
+    ap.add_argument("--card-only", action="store_true",
+                    help="re-render the model card from runs/<name>/summary.json; no training")
     args = ap.parse_args(argv)
     for path in args.recipe:
         recipe = load_recipe(repo_path(path) if not Path(path).exists() else path)
@@ -375,6 +394,9 @@ def main(argv: list[str] | None = None) -> int:
             recipe["train"]["threads"] = args.threads
         if args.print_recipe:
             print(yaml.safe_dump(recipe, sort_keys=False))
+            continue
+        if args.card_only:
+            print(f"wrote {rewrite_card(recipe)}")
             continue
         summary = train(recipe, fresh=args.fresh, export_model=not args.no_export, stop_at=args.stop_at)
         print(json.dumps({k: v for k, v in summary.items() if k not in ("train_tokens", "val_tokens")}),
