@@ -34,69 +34,6 @@ class Failure:
         return RequestRejected(self.message) if self.kind == "rejected" else EngineOverloaded(self.message)
 
 
-_END = object()
-GATHER_S = 0.005  # how long a step's first delta waits for its sibling choices
-
-
-async def _batches(stream: AsyncIterator[Delta], n: int) -> AsyncIterator[list[Delta]]:
-    """Regroup a delta stream into one list per engine step.
-
-    A pump task moves deltas into a local queue. The engine thread hands a step's deltas over
-    one by one, so the event loop may see the first before the others: a list is sent once it
-    holds a delta from every unfinished choice, or GATHER_S after its first delta (a choice
-    whose text is held back, e.g. a possible stop string, sends nothing that step). With n=1
-    nothing ever waits. Errors reach the consumer after the deltas before them.
-    """
-    queue: asyncio.Queue = asyncio.Queue()
-    live = set(range(n))
-
-    async def pump() -> None:
-        try:
-            async for d in stream:
-                queue.put_nowait(d)
-        except Exception as exc:
-            queue.put_nowait(exc)
-        else:
-            queue.put_nowait(_END)
-
-    def drain(items: list) -> None:
-        while not queue.empty():
-            items.append(queue.get_nowait())
-
-    def complete(items: list) -> bool:
-        if any(not isinstance(i, Delta) for i in items):
-            return True
-        return live <= {i.index for i in items}
-
-    loop = asyncio.get_running_loop()
-    task = asyncio.create_task(pump())
-    try:
-        while True:
-            items = [await queue.get()]
-            drain(items)
-            deadline = loop.time() + GATHER_S
-            while not complete(items) and (left := deadline - loop.time()) > 0:
-                try:
-                    items.append(await asyncio.wait_for(queue.get(), left))
-                except TimeoutError:
-                    break
-                drain(items)
-            batch = [i for i in items if isinstance(i, Delta)]
-            if batch:
-                live.difference_update(d.index for d in batch if d.finished)
-                yield batch
-            for i in items:
-                if isinstance(i, Exception):
-                    raise i
-                if i is _END:
-                    return
-    finally:
-        # Stopping the pump closes the engine stream, which cancels the request in the engine.
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
 def _default_engine(entry: ModelEntry):
     from serve_app.engine import AsyncEngine, Engine
 
@@ -149,23 +86,22 @@ class ModelServer:
         tokens: dict[int, int] = {}
         self._update_gauges(force=True)
         try:
-            async with contextlib.aclosing(self.engine.generate(request)) as stream:
-                # Closing the stream (also when Ray cancels this call because the client went
-                # away) cancels the request inside the engine: its batch slot frees next step.
-                async with contextlib.aclosing(_batches(stream, request.params.n)) as batches:
-                    async for batch in batches:
-                        now = time.perf_counter()
-                        if first_at is None:
-                            first_at = now
-                            m.ttft.observe(now - started, model=name)
-                        last_at = now
-                        for delta in batch:
-                            prompt_tokens = max(prompt_tokens, delta.prompt_tokens)
-                            tokens[delta.index] = max(tokens.get(delta.index, 0), delta.completion_tokens)
-                            if delta.finish_reason in ("error", "cancelled"):
-                                status = delta.finish_reason
-                        self._update_gauges()
-                        yield batch
+            # Closing the stream (also when Ray cancels this call because the client went away)
+            # cancels the request inside the engine: its batch slot frees at the next step.
+            async with contextlib.aclosing(self.engine.generate_steps(request)) as batches:
+                async for batch in batches:
+                    now = time.perf_counter()
+                    if first_at is None:
+                        first_at = now
+                        m.ttft.observe(now - started, model=name)
+                    last_at = now
+                    for delta in batch:
+                        prompt_tokens = max(prompt_tokens, delta.prompt_tokens)
+                        tokens[delta.index] = max(tokens.get(delta.index, 0), delta.completion_tokens)
+                        if delta.finish_reason in ("error", "cancelled"):
+                            status = delta.finish_reason
+                    self._update_gauges()
+                    yield batch
         except RequestRejected as exc:
             status = "rejected"
             yield Failure("rejected", str(exc))

@@ -96,7 +96,7 @@ async def test_task_cancellation_also_cancels(server):
 
 
 class _OverloadedEngine:
-    async def generate(self, request):
+    async def generate_steps(self, request):
         raise EngineOverloaded("queue full")
         yield  # pragma: no cover
 

@@ -7,6 +7,7 @@ there is none; each request's deltas reach its caller's event loop through an as
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -31,7 +32,15 @@ class AsyncEngine:
 
         Leaving the loop early (a client that went away) cancels the request in the engine.
         """
-        queue: asyncio.Queue[Delta] = asyncio.Queue()
+        async with contextlib.aclosing(self.generate_steps(request)) as steps:
+            async for step in steps:
+                for delta in step:
+                    yield delta
+
+    async def generate_steps(self, request: GenerationRequest) -> AsyncIterator[list[Delta]]:
+        """Like `generate`, but one list per engine step: the `n` choices of a step together,
+        so a caller that forwards them (over Ray, a socket) sends one message per step."""
+        queue: asyncio.Queue[list[Delta]] = asyncio.Queue()
         self._routes[request.request_id] = (asyncio.get_running_loop(), queue)
         try:
             self.engine.add(request)
@@ -42,9 +51,9 @@ class AsyncEngine:
         remaining = request.params.n
         try:
             while remaining:
-                delta = await queue.get()
-                remaining -= delta.finished
-                yield delta
+                step = await queue.get()
+                remaining -= sum(d.finished for d in step)
+                yield step
         finally:
             self._routes.pop(request.request_id, None)
             if remaining:
@@ -67,8 +76,11 @@ class AsyncEngine:
             except Exception:  # the engine fails requests itself; this is a last resort
                 log.exception("engine step failed")
                 continue
+            by_request: dict[str, list[Delta]] = {}
             for delta in deltas:
-                route = self._routes.get(delta.request_id)
+                by_request.setdefault(delta.request_id, []).append(delta)
+            for request_id, step in by_request.items():
+                route = self._routes.get(request_id)
                 if route is not None:
                     loop, queue = route
-                    loop.call_soon_threadsafe(queue.put_nowait, delta)
+                    loop.call_soon_threadsafe(queue.put_nowait, step)
