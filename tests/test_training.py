@@ -161,6 +161,11 @@ def test_a_few_steps_lower_the_loss_and_export_loads_with_safetensors(tiny_base,
     card = (out / "README.md").read_text()
     assert "## Licence" in card and "public domain" in card and "tiny-base" in card
     assert f"| legal | {summary['held_out_ppl']['legal']} |" in card
+    # --card-only re-renders the same card from the run's summary, without training
+    from training.train import rewrite_card
+
+    (out / "README.md").write_text("stale")
+    assert rewrite_card(recipe, run_root=tmp_path / "runs").read_text() == card
     registry = yaml.safe_load(Path(recipe["export"]["registry"]).read_text())
     assert [m["name"] for m in registry["models"]] == ["tiny-base"]
     assert registry["models"][0]["source"] == "tiny-base"  # relative to the registry's folder
