@@ -22,4 +22,4 @@ fi
 for name in base legal copywriting lyrics fantasy abstracts; do
   python -m training.train --recipe "training/recipes/quill-$name.yaml" "$@"
 done
-python -m training.evaluate --out docs/models.md
+python -m training.evaluate --matrix full --out docs/models.md

@@ -58,8 +58,9 @@ def build_model(recipe: dict):
         model = GPT2LMHeadModel(cfg)
     else:
         # Loaded in fp32 whatever it was saved in: training wants full-precision master weights.
-        model = AutoModelForCausalLM.from_pretrained(str(repo_path(init)), dtype=torch.float32,
-                                                     use_safetensors=True)
+        # `hf://gpt2` / `hf://gpt2-medium` fetch a hub checkpoint where the hub is reachable.
+        where = init[len("hf://"):] if init.startswith("hf://") else str(repo_path(init))
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, use_safetensors=True)
     model.config.use_cache = False  # no KV cache while training (and required by checkpointing)
 
     if recipe["train"]["gradient_checkpointing"]:
@@ -314,6 +315,13 @@ def train(recipe: dict, fresh: bool = False, export_model: bool = True, log_to_s
     return summary
 
 
+def _base_ref(init: str, registry_dir: Path) -> str:
+    """How a registry entry names the base an adapter was trained on."""
+    if init.startswith("hf://"):
+        return init
+    return os.path.relpath(repo_path(init), registry_dir)
+
+
 def rewrite_card(recipe: dict, run_root: Path | None = None) -> Path:
     """Re-render models/<name>/README.md from runs/<name>/summary.json, without training (for
     when the card's wording changes). The registry entry is rebuilt the same way as at export."""
@@ -321,8 +329,7 @@ def rewrite_card(recipe: dict, run_root: Path | None = None) -> Path:
     e = recipe["export"]
     out_dir, registry_dir = repo_path(e["dir"]), repo_path(e["registry"]).parent
     if recipe["method"] == "lora":
-        entry = export.registry_entry(recipe["name"],
-                                      os.path.relpath(repo_path(recipe["model"]["init"]), registry_dir),
+        entry = export.registry_entry(recipe["name"], _base_ref(recipe["model"]["init"], registry_dir),
                                       os.path.relpath(out_dir, registry_dir), e["entry"])
     else:
         entry = export.registry_entry(recipe["name"], os.path.relpath(out_dir, registry_dir), None,
@@ -339,8 +346,7 @@ def export_recipe_model(recipe: dict, model, tokenizer, summary: dict) -> str:
     registry_path = repo_path(e["registry"])
     model.eval()
     if recipe["method"] == "lora":
-        base_dir = repo_path(recipe["model"]["init"])
-        base_ref = os.path.relpath(base_dir, registry_path.parent)
+        base_ref = _base_ref(recipe["model"]["init"], registry_path.parent)
         export.export_adapter(model, tokenizer, out_dir, base_ref, d["block_size"])
         entry = export.registry_entry(recipe["name"], base_ref,
                                       os.path.relpath(out_dir, registry_path.parent), e["entry"])
