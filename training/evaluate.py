@@ -180,7 +180,7 @@ def render(results: dict, genres: list[str], command: str, max_tokens: int, bloc
               "the vocabulary and rhythm of a genre, not coherent text; the point of shipping them "
               "is a complete, servable pipeline with honest numbers. For useful suggestions, point "
               "a registry entry at `hf://gpt2` or `hf://gpt2-medium` and fine-tune it with the "
-              "same recipes (`model.init: <folder or hub id>`, `method: lora`) on a GPU, where "
+              "same recipes (`model.init: hf://gpt2`, `method: lora`) on a GPU, where "
               "accelerate turns on mixed precision by itself; `train.gradient_checkpointing: true` "
               "trades compute for memory on the larger models.", ""]
     lines += ["## Sample continuations", "",
