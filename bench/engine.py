@@ -418,8 +418,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.render_only:
         report = json.loads(Path(args.render_only).read_text())
-        if args.note:
+        if args.note:  # kept in the results file too, so the next re-render shows it
             report["note"] = args.note
+            Path(args.render_only).write_text(json.dumps(report, indent=1))
         key = report.get("section_key") or ("engine:cpu:quick" if report["mode"].startswith("quick") else "engine:cpu")
         write_section(Path(args.out), key, render(report))
         print(f"[bench] rewrote the {key} section of {args.out} from {args.render_only}")
