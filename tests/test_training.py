@@ -269,3 +269,21 @@ def test_shipped_recipes_load_and_name_the_six_models():
     names = {load_recipe(p)["name"] for p in (REPO_ROOT / "training" / "recipes").glob("*.yaml")}
     assert names == {"quill-base", "quill-legal", "quill-copywriting", "quill-lyrics",
                      "quill-fantasy", "quill-abstracts"}
+
+
+def test_gradient_checkpointing_option_still_trains_a_lora(tiny_base, corpora):
+    """train.gradient_checkpointing (for gpt2-medium-sized models) still trains the adapter: a
+    checkpointed block over a frozen base can silently cut the grad path (reentrant checkpoints
+    need inputs that require grad), and then LoRA's B matrices would stay at zero."""
+    from safetensors.torch import load_file
+
+    from training.train import train
+
+    tmp_path, base, _ = tiny_base
+    recipe = _merge(base, {"name": "tiny-ckpt", "method": "lora", "model": {"init": base["export"]["dir"]},
+                           "data": {"genres": ["legal"]}, "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+                           "train": {"steps": 3, "lr": 1e-2, "gradient_checkpointing": True}})
+    train(recipe, run_root=tmp_path / "runs", export_model=False)
+    weights = load_file(str(tmp_path / "runs" / "tiny-ckpt" / "checkpoint" / "weights.safetensors"))
+    lora_b = [v for k, v in weights.items() if "lora_B" in k]
+    assert lora_b and all(v.abs().max() > 0 for v in lora_b)  # B starts at zero: it moved
