@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +19,6 @@ from serve_app.engine import (
 )
 from serve_app.engine.detokenize import TextStream, token_bytes_table
 from serve_app.engine.sampling import RowParams, sample
-from tiny_models import TOKENIZER_DIR, make_tiny_checkpoint
 
 PROMPTS = [
     "The court held that",
@@ -28,9 +28,12 @@ PROMPTS = [
 ]
 
 
+TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "models" / "gpt2-tokenizer"
+
+
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
+def checkpoint(tiny_checkpoints):
+    return tiny_checkpoints["tiny-a"]  # conftest.py: a tiny random GPT-2 saved with save_pretrained
 
 
 @pytest.fixture(scope="module")
