@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 
-from serve_app.config import DEFAULT_REGISTRY, RegistryError, load_registry, required_cpus
+from serve_app.config import DEFAULT_REGISTRY, RegistryError, load_registry, required_cpus, required_gpus
 
 
 def _free_port() -> int:
@@ -104,6 +104,18 @@ def serve_main(argv: list[str]) -> int:
         )
         return 2
 
+    have_gpus = _local_gpu_count()
+    need_gpus = required_gpus(registry)
+    if local and need_gpus > have_gpus + 1e-9:
+        # Ray would wait forever for GPUs that are not there; say it now.
+        print(
+            f"quill serve: the registry needs {need_gpus:g} GPUs to start (gpus_per_replica x "
+            f"min_replicas per model) but this machine has {have_gpus}; set gpus_per_replica: 0 "
+            "to serve on the CPU, or run on a GPU node or cluster (--address).",
+            file=sys.stderr,
+        )
+        return 2
+
     # serve_app.app pulls in torch and transformers (through the engine's types): about 10 s of
     # CPU on a small box. Import it in a thread while Ray starts its own processes.
     app_module = _Import("serve_app.app")
@@ -163,6 +175,23 @@ def serve_main(argv: list[str]) -> int:
     print("quill serve: shutting down", flush=True)
     _shutdown(local)
     return 0
+
+
+def _local_gpu_count() -> int:
+    """NVIDIA GPUs a local Ray would see (CUDA_VISIBLE_DEVICES first), without importing torch."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return pynvml.nvmlDeviceGetCount()
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no driver, no library: no GPU
+        return 0
 
 
 def _deployment_failures() -> list[str]:

@@ -233,6 +233,11 @@ def required_cpus(registry: Registry) -> float:
     return INGRESS_CPUS + sum(max(1, m.autoscaling.min_replicas) * m.cpus_per_replica for m in registry.models)
 
 
+def required_gpus(registry: Registry) -> float:
+    """GPUs the app needs to start: every model's first replicas."""
+    return sum(max(1, m.autoscaling.min_replicas) * m.gpus_per_replica for m in registry.models)
+
+
 def parse_registry(data: Any, base_dir: str | os.PathLike | None, label: str = "<registry>") -> Registry:
     """Validate an already-parsed registry (e.g. the `args` of a KubeRay serveConfigV2)."""
     if not isinstance(data, dict):

@@ -117,12 +117,13 @@ def test_every_problem_is_reported(tmp_path):
 
 # --- `quill serve` refuses before anything starts (no Ray is started in these) ---
 
-def _quill(*args, cwd=None):
+def _quill(*args, cwd=None, env_extra=None):
+    import os
     import subprocess
     import sys
 
     return subprocess.run([sys.executable, "-m", "serve_app.cli", *args], capture_output=True, text=True,
-                          timeout=120, cwd=cwd)
+                          timeout=120, cwd=cwd, env={**os.environ, **(env_extra or {})})
 
 
 def test_quill_serve_refuses_a_bad_registry(tmp_path):
@@ -138,6 +139,13 @@ def test_quill_serve_refuses_a_registry_that_cannot_fit(tmp_path):
     r = _quill("serve", "--registry", str(path), "--num-cpus", "2")
     assert r.returncode == 2
     assert "needs 2.1 logical CPUs" in r.stderr and "Ray has 2" in r.stderr
+
+
+def test_quill_serve_refuses_gpus_this_machine_lacks(tmp_path):
+    path = write(tmp_path, "models:\n" + ENTRY + "    gpus_per_replica: 1\n")
+    r = _quill("serve", "--registry", str(path), env_extra={"CUDA_VISIBLE_DEVICES": ""})
+    assert r.returncode == 2
+    assert "needs 1 GPUs" in r.stderr and "has 0" in r.stderr
 
 
 def test_quill_help_and_unknown_command():
