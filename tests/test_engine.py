@@ -94,6 +94,32 @@ def test_greedy_batch_of_different_lengths_joining_mid_flight(checkpoint, hf):
         assert tokens[(f"r{i}", 0)] == hf_greedy(hf, prompt, n), f"request {i} diverged"
 
 
+def test_prompts_prefilled_in_small_chunks_still_match_transformers(checkpoint, hf):
+    """A 5-token prefill budget cuts every prompt into chunks spread over several steps,
+    interleaved with other requests' decoding and a slot re-pack under a half-prefilled prompt."""
+    engine = make_engine(checkpoint, max_prefill_tokens=5)
+    first = [GenerationRequest(PROMPTS[2], greedy(3), "short"),
+             GenerationRequest(PROMPTS[1], greedy(15), "long")]
+    later = {2: [GenerationRequest(PROMPTS[3], greedy(15), "later")]}
+    tokens, _, _ = run(engine, first, add_later=later)
+    assert tokens[("short", 0)] == hf_greedy(hf, PROMPTS[2], 3)
+    assert tokens[("long", 0)] == hf_greedy(hf, PROMPTS[1], 15)
+    assert tokens[("later", 0)] == hf_greedy(hf, PROMPTS[3], 15)
+
+
+def test_cancel_while_the_prompt_is_being_prefilled(checkpoint, hf):
+    engine = make_engine(checkpoint, max_prefill_tokens=4)
+    engine.add(GenerationRequest(PROMPTS[3], greedy(5), "gone"))
+    engine.step()  # the first chunk only
+    assert engine.num_waiting == 1 and engine.num_running == 0
+    engine.cancel("gone")
+    deltas = engine.step()
+    assert [(d.request_id, d.finish_reason) for d in deltas] == [("gone", "cancelled")]
+    assert not engine.has_work
+    tokens, _, _ = run(engine, [GenerationRequest(PROMPTS[2], greedy(4), "next")])
+    assert tokens[("next", 0)] == hf_greedy(hf, PROMPTS[2], 4)
+
+
 def test_seeded_sampling_is_the_same_in_any_batch_mix(checkpoint):
     params = SamplingParams(max_tokens=24, temperature=1.0, top_k=50, top_p=0.9, seed=1234)
     alone, _, _ = run(make_engine(checkpoint), [GenerationRequest(PROMPTS[0], params, "x")])

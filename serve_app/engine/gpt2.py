@@ -100,18 +100,30 @@ class GPT2Runner:
         return (self._layer_norm(x, self.ln_f) @ self.lm_head_t).float()
 
     @torch.inference_mode()
-    def prefill(self, token_ids: list[int], slot: int) -> torch.Tensor:
-        """Run a whole prompt for one sequence into `slot`; return the last position's logits [V]."""
+    def prefill(self, token_ids: list[int], slot: int, start: int = 0) -> torch.Tensor:
+        """Run prompt tokens for one sequence into `slot`, at positions `start..start+T-1` (a
+        later chunk of a prompt attends to the chunks before it); return the last position's
+        logits [V]."""
         T = len(token_ids)
-        self._zero_once(slot)
+        if start == 0:
+            self._zero_once(slot)
         tokens = torch.tensor(token_ids, device=self.device)
-        x = self.wte[tokens] + self.wpe[:T]  # [T, E]
+        x = self.wte[tokens] + self.wpe[start : start + T]  # [T, E]
+        # Query i (position start+i) sees cached positions 0..start+i.
+        mask = None
+        if start:
+            mask = torch.arange(start + T, device=self.device)[None, :] <= (start + torch.arange(T, device=self.device))[:, None]
         for i, layer in enumerate(self.layers):
             qkv = torch.addmm(layer.attn_b, self._layer_norm(x, layer.ln_1), layer.attn_w)
             q, k, v = (t.view(T, self.n_head, self.head_dim).transpose(0, 1) for t in qkv.split(self.embed, 1))
-            self.k_cache[i, slot, :, :T] = k
-            self.v_cache[i, slot, :, :T] = v
-            a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scales[i])
+            self.k_cache[i, slot, :, start : start + T] = k
+            self.v_cache[i, slot, :, start : start + T] = v
+            if start:
+                keys = self.k_cache[i, slot, :, : start + T]
+                values = self.v_cache[i, slot, :, : start + T]
+                a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scales[i])
+            else:
+                a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scales[i])
             x = x + torch.addmm(layer.proj_b, a.transpose(0, 1).reshape(T, self.embed), layer.proj_w)
             x = self._mlp(x, layer)
         return self._logits(x[-1:])[0]
@@ -148,7 +160,8 @@ class GPT2Runner:
         return self._logits(x)
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:
-        """Copy the first `length` cached positions of one slot to another (n choices, packing)."""
+        """Copy the first `length` cached positions of one slot to another (n choices, packing,
+        moving a half-prefilled prompt)."""
         self._zero_once(dst)
         self.k_cache[:, dst, :, :length] = self.k_cache[:, src, :, :length]
         self.v_cache[:, dst, :, :length] = self.v_cache[:, src, :, :length]
