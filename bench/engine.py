@@ -74,6 +74,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "'K' for every model or 'medium=K,small=K'")
     p.add_argument("--max-batch-size", type=int, default=64, help="our engine's batch, the static batch and "
                    "transformers' requests per step")
+    p.add_argument("--prefill-budget", type=int, default=512,
+                   help="our engine's max_prefill_tokens: prompt tokens prefilled per step (long prompts are chunked)")
     p.add_argument("--hf-max-batch-tokens", type=int, default=None,
                    help="tokens per step of transformers' continuous batching (default: its own)")
     p.add_argument("--isolation", choices=("process", "inline"), default="process",
@@ -311,7 +313,7 @@ def render(report: dict) -> str:
         f"Poisson arrivals, prompts of {wl['prompt_tokens'][0]}-{wl['prompt_tokens'][1]} random token ids "
         f"(uniform), max_tokens {wl['max_tokens'][0]}-{wl['max_tokens'][1]} (uniform), greedy. "
         f"Our engine: max_batch_size {report['settings']['max_batch_size']}, max_seq_len "
-        f"{report['settings']['max_seq_len']}; the static batch takes up to the same number of arrived requests; "
+        f"{report['settings']['max_seq_len']}, max_prefill_tokens {report['settings'].get('max_prefill_tokens', 512)}; the static batch takes up to the same number of arrived requests; "
         f"transformers' continuous batching gets a paged cache of the same size.",
         "",
         f"Machine limits ({lim['threads']} thread(s)): fp32 matmul {lim['matmul_gflops']} GFLOP/s "
@@ -440,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {
             "threads": args.threads, "max_batch_size": args.max_batch_size, "max_seq_len": 512,
             "max_prompt_tokens": 256, "max_tokens": 128, "hf_max_batch_tokens": args.hf_max_batch_tokens,
+            "max_prefill_tokens": args.prefill_budget,
         },
         "workload": {"requests": args.requests, "prompt_tokens": args.prompt_tokens,
                      "max_tokens": args.max_tokens, "seed": args.seed, "greedy": True},
