@@ -434,7 +434,7 @@ def test_real_prometheus_scrapes_the_series(server, tmp_path):
     try:
         expected = _settled(server["url"], "quill_requests_total", model="tiny-a")
         assert expected > 0  # earlier tests sent requests to tiny-a
-        query = f'sum(quill_requests_total{{model="tiny-a"}})'
+        query = 'sum(quill_requests_total{model="tiny-a"})'
         got, deadline = None, time.monotonic() + 60
         while time.monotonic() < deadline:
             with contextlib.suppress(httpx.HTTPError):
