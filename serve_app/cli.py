@@ -94,30 +94,13 @@ def serve_main(argv: list[str]) -> int:
 
     local = not args.address
     num_cpus = args.num_cpus or float(os.cpu_count() or 1)
-    need = required_cpus(registry)
-    if local and need > num_cpus + 1e-9:
-        print(
-            f"quill serve: the registry needs {need:g} logical CPUs to start (ingress plus "
-            f"cpus_per_replica x min_replicas per model) but Ray has {num_cpus:g}; lower "
-            "cpus_per_replica in the registry or pass --num-cpus.",
-            file=sys.stderr,
-        )
+    problem = _local_fit_problem(registry, num_cpus) if local else None
+    if problem:
+        print(f"quill serve: {problem}", file=sys.stderr)
         return 2
 
-    have_gpus = _local_gpu_count()
-    need_gpus = required_gpus(registry)
-    if local and need_gpus > have_gpus + 1e-9:
-        # Ray would wait forever for GPUs that are not there; say it now.
-        print(
-            f"quill serve: the registry needs {need_gpus:g} GPUs to start (gpus_per_replica x "
-            f"min_replicas per model) but this machine has {have_gpus}; set gpus_per_replica: 0 "
-            "to serve on the CPU, or run on a GPU node or cluster (--address).",
-            file=sys.stderr,
-        )
-        return 2
-
-    # serve_app.app pulls in torch and transformers (through the engine's types): about 10 s of
-    # CPU on a small box. Import it in a thread while Ray starts its own processes.
+    # serve_app.app pulls in Ray Serve, FastAPI and friends (seconds of CPU on a small box):
+    # import it in a thread while Ray starts its own processes.
     app_module = _Import("serve_app.app")
 
     stop = threading.Event()
@@ -175,6 +158,23 @@ def serve_main(argv: list[str]) -> int:
     print("quill serve: shutting down", flush=True)
     _shutdown(local)
     return 0
+
+
+def _local_fit_problem(registry, num_cpus: float) -> str | None:
+    """Why a local Ray could never schedule the registry's first replicas, or None.
+
+    Ray would not fail: it would wait forever for resources that are not there."""
+    need_cpus, need_gpus = required_cpus(registry), required_gpus(registry)
+    if need_cpus > num_cpus + 1e-9:
+        return (f"the registry needs {need_cpus:g} logical CPUs to start (ingress plus cpus_per_replica "
+                f"x min_replicas per model) but Ray has {num_cpus:g}; lower cpus_per_replica in the "
+                "registry or pass --num-cpus.")
+    have_gpus = _local_gpu_count() if need_gpus else 0
+    if need_gpus > have_gpus + 1e-9:
+        return (f"the registry needs {need_gpus:g} GPUs to start (gpus_per_replica x min_replicas per "
+                f"model) but this machine has {have_gpus}; set gpus_per_replica: 0 to serve on the "
+                "CPU, or run on a GPU node or cluster (--address).")
+    return None
 
 
 def _local_gpu_count() -> int:
