@@ -132,9 +132,6 @@ class Engine:
     def num_waiting(self) -> int:
         return len(self._waiting) + len(self._inbox) + (self._prefilling is not None)
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text)
-
     # ---- the step loop (one thread) ---------------------------------------------------------
 
     def step(self) -> list[Delta]:
@@ -159,11 +156,11 @@ class Engine:
         for req in [r for r in self._waiting if r.id in cancelled]:
             self._waiting.remove(req)
             self._forget(req)
-            deltas += [self._final_delta(req, i, "", "cancelled", 0) for i in range(req.request.params.n)]
+            deltas += [self._final_delta(req, i, "cancelled", 0) for i in range(req.request.params.n)]
         for seq in self._running:
             if seq.owner.id in cancelled and seq.finish_reason is None:
                 seq.finish_reason = "cancelled"
-                deltas.append(self._final_delta(seq.owner, seq.index, "", "cancelled", seq.generated))
+                deltas.append(self._final_delta(seq.owner, seq.index, "cancelled", seq.generated))
 
     def _admit(self, deltas: list[Delta]) -> None:
         """Prefill prompts in arrival order, at most `max_prefill_tokens` of them per step.
@@ -295,15 +292,16 @@ class Engine:
                     continue
                 if seq is not None:
                     seq.finish_reason = "error"
-                deltas.append(self._final_delta(req, i, "", "error", seq.generated if seq else 0, message))
+                deltas.append(self._final_delta(req, i, "error", seq.generated if seq else 0, message))
             if not any(s in self._running for s in req.sequences):
                 self._forget(req)
 
     # ---- helpers ----------------------------------------------------------------------------
 
-    def _final_delta(self, req: _Request, index: int, text: str, reason: FinishReason,
+    def _final_delta(self, req: _Request, index: int, reason: FinishReason,
                      generated: int, error: str | None = None) -> Delta:
-        return Delta(req.id, index, text, (), reason, len(req.prompt_ids), generated, error)
+        """The last delta of a choice that ends without a new token (cancelled, failed)."""
+        return Delta(req.id, index, "", (), reason, len(req.prompt_ids), generated, error)
 
     def _forget(self, req: _Request) -> None:
         with self._lock:

@@ -85,10 +85,6 @@ class GPT2Runner:
         self.v_cache = torch.empty(shape, device=self.device, dtype=self.dtype)
         self._zeroed = [False] * max_batch_size
 
-    @property
-    def cache_bytes(self) -> int:
-        return 2 * self.k_cache.numel() * self.k_cache.element_size()
-
     def _layer_norm(self, x: torch.Tensor, wb: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         return F.layer_norm(x, (self.embed,), wb[0], wb[1], self.eps)
 
