@@ -105,21 +105,21 @@ class GPT2Runner:
             self._zero_once(slot)
         tokens = torch.tensor(token_ids, device=self.device)
         x = self.wte[tokens] + self.wpe[start : start + T]  # [T, E]
-        # Query i (position start+i) sees cached positions 0..start+i.
+        # Query i (position start+i) sees cached positions 0..start+i; for a first chunk that is
+        # plain causal attention, which SDPA runs without a mask.
         mask = None
         if start:
-            mask = torch.arange(start + T, device=self.device)[None, :] <= (start + torch.arange(T, device=self.device))[:, None]
+            seen = torch.arange(start + T, device=self.device)[None, :]
+            mask = seen <= start + torch.arange(T, device=self.device)[:, None]
         for i, layer in enumerate(self.layers):
             qkv = torch.addmm(layer.attn_b, self._layer_norm(x, layer.ln_1), layer.attn_w)
             q, k, v = (t.view(T, self.n_head, self.head_dim).transpose(0, 1) for t in qkv.split(self.embed, 1))
             self.k_cache[i, slot, :, start : start + T] = k
             self.v_cache[i, slot, :, start : start + T] = v
-            if start:
-                keys = self.k_cache[i, slot, :, : start + T]
-                values = self.v_cache[i, slot, :, : start + T]
-                a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scales[i])
-            else:
-                a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scales[i])
+            a = F.scaled_dot_product_attention(
+                q, self.k_cache[i, slot, :, : start + T], self.v_cache[i, slot, :, : start + T],
+                attn_mask=mask, is_causal=mask is None, scale=self.scales[i],
+            )
             x = x + torch.addmm(layer.proj_b, a.transpose(0, 1).reshape(T, self.embed), layer.proj_w)
             x = self._mlp(x, layer)
         return self._logits(x[-1:])[0]
