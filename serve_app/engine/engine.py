@@ -213,8 +213,10 @@ class Engine:
             deltas.append(self._advance(seq, token))
 
     def _decode(self, deltas: list[Delta]) -> None:
-        live = [s for s in self._running if s.finish_reason is None]
-        if not live:
+        # Rows that finished this step (max_tokens 1, cancelled) still run, to keep the slots
+        # packed; only the live ones are sampled.
+        rows = [i for i, s in enumerate(self._running) if s.finish_reason is None]
+        if not rows:
             return
         try:
             logits = self.runner.decode(
@@ -225,7 +227,6 @@ class Engine:
             return
         for seq in self._running:
             seq.length += 1
-        rows = [i for i, s in enumerate(self._running) if s.finish_reason is None]
         tokens = sample(logits[rows], [self._running[i].row() for i in rows])
         for i, token in zip(rows, tokens):
             deltas.append(self._advance(self._running[i], token))
