@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from bench.engine import MODELS, N_POSITIONS, VOCAB
-    from serve_app.engine.gpt2 import GPT2Runner
+    from serve_app.engine.gpt2 import GPT2Runner, PromptChunk
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -59,22 +59,22 @@ def main(argv: list[str] | None = None) -> int:
     for B in batches:
         pos = [rng.randint(16, 256) + rng.randint(0, 127) for _ in range(B)]
         mean = [sum(pos) // B] * B
-        ragged = _median_ms(lambda: runner.decode([5] * B, pos))
-        uniform = _median_ms(lambda: runner.decode([5] * B, mean))
+        ragged = _median_ms(lambda: runner.forward([5] * B, pos))
+        uniform = _median_ms(lambda: runner.forward([5] * B, mean))
         print(f"decode B={B:2d}: {ragged:7.1f} ms (contexts mean {sum(pos) / B:.0f}, max {max(pos)}); "
               f"{uniform:7.1f} ms with every row at the mean context")
         if B in profile_at:
             steps = 3
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 for _ in range(steps):
-                    runner.decode([5] * B, pos)
+                    runner.forward([5] * B, pos)
             for e in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:8]:
                 print(f"    {e.key:28s} {e.self_cpu_time_total / steps / 1e3:8.1f} ms/step "
                       f"({e.count // steps} calls/step)")
 
     E, n_layer = shape["n_embd"], shape["n_layer"]
     for T in (64, 256, 512):
-        ms = _median_ms(lambda: runner.prefill(list(range(T)), 0), reps=3)
+        ms = _median_ms(lambda: runner.forward([], [], [PromptChunk(0, 0, list(range(T)))]), reps=3)
         flops = T * 2 * 12 * E * E * n_layer + 2 * VOCAB * E  # logits of the last position only
         print(f"prefill of one {T}-token prompt: {ms:7.1f} ms ({flops / ms / 1e6:.1f} GFLOP/s)")
 

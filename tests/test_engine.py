@@ -251,26 +251,46 @@ def test_empty_prompt_continues_from_end_of_text(checkpoint):
     assert len(tokens[("e", 0)]) == 5
 
 
-def test_out_of_memory_fails_only_the_newest_request(checkpoint, hf):
-    """A FAKE GPU out-of-memory (no GPU here): the runner raises torch.OutOfMemoryError once."""
-    engine = make_engine(checkpoint)
-    real_decode, calls = engine.runner.decode, {"n": 0}
+def fail_pass_once(engine, when):
+    """A FAKE GPU out-of-memory (no GPU here): the first forward pass for which
+    `when(decode_tokens, chunks)` holds raises torch.OutOfMemoryError; the others run."""
+    real_forward, failed = engine.runner.forward, []
 
-    def decode_that_runs_out_of_memory_once(tokens, positions):
-        calls["n"] += 1
-        if calls["n"] == 3:
+    def forward_that_runs_out_of_memory_once(decode_tokens, positions, chunks=()):
+        if not failed and when(decode_tokens, chunks):
+            failed.append(True)
             raise torch.OutOfMemoryError("CUDA out of memory (fake)")
-        return real_decode(tokens, positions)
+        return real_forward(decode_tokens, positions, chunks)
 
-    engine.runner.decode = decode_that_runs_out_of_memory_once
+    engine.runner.forward = forward_that_runs_out_of_memory_once
+    return failed
+
+
+def test_out_of_memory_fails_only_the_newest_request(checkpoint, hf):
+    engine = make_engine(checkpoint)
+    failed = fail_pass_once(engine, lambda decode, chunks: len(decode) == 2)  # both decoding
     tokens, _, reasons = run(engine, [GenerationRequest(PROMPTS[0], greedy(12), "old"),
                                       GenerationRequest(PROMPTS[1], greedy(12), "new")])
+    assert failed
     assert reasons[("new", 0)] == "error"
     assert reasons[("old", 0)] == "length"
     assert tokens[("old", 0)] == hf_greedy(hf, PROMPTS[0], 12)
     # and the engine keeps serving
     tokens, _, _ = run(engine, [GenerationRequest(PROMPTS[2], greedy(6), "next")])
     assert tokens[("next", 0)] == hf_greedy(hf, PROMPTS[2], 6)
+
+
+def test_out_of_memory_during_a_prompt_fails_that_prompt_only(checkpoint, hf):
+    """The pass that runs out of memory holds a decoding request and the newest one's prompt
+    chunk: the newcomer fails, the one already streaming goes on as if nothing happened."""
+    engine = make_engine(checkpoint, max_prefill_tokens=4)
+    failed = fail_pass_once(engine, lambda decode, chunks: decode and chunks)
+    tokens, _, reasons = run(engine, [GenerationRequest(PROMPTS[0], greedy(12), "old")],
+                             add_later={6: [GenerationRequest(PROMPTS[1], greedy(12), "new")]})
+    assert failed
+    assert reasons[("new", 0)] == "error" and tokens.get(("new", 0), []) == []
+    assert reasons[("old", 0)] == "length"
+    assert tokens[("old", 0)] == hf_greedy(hf, PROMPTS[0], 12)
 
 
 async def test_async_engine_streams_and_cancels_when_the_caller_leaves(checkpoint, hf):

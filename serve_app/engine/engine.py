@@ -3,18 +3,20 @@
 A step (`Engine.step`) does, in order:
 1. take in requests added and cancelled since the last step (any thread may call add/cancel),
    and free the slots of sequences that finished or were cancelled (the batch is re-packed);
-2. prefill waiting prompts in arrival order, at most `max_prefill_tokens` prompt tokens per
-   step: a long prompt is cut into chunks over several steps, so no step stalls the running
-   batch for more than one budget's worth of prompt. When a prompt is complete, its `n`
-   choices share that one prefill (the cache slot is copied) and each samples its first token;
-3. one decode forward pass for every running sequence together;
-4. sample, turn tokens into text, check stop conditions, and hand back the deltas.
+2. plan this step's prompt chunks: waiting prompts in arrival order, at most
+   `max_prefill_tokens` prompt tokens in all, so a long prompt is cut into chunks over several
+   steps and no step stalls the running batch for more than one budget's worth of prompt;
+3. one forward pass for every running sequence (one new token each) and those prompt chunks
+   together;
+4. sample, turn tokens into text, check stop conditions, and hand back the deltas. A prompt
+   whose last chunk ran starts its `n` choices: they share that one prefill (the cache slot is
+   copied) and each samples its first token; they decode from the next step on.
 
-Why prefill beside decode rather than inside it: the decode pass is one dense [B, E] matmul per
-weight; mixing ragged prompt chunks into it would need variable-length attention, and on a CPU
-a prompt token costs the same either way. What matters for writers is that the tokens already
-streaming keep coming: the per-step budget bounds the stall (on this 2-core CPU a 512-token
-prompt of gpt2-medium took 6.6 s in one piece).
+Why chunks of prompt inside the decode pass: on a CPU a weight matmul over a decode batch of
+8-64 rows runs at a third to two thirds of the rate of one with a hundred rows more, so the
+decode rows ride along with the prompt tokens almost for free, and every weight is read once
+per step. The per-step budget bounds how long the tokens already streaming wait (on this 2-core
+CPU a 512-token prompt of gpt2-medium took 6.6 s in one piece).
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import torch
 
 from serve_app.engine.config import EngineConfig
 from serve_app.engine.detokenize import TextStream, token_bytes_table
-from serve_app.engine.gpt2 import GPT2Runner
+from serve_app.engine.gpt2 import GPT2Runner, PromptChunk
 from serve_app.engine.loader import load_model, load_tokenizer, resolve_device, resolve_dtype
 from serve_app.engine.sampling import RowParams, choice_seed, sample
 from serve_app.engine.types import (
@@ -49,6 +51,7 @@ class _Request:
     sequences: list[_Sequence] = field(default_factory=list)
     prefilled: int = 0  # prompt tokens already in the cache (a prompt is prefilled in chunks)
     slot: int = -1  # where its prompt is being prefilled
+    chunk: int = 0  # prompt tokens planned for this step
 
     @property
     def id(self) -> str:
@@ -138,9 +141,9 @@ class Engine:
         deltas: list[Delta] = []
         self._take_inbox(deltas)
         self._release_finished()
-        self._admit(deltas)
-        if self._running:
-            self._decode(deltas)
+        planned = self._plan_prefill()
+        if self._running or planned:
+            self._forward(planned, deltas)
         return deltas
 
     def _take_inbox(self, deltas: list[Delta]) -> None:
@@ -162,39 +165,30 @@ class Engine:
                 seq.finish_reason = "cancelled"
                 deltas.append(self._final_delta(seq.owner, seq.index, "cancelled", seq.generated))
 
-    def _admit(self, deltas: list[Delta]) -> None:
-        """Prefill prompts in arrival order, at most `max_prefill_tokens` of them per step.
+    def _plan_prefill(self) -> list[_Request]:
+        """Choose this step's prompt chunks: prompts in arrival order, at most
+        `max_prefill_tokens` tokens in all (only the last chunk may leave its prompt unfinished),
+        each prompt in the first slots free after the running batch and the prompts before it.
 
-        A long prompt is prefilled in chunks over several steps, so the running batch never
-        waits for more than one budget's worth of prompt. The request being prefilled sits in
-        the first free slot; it joins the decode batch once its whole prompt is in the cache.
+        Nothing is taken off the queue here: that happens once the pass has run (`_forward`),
+        so a failed pass leaves the requests it did not fail where they were.
         """
         budget = self.config.max_prefill_tokens
-        while budget > 0:
-            if self._prefilling is None:
-                if not self._waiting:
-                    return
-                n = self._waiting[0].request.params.n
-                if n > self.config.max_batch_size - len(self._running):
-                    return  # FIFO: the head waits for room, nobody overtakes it
-                self._prefilling = self._waiting.popleft()
-                self._prefilling.slot = len(self._running)
-            req = self._prefilling
-            if req.slot != len(self._running):  # the batch was re-packed below it
-                self.runner.copy_slot(req.slot, len(self._running), req.prefilled)
-                req.slot = len(self._running)
-            chunk = req.prompt_ids[req.prefilled : req.prefilled + budget]
-            try:
-                logits = self.runner.prefill(chunk, req.slot, start=req.prefilled)
-            except Exception as exc:  # an OOM or a bug fails this request only
-                self._prefilling = None
-                self._fail([req], exc, deltas)
-                continue
-            req.prefilled += len(chunk)
-            budget -= len(chunk)
-            if req.prefilled == len(req.prompt_ids):
-                self._prefilling = None
-                self._start(req, logits, deltas)
+        slot = len(self._running)
+        queue = ([self._prefilling] if self._prefilling else []) + list(self._waiting)
+        planned = []
+        for req in queue:
+            n = req.request.params.n
+            if budget <= 0 or n > self.config.max_batch_size - slot:
+                break  # FIFO: the head waits for room, nobody overtakes it
+            if req.prefilled and req.slot != slot:  # the batch was re-packed below it
+                self.runner.copy_slot(req.slot, slot, req.prefilled)
+            req.slot = slot
+            req.chunk = min(budget, len(req.prompt_ids) - req.prefilled)
+            budget -= req.chunk
+            slot += n
+            planned.append(req)
+        return planned
 
     def _start(self, req: _Request, logits: torch.Tensor, deltas: list[Delta]) -> None:
         """The prompt is in the cache: give each of the `n` choices its slot and first token."""
@@ -212,24 +206,30 @@ class Engine:
         for seq, token in zip(req.sequences, tokens):
             deltas.append(self._advance(seq, token))
 
-    def _decode(self, deltas: list[Delta]) -> None:
-        # Rows that finished this step (max_tokens 1, cancelled) still run, to keep the slots
-        # packed; only the live ones are sampled.
-        rows = [i for i, s in enumerate(self._running) if s.finish_reason is None]
-        if not rows:
-            return
+    def _forward(self, planned: list[_Request], deltas: list[Delta]) -> None:
+        running = self._running
+        chunks = [PromptChunk(r.slot, r.prefilled, r.prompt_ids[r.prefilled : r.prefilled + r.chunk])
+                  for r in planned]
         try:
-            logits = self.runner.decode(
-                [s.next_token for s in self._running], [s.length for s in self._running]
-            )
+            logits = self.runner.forward([s.next_token for s in running], [s.length for s in running], chunks)
         except Exception as exc:
-            self._recover_from_decode_failure(exc, deltas)
+            self._recover_from_failed_pass(exc, planned, deltas)
             return
-        for seq in self._running:
+        for seq in running:
             seq.length += 1
-        tokens = sample(logits[rows], [self._running[i].row() for i in rows])
-        for i, token in zip(rows, tokens):
-            deltas.append(self._advance(self._running[i], token))
+        if running:
+            tokens = sample(logits[: len(running)], [s.row() for s in running])
+            for seq, token in zip(running, tokens):
+                deltas.append(self._advance(seq, token))
+        for j, req in enumerate(planned, start=len(running)):
+            if req is not self._prefilling:
+                self._waiting.popleft()  # planned in queue order, so it is the head
+            req.prefilled += req.chunk
+            if req.prefilled < len(req.prompt_ids):
+                self._prefilling = req
+            else:
+                self._prefilling = None
+                self._start(req, logits[j], deltas)
 
     def _advance(self, seq: _Sequence, token: int) -> Delta:
         """Account for one sampled token: text, stop conditions, the delta to send."""
@@ -270,14 +270,22 @@ class Engine:
 
     # ---- failures ---------------------------------------------------------------------------
 
-    def _recover_from_decode_failure(self, exc: Exception, deltas: list[Delta]) -> None:
-        """Out of memory: fail the newest request and let the rest go on at the next step.
+    def _recover_from_failed_pass(self, exc: Exception, planned: list[_Request],
+                                  deltas: list[Delta]) -> None:
+        """Out of memory: fail the newest request in the pass and let the rest go on at the next
+        step (their chunks are planned again).
 
-        Anything else is a bug we cannot pin on one request, so every running request fails;
+        Anything else is a bug we cannot pin on one request, so every request in the pass fails;
         the engine itself stays up for the next ones.
         """
         owners = list(dict.fromkeys(s.owner for s in self._running if s.finish_reason is None))
-        victims = owners[-1:] if isinstance(exc, torch.OutOfMemoryError) else owners
+        involved = owners + planned
+        victims = involved[-1:] if isinstance(exc, torch.OutOfMemoryError) else involved
+        for req in victims:
+            if req is self._prefilling:
+                self._prefilling = None
+            elif req in planned:
+                self._waiting.remove(req)
         self._fail(victims, exc, deltas)
 
     def _fail(self, requests: list[_Request], exc: Exception, deltas: list[Delta]) -> None:

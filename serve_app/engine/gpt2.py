@@ -2,9 +2,10 @@
 
 transformers' `GPT2LMHeadModel` gives us the weights; the forward pass is ours, because a
 continuous batch needs what `generate` does not offer: every row at its own position, keys and
-values written straight into a fixed slot of a preallocated cache, and logits for the last
-position only. The arithmetic is the same as transformers' (Conv1D is `x @ W + b` with `W`
-stored input-major), so greedy decoding matches `generate` token for token.
+values written straight into a fixed slot of a preallocated cache, decode rows and prompt
+chunks in one pass, and logits for the last position of a prompt only. The arithmetic is
+transformers' (the same operations in the same order; the matmuls by the fastest kernel at hand,
+see `linear.py`), so greedy decoding matches `generate` token for token.
 
 The cache is `[layer, slot, head, position, head_dim]`. Running sequences occupy slots
 `0..B-1` with no holes (the engine keeps them packed), so a decode step reads the cache through
@@ -19,19 +20,32 @@ import torch.nn.functional as F
 from transformers import GPT2LMHeadModel
 from transformers.activations import ACT2FN
 
+from serve_app.engine.linear import Linear, linear
+
+
+@dataclass
+class PromptChunk:
+    """Prompt tokens to run into `slot` at positions `start..start+len(token_ids)-1` (a later
+    chunk of a prompt attends to the chunks before it)."""
+
+    slot: int
+    start: int
+    token_ids: list[int]
+
 
 @dataclass
 class _Layer:
     ln_1: tuple[torch.Tensor, torch.Tensor]
-    attn_w: torch.Tensor  # [E, 3E], input-major as Conv1D stores it
-    attn_b: torch.Tensor
-    proj_w: torch.Tensor  # [E, E]
-    proj_b: torch.Tensor
+    attn: Linear  # E -> 3E: queries, keys, values
+    proj: Linear  # E -> E
     ln_2: tuple[torch.Tensor, torch.Tensor]
-    fc_w: torch.Tensor  # [E, 4E]
-    fc_b: torch.Tensor
-    out_w: torch.Tensor  # [4E, E]
-    out_b: torch.Tensor
+    fc: Linear  # E -> 4E
+    out: Linear  # 4E -> E
+
+
+def _conv1d(conv) -> Linear:
+    """transformers' Conv1D stores its weight [in, out]: `x @ W + b`."""
+    return linear(conv.weight.detach().t(), conv.bias.detach())
 
 
 class GPT2Runner:
@@ -57,21 +71,15 @@ class GPT2Runner:
         self.wte = t.wte.weight.detach()
         self.wpe = t.wpe.weight.detach()
         self.ln_f = (t.ln_f.weight.detach(), t.ln_f.bias.detach())
-        # Logits as `x @ W` with W [E, V] contiguous: a skinny batch against the transposed
-        # embedding ran 30-50% faster here than nn.Linear's `x @ W.T` (see MEASURED.md).
-        self.lm_head_t = model.lm_head.weight.detach().t().contiguous()
+        self.lm_head = linear(model.lm_head.weight.detach())  # [V, E], tied to wte in GPT-2
         self.layers = [
             _Layer(
                 ln_1=(b.ln_1.weight.detach(), b.ln_1.bias.detach()),
-                attn_w=b.attn.c_attn.weight.detach(),
-                attn_b=b.attn.c_attn.bias.detach(),
-                proj_w=b.attn.c_proj.weight.detach(),
-                proj_b=b.attn.c_proj.bias.detach(),
+                attn=_conv1d(b.attn.c_attn),
+                proj=_conv1d(b.attn.c_proj),
                 ln_2=(b.ln_2.weight.detach(), b.ln_2.bias.detach()),
-                fc_w=b.mlp.c_fc.weight.detach(),
-                fc_b=b.mlp.c_fc.bias.detach(),
-                out_w=b.mlp.c_proj.weight.detach(),
-                out_b=b.mlp.c_proj.bias.detach(),
+                fc=_conv1d(b.mlp.c_fc),
+                out=_conv1d(b.mlp.c_proj),
             )
             for b in t.h
         ]
@@ -89,71 +97,94 @@ class GPT2Runner:
         return F.layer_norm(x, (self.embed,), wb[0], wb[1], self.eps)
 
     def _mlp(self, x: torch.Tensor, layer: _Layer) -> torch.Tensor:
-        h = self.act(torch.addmm(layer.fc_b, self._layer_norm(x, layer.ln_2), layer.fc_w))
-        return x + torch.addmm(layer.out_b, h, layer.out_w)
+        return x + layer.out(self.act(layer.fc(self._layer_norm(x, layer.ln_2))))
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        return (self._layer_norm(x, self.ln_f) @ self.lm_head_t).float()
+        return self.lm_head(self._layer_norm(x, self.ln_f)).float()
 
     @torch.inference_mode()
-    def prefill(self, token_ids: list[int], slot: int, start: int = 0) -> torch.Tensor:
-        """Run prompt tokens for one sequence into `slot`, at positions `start..start+T-1` (a
-        later chunk of a prompt attends to the chunks before it); return the last position's
-        logits [V]."""
-        T = len(token_ids)
+    def forward(self, decode_tokens: list[int], decode_positions: list[int],
+                chunks: list[PromptChunk] = ()) -> torch.Tensor:
+        """One pass over the whole batch: a new token for each sequence in slots 0..B-1 (its
+        position is `decode_positions[b]`, the sequence's length so far) and any prompt chunks.
+
+        Returns logits [B + len(chunks), V]: the decode rows, then each chunk's last position.
+        Decode rows and prompt tokens go through every weight matmul together: on a CPU a
+        [B, E] matmul at decode batch sizes runs at a third of the rate of one with a hundred
+        more rows, and the weights are read once instead of twice.
+        """
+        B = len(decode_tokens)
+        token_ids = list(decode_tokens)
+        positions = list(decode_positions)
+        for c in chunks:
+            token_ids += c.token_ids
+            positions += range(c.start, c.start + len(c.token_ids))
+        tokens = torch.tensor(token_ids, device=self.device)
+        pos = torch.tensor(positions, device=self.device)
+        x = self.wte[tokens] + self.wpe[pos]  # [rows, E]
+        attend = [self._decode_attention(B, pos[:B])] if B else []
+        offset = B
+        for c in chunks:
+            attend.append(self._chunk_attention(c, offset))
+            offset += len(c.token_ids)
+        for i, layer in enumerate(self.layers):
+            qkv = layer.attn(self._layer_norm(x, layer.ln_1))
+            a = torch.cat([f(i, qkv) for f in attend])
+            x = x + layer.proj(a)
+            x = self._mlp(x, layer)
+        last, offset = list(range(B)), B
+        for c in chunks:
+            offset += len(c.token_ids)
+            last.append(offset - 1)
+        return self._logits(x[last])
+
+    def _decode_attention(self, B: int, pos: torch.Tensor):
+        """Attention of rows 0..B-1 (one query each, sequence b in slot b) over their caches."""
+        L = int(pos.max()) + 1
+        rows = torch.arange(B, device=self.device)
+        # Each row attends to its own positions 0..pos[b]; the rest of the first L is masked.
+        mask = (torch.arange(L, device=self.device)[None, :] <= pos[:, None])[:, None, :]
+        H, D = self.n_head, self.head_dim
+
+        def attend(i: int, qkv: torch.Tensor) -> torch.Tensor:
+            q, k, v = (t.view(B, H, D) for t in qkv[:B].split(self.embed, 1))
+            self.k_cache[i, rows, :, pos] = k
+            self.v_cache[i, rows, :, pos] = v
+            # Plain batched matmuls: for one query row per sequence, SDPA's CPU kernel was
+            # ~10x slower than this (22 ms vs ~2 ms per layer at B=64, L=200).
+            keys = self.k_cache[i, :B, :, :L].reshape(B * H, L, D)
+            values = self.v_cache[i, :B, :, :L].reshape(B * H, L, D)
+            scores = torch.bmm(q.reshape(B * H, 1, D), keys.transpose(1, 2))
+            scores = (scores.view(B, H, L) * self.scales[i]).masked_fill_(~mask, float("-inf"))
+            probs = torch.softmax(scores, dim=-1).view(B * H, 1, L)
+            return torch.bmm(probs, values).view(B, self.embed)
+
+        return attend
+
+    def _chunk_attention(self, c: PromptChunk, offset: int):
+        """Attention of a prompt chunk (rows offset..offset+T-1) over its slot's cache."""
+        T, start, slot = len(c.token_ids), c.start, c.slot
         if start == 0:
             self._zero_once(slot)
-        tokens = torch.tensor(token_ids, device=self.device)
-        x = self.wte[tokens] + self.wpe[start : start + T]  # [T, E]
-        # Query i (position start+i) sees cached positions 0..start+i; for a first chunk that is
+        # Query j (position start+j) sees cached positions 0..start+j; for a first chunk that is
         # plain causal attention, which SDPA runs without a mask.
         mask = None
         if start:
             seen = torch.arange(start + T, device=self.device)[None, :]
             mask = seen <= start + torch.arange(T, device=self.device)[:, None]
-        for i, layer in enumerate(self.layers):
-            qkv = torch.addmm(layer.attn_b, self._layer_norm(x, layer.ln_1), layer.attn_w)
-            q, k, v = (t.view(T, self.n_head, self.head_dim).transpose(0, 1) for t in qkv.split(self.embed, 1))
+
+        def attend(i: int, qkv: torch.Tensor) -> torch.Tensor:
+            rows = qkv[offset : offset + T]
+            q, k, v = (t.view(T, self.n_head, self.head_dim).transpose(0, 1) for t in rows.split(self.embed, 1))
             self.k_cache[i, slot, :, start : start + T] = k
             self.v_cache[i, slot, :, start : start + T] = v
             a = F.scaled_dot_product_attention(
                 q, self.k_cache[i, slot, :, : start + T], self.v_cache[i, slot, :, : start + T],
                 attn_mask=mask, is_causal=mask is None, scale=self.scales[i],
             )
-            x = x + torch.addmm(layer.proj_b, a.transpose(0, 1).reshape(T, self.embed), layer.proj_w)
-            x = self._mlp(x, layer)
-        return self._logits(x[-1:])[0]
+            return a.transpose(0, 1).reshape(T, self.embed)
 
-    @torch.inference_mode()
-    def decode(self, token_ids: list[int], positions: list[int]) -> torch.Tensor:
-        """One new token for each of the sequences in slots 0..B-1; return logits [B, V].
-
-        `positions[b]` is where the token lands (the sequence's length so far).
-        """
-        B = len(token_ids)
-        tokens = torch.tensor(token_ids, device=self.device)
-        pos = torch.tensor(positions, device=self.device)
-        L = max(positions) + 1
-        rows = torch.arange(B, device=self.device)
-        # Each row attends to its own positions 0..pos[b]; the rest of the first L is masked.
-        mask = (torch.arange(L, device=self.device)[None, :] <= pos[:, None])[:, None, :]
-        x = self.wte[tokens] + self.wpe[pos]  # [B, E]
-        for i, layer in enumerate(self.layers):
-            qkv = torch.addmm(layer.attn_b, self._layer_norm(x, layer.ln_1), layer.attn_w)
-            q, k, v = (t.view(B, self.n_head, self.head_dim) for t in qkv.split(self.embed, 1))
-            self.k_cache[i, rows, :, pos] = k
-            self.v_cache[i, rows, :, pos] = v
-            # Plain batched matmuls: for one query row per sequence, SDPA's CPU kernel was
-            # ~10x slower than this (22 ms vs ~2 ms per layer at B=64, L=200).
-            keys = self.k_cache[i, :B, :, :L].reshape(B * self.n_head, L, self.head_dim)
-            values = self.v_cache[i, :B, :, :L].reshape(B * self.n_head, L, self.head_dim)
-            scores = torch.bmm(q.reshape(B * self.n_head, 1, self.head_dim), keys.transpose(1, 2))
-            scores = (scores.view(B, self.n_head, L) * self.scales[i]).masked_fill_(~mask, float("-inf"))
-            probs = torch.softmax(scores, dim=-1).view(B * self.n_head, 1, L)
-            a = torch.bmm(probs, values).view(B, self.embed)
-            x = x + torch.addmm(layer.proj_b, a, layer.proj_w)
-            x = self._mlp(x, layer)
-        return self._logits(x)
+        return attend
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` cached positions of one slot to another (n choices, packing,
