@@ -74,7 +74,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "'K' for every model or 'medium=K,small=K'")
     p.add_argument("--max-batch-size", type=int, default=64, help="our engine's batch, the static batch and "
                    "transformers' requests per step")
-    p.add_argument("--prefill-budget", type=int, default=512,
+    p.add_argument("--prefill-budget", type=int, default=256,
                    help="our engine's max_prefill_tokens: prompt tokens prefilled per step (long prompts are chunked)")
     p.add_argument("--hf-max-batch-tokens", type=int, default=None,
                    help="tokens per step of transformers' continuous batching (default: its own)")

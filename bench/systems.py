@@ -74,7 +74,7 @@ def replay_quill(checkpoint: str, workload: list[dict], s: dict) -> dict:
     engine = Engine(EngineConfig(
         source=checkpoint, max_batch_size=s["max_batch_size"], max_seq_len=s["max_seq_len"],
         max_prompt_tokens=s["max_prompt_tokens"], max_tokens=s["max_tokens"], threads=s["threads"],
-        max_prefill_tokens=s.get("max_prefill_tokens", 512),
+        max_prefill_tokens=s.get("max_prefill_tokens", 256),
     ))
     engine.add(GenerationRequest(prompt=list(range(16)), params=SamplingParams(max_tokens=4, temperature=0),
                                  request_id="warmup"))

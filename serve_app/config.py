@@ -64,7 +64,7 @@ class EngineSection(_Section):
     max_batch_size: int = Field(16, ge=1)
     max_seq_len: int = Field(1024, ge=2)
     max_waiting: int = Field(256, ge=0)
-    max_prefill_tokens: int = Field(512, ge=1)
+    max_prefill_tokens: int = Field(256, ge=1)
     # torch intra-op threads per replica. None: derived from cpus_per_replica, so replicas
     # sharing a small box do not oversubscribe its cores (see docs/registry.md).
     threads: int | None = Field(None, ge=1)

@@ -16,5 +16,5 @@ class EngineConfig:
     max_prompt_tokens: int = 768
     max_tokens: int = 512  # the most a request may ask for
     max_n: int = 8
-    max_prefill_tokens: int = 512  # prompt tokens prefilled per step, so decoders keep moving
+    max_prefill_tokens: int = 256  # prompt tokens per step, so decoders keep moving
     threads: int | None = None  # torch intra-op threads; None leaves torch's choice
