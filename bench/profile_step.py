@@ -5,8 +5,10 @@
 For each batch size: a decode step with contexts drawn like `bench.engine`'s workload (prompt
 16-256 plus 0-127 generated tokens), the same step with every row at the mean context (what
 attending up to the longest row costs), and at batches 8 and 64 the top ops of
-`torch.profiler`. Then one-prompt prefills, and with --layouts the two weight layouts of a
-skinny matmul (Conv1D's `x @ W[in, out]` against nn.Linear's `x @ W[out, in].T`).
+`torch.profiler`. Then one-prompt prefills, and with --kernels the model's weight matmuls run by
+MKL's `addmm` (Conv1D's layout, and nn.Linear's) against oneDNN with weights packed once
+(`serve_app/engine/linear.py`). The kernels are timed over every layer's weights in turn, as a
+step reads them, not on one matrix that stays in cache.
 Random weights: the time per step does not depend on what the weights say.
 """
 from __future__ import annotations
@@ -34,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--batches", default="1,8,32,64")
     p.add_argument("--profile-at", default="8,64", help="batch sizes that also get a torch.profiler table")
-    p.add_argument("--layouts", action="store_true", help="also time the two weight layouts of each matmul")
+    p.add_argument("--kernels", action="store_true",
+                   help="also time a whole stack of layer matmuls, and the LM head, with each CPU kernel")
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -78,17 +81,37 @@ def main(argv: list[str] | None = None) -> int:
         flops = T * 2 * 12 * E * E * n_layer + 2 * VOCAB * E  # logits of the last position only
         print(f"prefill of one {T}-token prompt: {ms:7.1f} ms ({flops / ms / 1e6:.1f} GFLOP/s)")
 
-    if args.layouts:
-        for fan_in, fan_out in ((E, 3 * E), (E, E), (E, 4 * E), (4 * E, E), (E, VOCAB)):
-            w_in_out = torch.randn(fan_in, fan_out) * 0.02
-            w_out_in = w_in_out.t().contiguous()
-            bias = torch.zeros(fan_out)
-            for B in (1, 8, 64):
-                x = torch.randn(B, fan_in)
-                a = _median_ms(lambda: torch.addmm(bias, x, w_in_out), reps=9)
-                b = _median_ms(lambda: F.linear(x, w_out_in, bias), reps=9)
-                print(f"[{fan_in}x{fan_out}] B={B:2d}: x @ W[in,out] {a:6.2f} ms | F.linear W[out,in] {b:6.2f} ms")
+    if args.kernels:
+        _compare_kernels(shape, VOCAB, torch, F)
     return 0
+
+
+def _compare_kernels(shape: dict, vocab: int, torch, F) -> None:
+    from serve_app.engine.linear import linear
+
+    E, n_layer = shape["n_embd"], shape["n_layer"]
+    fans = [(E, 3 * E), (E, E), (E, 4 * E), (4 * E, E)]
+    weights = [[(torch.randn(i, o) * 0.02, torch.zeros(o)) for i, o in fans] for _ in range(n_layer)]
+    kernels = {
+        "addmm x @ W[in,out]": [[(lambda x, w=w, b=b: torch.addmm(b, x, w)) for w, b in layer] for layer in weights],
+        "F.linear W[out,in]": [[(lambda x, w=w.t().contiguous(), b=b: F.linear(x, w, b)) for w, b in layer]
+                               for layer in weights],
+        "oneDNN packed": [[linear(w.t().contiguous(), b) for w, b in layer] for layer in weights],
+    }
+    head = torch.randn(vocab, E) * 0.02
+    heads = {"addmm x @ W[in,out]": lambda x, w=head.t().contiguous(): x @ w,
+             "F.linear W[out,in]": lambda x: F.linear(x, head), "oneDNN packed": linear(head)}
+    print("layer matmuls of every layer, in turn | LM head (ms, median)")
+    for rows in (1, 8, 16, 32, 64, 256):
+        xs = {n: torch.randn(rows, n) for n in (E, 4 * E)}
+        cells = []
+        for name, layers in kernels.items():
+            def stack(layers=layers):
+                for layer in layers:
+                    for (fan_in, _), f in zip(fans, layer):
+                        f(xs[fan_in])
+            cells.append(f"{name} {_median_ms(stack):6.1f} | {_median_ms(lambda: heads[name](xs[E])):5.1f}")
+        print(f"rows {rows:3d}: " + "; ".join(cells))
 
 
 if __name__ == "__main__":
