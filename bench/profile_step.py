@@ -4,8 +4,9 @@
 
 For each batch size: a decode step with contexts drawn like `bench.engine`'s workload (prompt
 16-256 plus 0-127 generated tokens), the same step with every row at the mean context (what
-attending up to the longest row costs), and at batches 8 and 64 the top ops of
-`torch.profiler`. Then one-prompt prefills, and with --kernels the model's weight matmuls run by
+attending up to the longest row costs), with --chunk the same step with a prompt chunk in the
+pass, and at batches 8 and 64 the top ops of `torch.profiler` (of the pass with the chunk, if
+one is asked for). Then one-prompt prefills, and with --kernels the model's weight matmuls run by
 MKL's `addmm` (Conv1D's layout, and nn.Linear's) against oneDNN with weights packed once
 (`serve_app/engine/linear.py`). The kernels are timed over every layer's weights in turn, as a
 step reads them, not on one matrix that stays in cache.
@@ -36,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--batches", default="1,8,32,64")
     p.add_argument("--profile-at", default="8,64", help="batch sizes that also get a torch.profiler table")
+    p.add_argument("--chunk", type=int, default=0,
+                   help="also time each batch's step with a prompt chunk of this many tokens in the same pass")
     p.add_argument("--kernels", action="store_true",
                    help="also time a whole stack of layer matmuls, and the LM head, with each CPU kernel")
     args = p.parse_args(argv)
@@ -54,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     shape = MODELS[args.size]
     model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=N_POSITIONS, **shape)).eval()
     batches = [int(b) for b in args.batches.split(",")]
-    runner = GPT2Runner(model, max(batches), 512)
+    runner = GPT2Runner(model, max(batches) + 1, 512)
     rng = random.Random(0)
     profile_at = {int(b) for b in args.profile_at.split(",") if b}
     print(f"{args.size}, {args.threads} thread(s), torch {torch.__version__}")
@@ -66,11 +69,15 @@ def main(argv: list[str] | None = None) -> int:
         uniform = _median_ms(lambda: runner.forward([5] * B, mean))
         print(f"decode B={B:2d}: {ragged:7.1f} ms (contexts mean {sum(pos) / B:.0f}, max {max(pos)}); "
               f"{uniform:7.1f} ms with every row at the mean context")
+        chunks = [PromptChunk(B, 0, list(range(args.chunk)))] if args.chunk else []
+        if chunks:
+            mixed = _median_ms(lambda: runner.forward([5] * B, pos, chunks), reps=3)
+            print(f"    with a {args.chunk}-token prompt chunk in the same pass: {mixed:7.1f} ms")
         if B in profile_at:
             steps = 3
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 for _ in range(steps):
-                    runner.forward([5] * B, pos)
+                    runner.forward([5] * B, pos, chunks)
             for e in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:8]:
                 print(f"    {e.key:28s} {e.self_cpu_time_total / steps / 1e3:8.1f} ms/step "
                       f"({e.count // steps} calls/step)")

@@ -17,7 +17,9 @@ from serve_app.engine import (
     RequestRejected,
     SamplingParams,
 )
+from serve_app.engine import linear as linear_module
 from serve_app.engine.detokenize import TextStream, token_bytes_table
+from serve_app.engine.gpt2 import PromptChunk
 from serve_app.engine.sampling import RowParams, sample
 
 PROMPTS = [
@@ -249,6 +251,35 @@ def test_full_queue_is_refused_not_dropped(checkpoint):
 def test_empty_prompt_continues_from_end_of_text(checkpoint):
     tokens, _, _ = run(make_engine(checkpoint), [GenerationRequest("", greedy(5), "e")])
     assert len(tokens[("e", 0)]) == 5
+
+
+@pytest.mark.parametrize("onednn", [True, False], ids=["oneDNN-packed", "F.linear-fallback"])
+def test_both_matmul_kernels_give_transformers_greedy_output(checkpoint, hf, monkeypatch, onednn):
+    """The runner's weights go through oneDNN when this torch build has it, else F.linear
+    (GPUs, other builds): either way the tokens are transformers'."""
+    if onednn and not linear_module._onednn_works():
+        pytest.skip("this torch build has no working oneDNN linear")
+    monkeypatch.setattr(linear_module, "_onednn_works", lambda: onednn)
+    engine = make_engine(checkpoint)
+    tokens, _, _ = run(engine, [GenerationRequest(p, greedy(10), str(i)) for i, p in enumerate(PROMPTS)])
+    for i, p in enumerate(PROMPTS):
+        assert tokens[(str(i), 0)] == hf_greedy(hf, p, 10)
+
+
+def test_a_rows_logits_do_not_depend_on_the_other_rows(checkpoint):
+    """Why seeded text is the same in any batch: the same token at the same position gives the
+    same logits, bit for bit, alone or beside others (with oneDNN's packed matmuls; MKL's
+    addmm and GPU kernels may differ in the last bits by batch size)."""
+    if not linear_module._onednn_works():
+        pytest.skip("this torch build has no working oneDNN linear")
+    engine = make_engine(checkpoint, max_batch_size=4)
+    runner = engine.runner
+    prompt = engine.tokenizer.encode(PROMPTS[1])
+    for slot in range(4):
+        runner.forward([], [], [PromptChunk(slot, 0, prompt)])
+    alone = runner.forward([prompt[-1]], [len(prompt)])
+    crowd = runner.forward([prompt[-1], 11, 50, 7], [len(prompt)] * 4)
+    assert torch.equal(alone[0], crowd[0])
 
 
 def fail_pass_once(engine, when):
