@@ -14,6 +14,7 @@ views `k[l, :B, :, :L]` and copies nothing.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +59,11 @@ class GPT2Runner:
         self.head_dim = cfg.n_embd // cfg.n_head
         self.eps = cfg.layer_norm_epsilon
         self.act = ACT2FN[cfg.activation_function]
+        if cfg.activation_function in ("gelu_new", "gelu_pytorch_tanh"):
+            # GPT-2's GELU, the same tanh formula as transformers' NewGELUActivation (within
+            # 3e-7) in one fused kernel instead of seven elementwise passes: 2 ms against 18 on
+            # a [320, 3072] activation here.
+            self.act = partial(F.gelu, approximate="tanh")
         self.vocab_size = cfg.vocab_size
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
