@@ -51,7 +51,6 @@ class _Request:
     sequences: list[_Sequence] = field(default_factory=list)
     prefilled: int = 0  # prompt tokens already in the cache (a prompt is prefilled in chunks)
     slot: int = -1  # where its prompt is being prefilled
-    chunk: int = 0  # prompt tokens planned for this step
 
     @property
     def id(self) -> str:
@@ -165,10 +164,11 @@ class Engine:
                 seq.finish_reason = "cancelled"
                 deltas.append(self._final_delta(seq.owner, seq.index, "cancelled", seq.generated))
 
-    def _plan_prefill(self) -> list[_Request]:
+    def _plan_prefill(self) -> list[tuple[_Request, int]]:
         """Choose this step's prompt chunks: prompts in arrival order, at most
         `max_prefill_tokens` tokens in all (only the last chunk may leave its prompt unfinished),
         each prompt in the first slots free after the running batch and the prompts before it.
+        Returns (request, prompt tokens this step) pairs.
 
         Nothing is taken off the queue here: that happens once the pass has run (`_forward`),
         so a failed pass leaves the requests it did not fail where they were.
@@ -184,10 +184,10 @@ class Engine:
             if req.prefilled and req.slot != slot:  # the batch was re-packed below it
                 self.runner.copy_slot(req.slot, slot, req.prefilled)
             req.slot = slot
-            req.chunk = min(budget, len(req.prompt_ids) - req.prefilled)
-            budget -= req.chunk
+            take = min(budget, len(req.prompt_ids) - req.prefilled)
+            budget -= take
             slot += n
-            planned.append(req)
+            planned.append((req, take))
         return planned
 
     def _start(self, req: _Request, logits: torch.Tensor, deltas: list[Delta]) -> None:
@@ -206,14 +206,14 @@ class Engine:
         for seq, token in zip(req.sequences, tokens):
             deltas.append(self._advance(seq, token))
 
-    def _forward(self, planned: list[_Request], deltas: list[Delta]) -> None:
+    def _forward(self, planned: list[tuple[_Request, int]], deltas: list[Delta]) -> None:
         running = self._running
-        chunks = [PromptChunk(r.slot, r.prefilled, r.prompt_ids[r.prefilled : r.prefilled + r.chunk])
-                  for r in planned]
+        chunks = [PromptChunk(r.slot, r.prefilled, r.prompt_ids[r.prefilled : r.prefilled + take])
+                  for r, take in planned]
         try:
             logits = self.runner.forward([s.next_token for s in running], [s.length for s in running], chunks)
         except Exception as exc:
-            self._recover_from_failed_pass(exc, planned, deltas)
+            self._recover_from_failed_pass(exc, [r for r, _ in planned], deltas)
             return
         for seq in running:
             seq.length += 1
@@ -221,10 +221,10 @@ class Engine:
             tokens = sample(logits[: len(running)], [s.row() for s in running])
             for seq, token in zip(running, tokens):
                 deltas.append(self._advance(seq, token))
-        for j, req in enumerate(planned, start=len(running)):
+        for j, (req, take) in enumerate(planned, start=len(running)):
             if req is not self._prefilling:
                 self._waiting.popleft()  # planned in queue order, so it is the head
-            req.prefilled += req.chunk
+            req.prefilled += take
             if req.prefilled < len(req.prompt_ids):
                 self._prefilling = req
             else:

@@ -115,9 +115,8 @@ class GPT2Runner:
         position is `decode_positions[b]`, the sequence's length so far) and any prompt chunks.
 
         Returns logits [B + len(chunks), V]: the decode rows, then each chunk's last position.
-        Decode rows and prompt tokens go through every weight matmul together: on a CPU a
-        [B, E] matmul at decode batch sizes runs at a third of the rate of one with a hundred
-        more rows, and the weights are read once instead of twice.
+        All rows go through every weight matmul together (why: engine.py's docstring); only
+        attention is per part.
         """
         B = len(decode_tokens)
         token_ids = list(decode_tokens)
@@ -129,19 +128,16 @@ class GPT2Runner:
         pos = torch.tensor(positions, device=self.device)
         x = self.wte[tokens] + self.wpe[pos]  # [rows, E]
         attend = [self._decode_attention(B, pos[:B])] if B else []
-        offset = B
+        last, offset = list(range(B)), B  # the rows that get logits
         for c in chunks:
             attend.append(self._chunk_attention(c, offset))
             offset += len(c.token_ids)
+            last.append(offset - 1)
         for i, layer in enumerate(self.layers):
             qkv = layer.attn(self._layer_norm(x, layer.ln_1))
             a = torch.cat([f(i, qkv) for f in attend])
             x = x + layer.proj(a)
             x = self._mlp(x, layer)
-        last, offset = list(range(B)), B
-        for c in chunks:
-            offset += len(c.token_ids)
-            last.append(offset - 1)
         return self._logits(x[last])
 
     def _decode_attention(self, B: int, pos: torch.Tensor):
