@@ -8,16 +8,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 
 import httpx
 import openai
@@ -26,86 +23,20 @@ import websockets
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[1]
-STARTUP_TIMEOUT = 240  # a loaded 2-core box has needed ~70 s
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    """SIGTERM (a clean Serve shutdown), then SIGKILL for the whole process group: Ray's own
-    processes (gcs, raylet, workers) were started in the server's session, so none leaks."""
-    if proc.poll() is None:
-        with _noop():
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(45)
-        except subprocess.TimeoutExpired:
-            pass
-    with _noop():
-        os.killpg(proc.pid, signal.SIGKILL)
-    with _noop():
-        proc.wait(10)
-
-
-class _noop:
-    """Ignore errors (the process may be gone already)."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return True
+from tests.processes import REPO, free_port, kill_group, registry_entry, start_quill_serve, write_registry
 
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoints, tmp_path_factory, redis_url):
     root = tmp_path_factory.mktemp("serve")
-    registry = root / "registry.yaml"
-    entries = []
-    for name, path in tiny_checkpoints.items():
-        entries.append(
-            f"  - name: {name}\n    source: {path}\n    cpus_per_replica: 0.5\n"
-            f"    autoscaling: {{min_replicas: 1, max_replicas: 1, target_ongoing_requests: 8}}\n"
-            f"    engine: {{max_batch_size: 8, max_seq_len: 256}}\n"
-            f"    defaults: {{max_tokens: 16, temperature: 0.8}}\n"
-            f"    limits: {{max_prompt_tokens: 128, max_tokens: 96, max_n: 4}}\n"
-        )
-    registry.write_text("models:\n" + "".join(entries))
-    port = _free_port()
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", OMP_WAIT_POLICY="PASSIVE", REDIS_URL=redis_url,
-               QUILL_CACHE_TTL="120", PYTHONUNBUFFERED="1")
-    env.pop("RAY_ADDRESS", None)
-    log = open(root / "serve.log", "w+")
-    t0 = time.monotonic()
-    quill = Path(sys.executable).with_name("quill")  # the installed entry point, as a user runs it
-    cmd = [str(quill)] if quill.exists() else [sys.executable, "-m", "serve_app.cli"]
-    proc = subprocess.Popen(
-        cmd + ["serve", "--registry", str(registry), "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-        cwd=Path(__file__).resolve().parents[1],
-    )
-    url = f"http://127.0.0.1:{port}"
+    registry = write_registry(root / "registry.yaml", [registry_entry(n, p) for n, p in tiny_checkpoints.items()])
+    quill = start_quill_serve(registry, root, env={"REDIS_URL": redis_url, "QUILL_CACHE_TTL": "120"})
     try:
-        while True:
-            text = (root / "serve.log").read_text()
-            if "Quill is serving" in text:
-                break
-            if proc.poll() is not None or time.monotonic() - t0 > STARTUP_TIMEOUT:
-                pytest.fail(f"quill serve did not start (rc={proc.poll()}):\n{text[-4000:]}")
-            time.sleep(0.5)
-        started = time.monotonic() - t0
         # The URL is printed once every model has loaded, so /readyz must already agree.
-        assert httpx.get(f"{url}/readyz", timeout=10).status_code == 200
-        print(f"\nquill serve ready in {started:.1f} s", file=sys.stderr)
-        yield {"url": url, "proc": proc, "log": root / "serve.log", "redis_url": redis_url}
+        assert httpx.get(f"{quill.url}/readyz", timeout=10).status_code == 200
+        yield {"url": quill.url, "proc": quill.proc, "log": quill.log, "redis_url": redis_url}
     finally:
-        _kill_group(proc)
-        log.close()
+        kill_group(quill.proc)
 
 
 @pytest.fixture
@@ -425,7 +356,7 @@ def test_real_prometheus_scrapes_the_series(server, tmp_path):
     config["rule_files"] = [str(REPO / "monitoring" / "prometheus" / "rules.yml")]
     config["scrape_configs"][0]["static_configs"] = [{"targets": [server["url"].removeprefix("http://")]}]
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = _free_port()
+    port = free_port()
     prom = subprocess.Popen(
         ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
          f"--web.listen-address=127.0.0.1:{port}"],
@@ -448,7 +379,7 @@ def test_real_prometheus_scrapes_the_series(server, tmp_path):
         rules = httpx.get(f"http://127.0.0.1:{port}/api/v1/rules").json()["data"]["groups"]
         assert {g["name"] for g in rules} == {"quill.recording", "quill.alerts"}
     finally:
-        _kill_group(prom)
+        kill_group(prom)
 
 
 def test_sigterm_shuts_down_cleanly(server):
