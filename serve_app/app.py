@@ -125,7 +125,10 @@ def build(args: dict[str, Any] | None = None):
     """Application builder for `serve run` and serveConfigV2 (`import_path: serve_app.app:build`)."""
     args = dict(args or {})
     if "models" in args:
-        registry = parse_registry({"models": args["models"]}, os.getcwd(), "serveConfigV2 args")
+        # Relative local sources resolve against `base_dir` (the chart passes where the image
+        # keeps models/), as they resolve against the registry file's folder locally.
+        base_dir = args.get("base_dir") or os.getcwd()
+        registry = parse_registry({"models": args["models"]}, base_dir, "serveConfigV2 args")
     else:
         registry = load_registry(args.get("registry") or os.environ.get("QUILL_REGISTRY", DEFAULT_REGISTRY))
     return build_app(registry)

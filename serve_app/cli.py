@@ -1,6 +1,7 @@
 """The `quill` command.
 
     quill serve [--registry models/registry.yaml] [--host 127.0.0.1] [--port 8000]
+    quill render-k8s --registry PATH [--values FILE] [--namespace NS]
     quill train ... | quill evaluate ... | quill data ... | quill bench engine ...
 
 `serve` validates the registry before anything starts, brings up a local Ray (or joins the
@@ -252,6 +253,7 @@ USAGE = """usage: quill <command> [args]
 
 commands:
   serve       serve every model of the registry (quill serve --help)
+  render-k8s  print the Kubernetes manifests (KubeRay RayService, ...) for a registry
   train       fine-tune a model (training.train)
   evaluate    evaluate checkpoints (training.evaluate)
   data        prepare the training data splits (training.data)
@@ -267,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     cmd, rest = argv[0], argv[1:]
     if cmd == "serve":
         return serve_main(rest)
+    if cmd == "render-k8s":
+        return _front_door("serve_app.k8s", rest)
     if cmd == "train":
         return _front_door("training.train", rest)
     if cmd == "evaluate":
