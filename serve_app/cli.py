@@ -74,6 +74,9 @@ def serve_main(argv: list[str]) -> int:
                    help="join this Ray cluster instead of starting a local one")
     p.add_argument("--num-cpus", type=float, default=None,
                    help="logical CPUs for the local Ray (default: this machine's cores)")
+    p.add_argument("--metrics-export-port", type=int, default=None,
+                   help="port of the local Ray's metrics export, as a cluster's Prometheus scrapes it "
+                        "(ray_quill_*, ray_serve_*; default: a free port)")
     args = p.parse_args(argv)
     t0 = time.monotonic()
 
@@ -123,7 +126,7 @@ def serve_main(argv: list[str]) -> int:
                 address="local",
                 num_cpus=int(num_cpus) if float(num_cpus).is_integer() else num_cpus,
                 include_dashboard=False,
-                _metrics_export_port=_free_port(),
+                _metrics_export_port=args.metrics_export_port or _free_port(),
                 _system_config={
                     # Metrics reach the node's agent every 2 s instead of 10 s: /metrics is fresh.
                     "metrics_report_interval_ms": 2000,
@@ -258,6 +261,7 @@ commands:
   evaluate    evaluate checkpoints (training.evaluate)
   data        prepare the training data splits (training.data)
   bench       benchmarks: quill bench engine ...
+  gpu-exporter  Prometheus exporter of this node's GPUs via NVML (quill gpu-exporter --port 9400)
 """
 
 
@@ -277,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         return _front_door("training.evaluate", rest)
     if cmd == "data":
         return _front_door("training.data", rest)
+    if cmd == "gpu-exporter":
+        return _front_door("monitoring.gpu_exporter", rest)
     if cmd == "bench":
         if not rest or rest[0] in ("-h", "--help"):
             print("usage: quill bench engine [args]")

@@ -8,8 +8,9 @@ names with `ray_`). Outside Ray (unit tests, the engine bench) they go to a proc
 prometheus_client registry instead.
 
 `GET /metrics` on the app (see `render_cluster_metrics`) collects the `ray_quill_*` series from
-every node's agent and shows them under their documented names, so a local run needs no
-Prometheus to see them.
+every node's agent and shows them under their documented names, with Ray Serve's own
+`ray_serve_*` series beside them, so a local run needs no Prometheus to see them and a local
+Prometheus sees the same names as one that scrapes a cluster through monitoring/prometheus/.
 """
 from __future__ import annotations
 
@@ -36,7 +37,14 @@ SPECS: dict[str, tuple[str, str, tuple[str, ...], tuple[float, ...] | None]] = {
     "quill_generated_tokens_total": ("counter", "Tokens generated, all choices.", ("model",), None),
     # Not one of the core series: how the ingress answered seeded requests (docs/api.md).
     "quill_cache_requests_total": ("counter", "Seeded requests by cache outcome: hit, joined (single-flight) or miss.", ("model", "outcome"), None),
+    # A replica's own view of its memory (the GPU exporter sees the whole GPU, not the model).
+    "quill_model_weights_bytes": ("gauge", "Bytes of the model's weights held by a replica.", ("model", "device"), None),
+    "quill_model_kv_cache_bytes": ("gauge", "Resident bytes of a replica's KV cache (on a CPU: the slots used so far).", ("model", "device"), None),
+    "quill_model_cuda_allocated_bytes": ("gauge", "torch.cuda.memory_allocated of a replica's GPU.", ("model", "device"), None),
+    "quill_model_cuda_reserved_bytes": ("gauge", "torch.cuda.memory_reserved (caching allocator) of a replica's GPU.", ("model", "device"), None),
 }
+# Exported only by replicas on a GPU: a CPU-only machine never shows them.
+GPU_ONLY = frozenset({"quill_model_cuda_allocated_bytes", "quill_model_cuda_reserved_bytes"})
 
 LOCAL_REGISTRY = CollectorRegistry()  # used outside Ray
 disable_created_metrics()  # `*_created` series only double the page; nothing here uses them
@@ -116,6 +124,82 @@ class Metrics:
         self.cache = _Metric("quill_cache_requests_total")
 
 
+class MemoryMetrics:
+    """A model-server replica's memory gauges (created only there: the ingress has no model)."""
+
+    def __init__(self) -> None:
+        self.weights = _Metric("quill_model_weights_bytes")
+        self.kv_cache = _Metric("quill_model_kv_cache_bytes")
+        self.cuda_allocated = _Metric("quill_model_cuda_allocated_bytes")
+        self.cuda_reserved = _Metric("quill_model_cuda_reserved_bytes")
+        self._weights_bytes: int | None = None  # weights never change: measured once
+
+    def record(self, engine, model: str) -> None:
+        """Set the gauges from an Engine (or an AsyncEngine around one)."""
+        runner = getattr(getattr(engine, "engine", engine), "runner", None)
+        if runner is None:  # a test's stand-in engine holds no model
+            return
+        import torch
+
+        device = str(runner.device)
+        caches = (runner.k_cache, runner.v_cache)
+        if self._weights_bytes is None:
+            tensors = (t for name, v in vars(runner).items() if name not in ("k_cache", "v_cache")
+                       for t in _reachable_tensors(v))
+            self._weights_bytes = _tensor_bytes(tensors)
+        self.weights.set(self._weights_bytes, model=model, device=device)
+        kv = sum(c.numel() * c.element_size() for c in caches)
+        zeroed = getattr(runner, "_zeroed", None)
+        if runner.device.type == "cpu" and zeroed:
+            # The CPU cache is torch.empty: pages become resident only when a slot is first used.
+            kv = kv * sum(zeroed) // len(zeroed)
+        self.kv_cache.set(kv, model=model, device=device)
+        if runner.device.type == "cuda":
+            self.cuda_allocated.set(torch.cuda.memory_allocated(runner.device), model=model, device=device)
+            self.cuda_reserved.set(torch.cuda.memory_reserved(runner.device), model=model, device=device)
+
+
+def _reachable_tensors(obj, depth: int = 0):
+    """Tensors held by a runner attribute: directly, in tuples/lists/dataclasses, or captured by
+    the closures that `engine/linear.py` returns (the oneDNN-packed weights live only there)."""
+    import dataclasses
+    import functools
+
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        yield obj
+        return
+    if depth > 4:
+        return
+    if isinstance(obj, (list, tuple)):
+        children = obj
+    elif isinstance(obj, functools.partial):
+        children = (*obj.args, *obj.keywords.values())
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        children = [getattr(obj, f.name) for f in dataclasses.fields(obj)]
+    elif callable(obj) and getattr(obj, "__closure__", None):
+        children = [c.cell_contents for c in obj.__closure__]
+    else:
+        return
+    for child in children:
+        yield from _reachable_tensors(child, depth + 1)
+
+
+def _tensor_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        try:  # views of one storage (tied or transposed weights) count once
+            storage = t.untyped_storage()
+            key, size = ("storage", storage.data_ptr()), storage.nbytes()
+        except RuntimeError:  # oneDNN-packed weights expose no storage
+            key, size = ("tensor", id(t)), t.numel() * t.element_size()
+        if key not in seen:
+            seen.add(key)
+            total += size
+    return total
+
+
 def render_local() -> bytes:
     return generate_latest(LOCAL_REGISTRY)
 
@@ -129,8 +213,14 @@ def _rename(name: str) -> str:
     return name[len("ray_"):] if name.startswith("ray_quill_") else name
 
 
+# Ray Serve's own series (replicas, deployment status, HTTP status codes) keep their `ray_serve_`
+# names, as they have on a cluster's node exports: the shipped rules and dashboard use them.
+_KEPT_PREFIXES = ("ray_quill_", "ray_serve_")
+
+
 def filter_quill_families(texts: Iterable[str]) -> bytes:
-    """Merge node-agent scrapes into one exposition of the quill_* families, `ray_` removed."""
+    """Merge node-agent scrapes into one exposition: the quill_* families (`ray_` removed) and
+    Ray Serve's ray_serve_* families."""
 
     class _Collector:
         def __init__(self) -> None:
@@ -142,7 +232,7 @@ def filter_quill_families(texts: Iterable[str]) -> bytes:
     collector = _Collector()
     for text in texts:
         for fam in text_string_to_metric_families(text):
-            if not fam.name.startswith("ray_quill_"):
+            if not fam.name.startswith(_KEPT_PREFIXES):
                 continue
             name = _rename(fam.name)
             target = collector.families.get(name)
@@ -163,7 +253,7 @@ def filter_quill_families(texts: Iterable[str]) -> bytes:
 
 
 async def render_cluster_metrics(timeout: float = 5.0) -> bytes:
-    """Scrape every alive node's Ray metrics agent and keep the quill_* families."""
+    """Scrape every alive node's Ray metrics agent and keep the quill_* and ray_serve_* families."""
     import httpx
     import ray
 

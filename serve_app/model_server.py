@@ -20,7 +20,7 @@ from typing import Any, AsyncIterator, Callable, Literal
 
 from serve_app.config import ModelEntry
 from serve_app.engine.types import Delta, EngineOverloaded, GenerationRequest, RequestRejected
-from serve_app.metrics import Metrics
+from serve_app.metrics import MemoryMetrics, Metrics
 
 log = logging.getLogger("quill.model_server")
 
@@ -45,6 +45,7 @@ class ModelServer:
         self.entry = entry if isinstance(entry, ModelEntry) else ModelEntry.model_validate(entry)
         self.name = self.entry.name
         self.metrics = Metrics()
+        self.memory = MemoryMetrics()
         t0 = time.perf_counter()
         self.engine = (engine_factory or _default_engine)(self.entry)
         self.load_seconds = time.perf_counter() - t0
@@ -63,6 +64,7 @@ class ModelServer:
         while not self._stop.wait(1.0):
             with contextlib.suppress(Exception):
                 self._update_gauges(force=True)
+                self.memory.record(self.engine, self.name)
 
     def _update_gauges(self, force: bool = False) -> None:
         # Read from the engine's counters; at most a few times a second, it is per delta.
