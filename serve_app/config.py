@@ -68,6 +68,9 @@ class EngineSection(_Section):
     # torch intra-op threads per replica. None: derived from cpus_per_replica, so replicas
     # sharing a small box do not oversubscribe its cores (see docs/registry.md).
     threads: int | None = Field(None, ge=1)
+    # Prompt tokens whose keys and values are kept for later requests that start the same way
+    # (a writer resending a growing document); 0 turns the cache off. See docs/engine.md.
+    prefix_cache_tokens: int = Field(2048, ge=0)
 
 
 class Defaults(_Section):
@@ -160,6 +163,7 @@ class ModelEntry(_Section):
             max_n=self.limits.max_n,
             max_prefill_tokens=self.engine.max_prefill_tokens,
             threads=self.threads,
+            prefix_cache_tokens=self.engine.prefix_cache_tokens,
         )
 
 

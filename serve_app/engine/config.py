@@ -18,3 +18,4 @@ class EngineConfig:
     max_n: int = 8
     max_prefill_tokens: int = 256  # prompt tokens per step, so decoders keep moving
     threads: int | None = None  # torch intra-op threads; None leaves torch's choice
+    prefix_cache_tokens: int = 0  # prompt-prefix keys/values kept for later requests; 0 = off

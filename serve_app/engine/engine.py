@@ -32,6 +32,7 @@ from serve_app.engine.config import EngineConfig
 from serve_app.engine.detokenize import TextStream, token_bytes_table
 from serve_app.engine.gpt2 import GPT2Runner, PromptChunk
 from serve_app.engine.loader import load_model, load_tokenizer, resolve_device, resolve_dtype
+from serve_app.engine.prefix_cache import PrefixCache
 from serve_app.engine.sampling import RowParams, choice_seed, sample
 from serve_app.engine.types import (
     Delta,
@@ -51,6 +52,8 @@ class _Request:
     sequences: list[_Sequence] = field(default_factory=list)
     prefilled: int = 0  # prompt tokens already in the cache (a prompt is prefilled in chunks)
     slot: int = -1  # where its prompt is being prefilled
+    cached: int = 0  # of those, copied from the prefix cache
+    looked_up: bool = False  # the prefix cache was asked (once, when it first got a slot)
 
     @property
     def id(self) -> str:
@@ -88,6 +91,10 @@ class Engine:
         )
         self.max_seq_len = min(config.max_seq_len, model.config.n_positions)
         self.runner = GPT2Runner(model, config.max_batch_size, self.max_seq_len)
+        self.prefix_cache = (
+            PrefixCache(self.runner.k_cache, self.runner.v_cache, config.prefix_cache_tokens)
+            if config.prefix_cache_tokens > 0 else None
+        )
         self.eos_token_id = self.tokenizer.eos_token_id
         self._token_bytes = token_bytes_table(self.tokenizer)
         self.vocab_size = model.config.vocab_size
@@ -184,6 +191,11 @@ class Engine:
             if req.prefilled and req.slot != slot:  # the batch was re-packed below it
                 self.runner.copy_slot(req.slot, slot, req.prefilled)
             req.slot = slot
+            if self.prefix_cache is not None and not req.looked_up:
+                # Cached prompt blocks cost no budget: they are copied, not computed.
+                req.looked_up = True
+                self.runner.zero_slot_once(slot)
+                req.prefilled = req.cached = self.prefix_cache.load(req.prompt_ids, slot)
             take = min(budget, len(req.prompt_ids) - req.prefilled)
             budget -= take
             slot += n
@@ -229,6 +241,8 @@ class Engine:
                 self._prefilling = req
             else:
                 self._prefilling = None
+                if self.prefix_cache is not None:
+                    self.prefix_cache.store(req.prompt_ids, req.slot)
                 self._start(req, logits[j], deltas)
 
     def _advance(self, seq: _Sequence, token: int) -> Delta:
@@ -248,7 +262,7 @@ class Engine:
                 text += seq.stream.finish()
         return Delta(
             seq.owner.id, seq.index, text, (token,), seq.finish_reason,
-            len(seq.owner.prompt_ids), seq.generated,
+            len(seq.owner.prompt_ids), seq.generated, cached_tokens=seq.owner.cached,
         )
 
     def _release_finished(self) -> None:
@@ -310,7 +324,7 @@ class Engine:
     def _final_delta(self, req: _Request, index: int, reason: FinishReason,
                      generated: int, error: str | None = None) -> Delta:
         """The last delta of a choice that ends without a new token (cancelled, failed)."""
-        return Delta(req.id, index, "", (), reason, len(req.prompt_ids), generated, error)
+        return Delta(req.id, index, "", (), reason, len(req.prompt_ids), generated, error, req.cached)
 
     def _forget(self, req: _Request) -> None:
         with self._lock:

@@ -167,7 +167,7 @@ class GPT2Runner:
         """Attention of a prompt chunk (rows offset..offset+T-1) over its slot's cache."""
         T, start, slot = len(c.token_ids), c.start, c.slot
         if start == 0:
-            self._zero_once(slot)
+            self.zero_slot_once(slot)
         # Query j (position start+j) sees cached positions 0..start+j; for a first chunk that is
         # plain causal attention, which SDPA runs without a mask.
         mask = None
@@ -191,11 +191,11 @@ class GPT2Runner:
     def copy_slot(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` cached positions of one slot to another (n choices, packing,
         moving a half-prefilled prompt)."""
-        self._zero_once(dst)
+        self.zero_slot_once(dst)
         self.k_cache[:, dst, :, :length] = self.k_cache[:, src, :, :length]
         self.v_cache[:, dst, :, :length] = self.v_cache[:, src, :, :length]
 
-    def _zero_once(self, slot: int) -> None:
+    def zero_slot_once(self, slot: int) -> None:
         if not self._zeroed[slot]:
             self.k_cache[:, slot].zero_()
             self.v_cache[:, slot].zero_()

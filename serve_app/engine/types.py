@@ -69,6 +69,7 @@ class Delta:
     prompt_tokens: int = 0
     completion_tokens: int = 0  # generated so far for this choice
     error: str | None = None
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
 
     @property
     def finished(self) -> bool:
