@@ -9,6 +9,7 @@ config schema. The numbers that matter per model are compared with what `quill s
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import subprocess
@@ -319,3 +320,23 @@ def test_rendered_serve_config_runs_on_a_local_ray_and_answers(tiny_checkpoints,
         assert body["model"] == "tiny-a" and body["usage"]["completion_tokens"] == 5
     finally:
         kill_group(proc)
+
+
+def test_dashboard_configmap_carries_the_monitoring_dashboard():
+    (dashboard,) = of_kind(helm_template(SHIPPED), "ConfigMap")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    shipped = (REPO / "monitoring" / "grafana" / "quill.json").read_text()
+    assert json.loads(dashboard["data"]["quill.json"]) == json.loads(shipped)
+    assert not of_kind(helm_template(SHIPPED, "--set", "dashboard.enabled=false"), "ConfigMap")
+
+
+def test_service_monitor_renames_series_as_the_cluster_scrape_config_does():
+    """The rules are written over quill_*; on a cluster both ways of scraping Ray's export (the
+    ServiceMonitor and monitoring/prometheus/cluster.yml) must strip the same `ray_` prefix."""
+    (monitor,) = of_kind(helm_template(SHIPPED, "--set", "serviceMonitor.enabled=true"), "ServiceMonitor")
+    cluster = yaml.safe_load((REPO / "monitoring" / "prometheus" / "cluster.yml").read_text())
+    (ray_job,) = [j for j in cluster["scrape_configs"] if j["job_name"] == "quill-ray-metrics"]
+    (relabel,) = ray_job["metric_relabel_configs"]
+    (ours,) = monitor["spec"]["endpoints"][0]["metricRelabelings"]
+    assert (ours["sourceLabels"], ours["regex"], ours["targetLabel"], ours["replacement"]) == (
+        relabel["source_labels"], relabel["regex"], relabel["target_label"], relabel["replacement"])
