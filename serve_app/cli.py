@@ -216,7 +216,10 @@ def _deployment_failures() -> list[str]:
             # The exception line of the traceback (and its continuation lines), not the frames.
             starts = [i for i, ln in enumerate(lines) if re.match(r"^[\w.]*(Error|Exception|Exit)\b.*:", ln)]
             reason = " ".join(lines[starts[-1]:]) if starts else (lines[-1] if lines else str(d.status))
-            out.append(f"{label}: {reason[:400]}")
+            # An error that already names its model (e.g. a bucket that cannot be read) is shown
+            # as it is, without the exception's class path in front.
+            message = reason.split(": ", 1)[-1]
+            out.append(message[:400] if message.startswith(f"{label}: ") else f"{label}: {reason[:400]}")
         return out
     except Exception:  # best effort: the error above still stands
         return []

@@ -36,8 +36,10 @@ class Failure:
 
 def _default_engine(entry: ModelEntry):
     from serve_app.engine import AsyncEngine, Engine
+    from serve_app.weights import local_entry
 
-    return AsyncEngine(Engine(entry.engine_config()))
+    # The engine reads folders: an s3:// or gs:// checkpoint is synced to this node's cache first.
+    return AsyncEngine(Engine(local_entry(entry).engine_config()))
 
 
 class ModelServer:

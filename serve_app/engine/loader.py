@@ -84,6 +84,8 @@ def load_model(
 def _merge_adapter(model: GPT2LMHeadModel, adapter: str) -> GPT2LMHeadModel:
     from peft import PeftModel  # imported here: only adapters need it
 
+    if "://" in adapter:
+        raise CheckpointError(f"adapter {adapter!r}: remote URIs must be synced to a local folder first")
     if not os.path.exists(os.path.join(adapter, "adapter_model.safetensors")):
         raise CheckpointError(f"adapter {adapter!r} has no adapter_model.safetensors")
     merged = PeftModel.from_pretrained(model, adapter, is_trainable=False).merge_and_unload()
