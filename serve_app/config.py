@@ -22,13 +22,27 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 DEFAULT_REGISTRY = "models/registry.yaml"
 
-# `hf://gpt2`, `s3://bucket/x`, `gs://...`: remote, fetched by the replica that loads it, so
-# they cannot be checked here. Anything without a scheme is a local path.
+# `hf://gpt2`, `s3://bucket/x`, `gs://...`: remote, fetched by the replica that loads it
+# (serve_app/weights.py), so only the scheme is checked here. Anything without one is a local path.
 _URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
 
 def is_remote(source: str) -> bool:
     return bool(_URI.match(source))
+
+
+def _known_scheme(uri: str) -> str:
+    """`uri` if fsspec (or transformers, for hf://) knows its scheme; s3fs/gcsfs are not imported."""
+    # fsspec's registry module costs ~0.1 s and is only imported for registries naming a URI.
+    from fsspec.registry import known_implementations, registry
+
+    scheme = uri.split("://", 1)[0]
+    known = {"hf", *known_implementations, *registry}
+    if scheme not in known:
+        close = difflib.get_close_matches(scheme, sorted(known), n=1)
+        hint = f"did you mean '{close[0]}://'?" if close else "use a local path, hf://, s3://, gs:// or another fsspec protocol"
+        raise ValueError(f"unknown URI scheme '{scheme}://' ({hint})")
+    return uri
 
 
 class RegistryError(ValueError):
@@ -105,8 +119,10 @@ class ModelEntry(_Section):
     def _resolve_local(cls, value: str | None, info: ValidationInfo) -> str | None:
         # Relative local paths are relative to the registry file, not to wherever `quill
         # serve` was started, so the same file works from any directory (and in a container).
-        if value is None or is_remote(value):
+        if value is None:
             return value
+        if is_remote(value):
+            return _known_scheme(value)
         base = (info.context or {}).get("base_dir")
         path = Path(os.path.expanduser(value))
         if base is not None and not path.is_absolute():

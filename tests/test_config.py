@@ -41,6 +41,20 @@ def test_good_registry_resolves_relative_paths(tmp_path):
     assert (cfg.max_batch_size, cfg.max_prompt_tokens, cfg.max_n, cfg.threads) == (8, 128, 4, 1)
 
 
+def test_bucket_uris_are_accepted_without_loading_their_clients(tmp_path):
+    # `quill render-k8s` loads registries too: no cloud SDK (or torch) just to read one.
+    import subprocess
+    import sys
+
+    path = write(tmp_path, "models:\n  - name: a\n    source: s3://bucket/a\n    adapter: gs://bucket/lora\n"
+                           "  - name: b\n    source: hf://gpt2\n")
+    code = (f"import sys; from serve_app.config import load_registry; r = load_registry({str(path)!r}); "
+            "print(r.models[0].source, r.models[0].adapter, r.models[1].source, "
+            "sorted({'s3fs', 'gcsfs', 'botocore', 'torch'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True).stdout
+    assert out.split() == ["s3://bucket/a", "gs://bucket/lora", "hf://gpt2", "[]"]
+
+
 def test_threads_follow_cpus(tmp_path):
     reg = parse_registry({"models": [{"name": "m", "source": "hf://x", "cpus_per_replica": 2}]}, tmp_path)
     assert reg.models[0].threads == 2
@@ -65,6 +79,10 @@ BAD = [
                  ["model 'tiny'", "source", "no/such/dir does not exist"], id="missing-source"),
     pytest.param(ENTRY + "    adapter: missing-adapter\n",
                  ["model 'tiny'", "adapter", "missing-adapter does not exist"], id="missing-adapter"),
+    pytest.param("  - name: tiny\n    source: foo://x\n",
+                 ["model 'tiny'", "source", "unknown URI scheme 'foo://'", "fsspec"], id="unknown-uri-scheme"),
+    pytest.param(ENTRY + "    adapter: gss://bucket/lora\n",
+                 ["model 'tiny'", "adapter", "unknown URI scheme 'gss://'", "did you mean 'gs://'?"], id="typo-uri-scheme"),
     pytest.param("  - source: ckpt\n", ["model #1", "name", "required"], id="missing-name"),
     pytest.param("  - name: 'bad name/'\n    source: ckpt\n", ["name", "pattern"], id="bad-name"),
     pytest.param(ENTRY + "    device: tpu\n", ["model 'tiny'", "device"], id="bad-device"),
