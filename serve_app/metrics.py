@@ -35,6 +35,9 @@ SPECS: dict[str, tuple[str, str, tuple[str, ...], tuple[float, ...] | None]] = {
     "quill_time_per_output_token_seconds": ("histogram", "Mean time between output tokens of a request.", ("model",), TPOT_BUCKETS),
     "quill_prompt_tokens_total": ("counter", "Prompt tokens prefilled.", ("model",), None),
     "quill_generated_tokens_total": ("counter", "Tokens generated, all choices.", ("model",), None),
+    # The engine's prefix cache (docs/engine.md): prompt tokens copied instead of computed.
+    "quill_prefix_cache_hit_tokens_total": ("counter", "Prompt tokens whose keys and values came from the prefix cache.", ("model",), None),
+    "quill_prefix_cache_tokens": ("gauge", "Prompt tokens held in a replica's prefix cache.", ("model",), None),
     # Not one of the core series: how the ingress answered seeded requests (docs/api.md).
     "quill_cache_requests_total": ("counter", "Seeded requests by cache outcome: hit, joined (single-flight) or miss.", ("model", "outcome"), None),
     # A replica's own view of its memory (the GPU exporter sees the whole GPU, not the model).
@@ -122,6 +125,8 @@ class Metrics:
         self.prompt_tokens = _Metric("quill_prompt_tokens_total")
         self.generated_tokens = _Metric("quill_generated_tokens_total")
         self.cache = _Metric("quill_cache_requests_total")
+        self.prefix_hits = _Metric("quill_prefix_cache_hit_tokens_total")
+        self.prefix_cached = _Metric("quill_prefix_cache_tokens")
 
 
 class MemoryMetrics:

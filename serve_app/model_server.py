@@ -77,6 +77,9 @@ class ModelServer:
         core = getattr(self.engine, "engine", self.engine)
         self.metrics.running.set(getattr(core, "num_running", 0), model=self.name)
         self.metrics.waiting.set(getattr(core, "num_waiting", 0), model=self.name)
+        prefix_cache = getattr(core, "prefix_cache", None)
+        if prefix_cache is not None:
+            self.metrics.prefix_cached.set(prefix_cache.cached_tokens, model=self.name)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[list[Delta] | Failure]:
         """The request's deltas, in lists: all that one engine step produced for it (its `n`
@@ -86,7 +89,7 @@ class ModelServer:
         first_at: float | None = None
         last_at = started
         status = "ok"
-        prompt_tokens = 0
+        prompt_tokens = cached_tokens = 0
         tokens: dict[int, int] = {}
         self._update_gauges(force=True)
         try:
@@ -101,6 +104,7 @@ class ModelServer:
                     last_at = now
                     for delta in batch:
                         prompt_tokens = max(prompt_tokens, delta.prompt_tokens)
+                        cached_tokens = max(cached_tokens, delta.cached_tokens)
                         tokens[delta.index] = max(tokens.get(delta.index, 0), delta.completion_tokens)
                         if delta.finish_reason in ("error", "cancelled"):
                             status = delta.finish_reason
@@ -122,6 +126,7 @@ class ModelServer:
             generated = sum(tokens.values())
             m.requests.inc(1, model=name, status=status)
             m.prompt_tokens.inc(prompt_tokens, model=name)
+            m.prefix_hits.inc(cached_tokens, model=name)
             m.generated_tokens.inc(generated, model=name)
             longest = max(tokens.values(), default=0)
             if first_at is not None and longest > 1:

@@ -125,3 +125,16 @@ async def test_choices_of_one_step_travel_together(server):
     # Three choices, five tokens each: far fewer messages than the 15 deltas.
     assert sum(len(b) for b in batches) >= 15 and len(batches) <= 8
     assert max(len({d.index for d in b}) for b in batches) == 3
+
+
+async def test_a_resent_prompt_is_counted_as_prefix_cache_hits(server):
+    """The writer's case: the same opening resent with a few more words is served from the
+    engine's prefix cache, and the replica's metrics say how many prompt tokens that saved."""
+    opening = "It was a bright cold day in April, and the clocks were striking thirteen. Winston"
+    before = sample("quill_prefix_cache_hit_tokens_total", model="ms-a")
+    await collect(server, GenerationRequest(opening, SamplingParams(max_tokens=2, seed=1)))
+    items = await collect(server, GenerationRequest(opening + " Smith, his chin", SamplingParams(max_tokens=2, seed=1)))
+    assert items[-1].cached_tokens == 16  # one whole block of the 18-token opening
+    assert sample("quill_prefix_cache_hit_tokens_total", model="ms-a") == before + 16
+    server._update_gauges(force=True)
+    assert sample("quill_prefix_cache_tokens", model="ms-a") >= 16
