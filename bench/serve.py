@@ -298,9 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(render(report))
     key = args.section or f"serve-writers-{args.model}-{args.replicas}r"
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (RESULTS_DIR / f"{key}.json").write_text(json.dumps(report, indent=1))
-    if args.out:
+    if args.out:  # the table and its raw numbers, kept together
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        (RESULTS_DIR / f"{key}.json").write_text(json.dumps(report, indent=1))
         write_section(Path(args.out), key, render(report))
     return 0 if all(p["errors"] == 0 for p in phases) else 1
 
