@@ -33,6 +33,12 @@ def test_scrape_configs_and_their_rules_are_valid(config):
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+@needs_promtool
+def test_the_rules_file_is_valid():
+    out = promtool("check", "rules", "rules.yml")
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
 def test_the_cluster_config_strips_ray_prefix_from_quill_series_only():
     jobs = {j["job_name"]: j for j in yaml.safe_load((PROM / "cluster.yml").read_text())["scrape_configs"]}
     (relabel,) = jobs["quill-ray-metrics"]["metric_relabel_configs"]
