@@ -102,6 +102,12 @@ def deployment_options(entry: ModelEntry) -> dict[str, Any]:
         # The engine steps in its own thread, so a busy replica still answers health checks;
         # the slack is for small, oversubscribed nodes where a check can wait for the GIL.
         "health_check_timeout_s": 60,
+        # A writer's resends reach the replica whose prefix cache holds their document
+        # (serve_app/routing.py); a replica busier than the others by half a batch is skipped.
+        "request_router_config": {
+            "request_router_class": "serve_app.routing.PrefixAffinityRouter",
+            "request_router_kwargs": {"imbalance": max(1, entry.engine.max_batch_size // 2)},
+        },
         "graceful_shutdown_timeout_s": 5,
     }
 
