@@ -43,7 +43,9 @@ MODELS = ("tiny-a", "tiny-b")
 
 
 def start_prometheus(config: dict, workdir: Path, name: str) -> tuple[str, subprocess.Popen]:
-    config["global"].update(scrape_interval="1s", evaluation_interval="1s")
+    # Fast, but not so fast that the app's /metrics (a fan-out to Ray's agents) times out on a
+    # busy 2-core box: the scrape timeout cannot exceed the interval.
+    config["global"].update(scrape_interval="2s", evaluation_interval="2s")
     config["rule_files"] = [str(PROM / "rules.yml")]
     (workdir / f"{name}.yml").write_text(yaml.safe_dump(config))
     port = free_port()
@@ -116,8 +118,9 @@ def send_traffic(url: str, rounds: int = 3) -> None:
             w.start()
         for w in workers:
             w.join()
-        # A counter's first sample is not an increase: let Prometheus see each round separately.
-        time.sleep(4)
+        # A counter's first sample is not an increase: let Prometheus see each round separately
+        # (2 s to Ray's export, 2 s between scrapes).
+        time.sleep(5)
     assert httpx.post(f"{url}/v1/completions", json={"model": "no-such-model", "prompt": "x"}, timeout=30).status_code == 404
 
 
@@ -155,7 +158,7 @@ def stack(tiny_checkpoints, tmp_path_factory):
         if fake_server is not None:
             fake_server.shutdown()
         for proc in reversed(procs):
-            kill_group(proc)
+            kill_group(proc, grace=15)  # a clean Serve shutdown is test_api_serve's concern
 
 
 @pytest.mark.parametrize("path", ["local", "cluster"])
@@ -203,9 +206,15 @@ def test_every_rule_evaluates_cleanly_and_the_nvml_alert_is_pending(stack, path)
     broken = [(r["name"], r.get("lastError")) for g in groups for r in g["rules"] if r["health"] != "ok"]
     assert broken == []
     alerts = httpx.get(f"{prom}/api/v1/alerts", timeout=10).json()["data"]["alerts"]
-    # This GPU-less machine's exporter says nvml_up 0: the alert waits out its 5 minutes.
-    assert [(a["labels"]["alertname"], a["labels"]["instance"], a["state"]) for a in alerts] == [
-        ("QuillGpuNvmlDown", stack["exporter"], "pending")]
+    active = {(a["labels"]["alertname"], a["labels"].get("instance") or a["labels"].get("model")): a["state"]
+              for a in alerts}
+    # This GPU-less machine's exporter says nvml_up 0: the alert waits out its 5 minutes. (Latency
+    # alerts may go pending on a busy box; the healthy parts must not.)
+    assert active.get(("QuillGpuNvmlDown", stack["exporter"])) == "pending", active
+    assert ("QuillGpuNvmlDown", stack["fake_exporter"]) not in active
+    for quiet in ("QuillModelNotReady", "QuillGpuExporterDown", "QuillGpuMemoryHigh", "QuillRequestsFailing",
+                  "QuillReplicaRestarts"):
+        assert quiet not in {name for name, _ in active}, active
 
 
 def test_replicas_report_their_memory(stack):
