@@ -77,9 +77,9 @@ def sync(uri: str, model: str) -> str:
 def _sync(uri: str, model: str, shown: str) -> str:
     import fsspec  # here, not at module level: registry loading must stay light
 
-    fs, root = fsspec.core.url_to_fs(uri)
+    # A fresh client: fsspec would reuse one (and its listings) made earlier with other settings.
+    fs, root = fsspec.core.url_to_fs(uri, skip_instance_cache=True)
     root = root.rstrip("/")
-    fs.invalidate_cache()  # fsspec reuses filesystem instances and their listings: list afresh
     objects = _listing(fs, root)
     if not objects:
         raise FileNotFoundError(root)
@@ -119,6 +119,7 @@ def _sync(uri: str, model: str, shown: str) -> str:
 def _listing(fs, root: str) -> dict[str, tuple[int, str]]:
     """{path relative to root: (size, version tag)} for every object under root."""
     out = {}
+    fs.invalidate_cache()  # clients keep listings: this one must see the bucket as it is now
     for path, info in fs.find(root, detail=True).items():
         rel = path[len(root):].strip("/")
         if rel and info.get("type", "file") == "file":

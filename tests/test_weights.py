@@ -7,8 +7,10 @@ MinIO or Ceph; the fake's own request log tells which objects were downloaded (G
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -19,7 +21,7 @@ import httpx
 import pytest
 
 from serve_app.weights import WeightsError, sync
-from tests.processes import REPO, free_port, kill_group, quill_serve, registry_entry, write_registry
+from tests.processes import REPO, free_port, kill_group, registry_entry, start_quill_serve, write_registry
 
 BUCKET = "quill-weights"
 KEY_ID = "quill-test-key-id"
@@ -50,14 +52,15 @@ class FakeS3:
         return len(re.findall(rf"GET /{BUCKET}/{re.escape(prefix)}/[^ ?]+ HTTP", self.log.read_text()))
 
 
-@pytest.fixture(scope="module")
-def fake_s3(tmp_path_factory):
+@contextlib.contextmanager
+def moto_server(workdir: Path, **server_env: str):
+    """A fake S3 (moto's server mode) on a free loopback port; yields the client environment."""
     port = free_port()
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    log = workdir / f"moto-{port}.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                                env=dict(os.environ, PYTHONUNBUFFERED="1", **server_env))
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": KEY_ID,
            "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1"}
     try:
@@ -68,11 +71,16 @@ def fake_s3(tmp_path_factory):
             while "Running on" not in log.read_text():
                 assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
                 time.sleep(0.1)
-            s3 = FakeS3(env, log)
-            s3.fs().mkdir(BUCKET)
-            yield s3
+            yield FakeS3(env, log)
     finally:
         kill_group(proc, grace=5)
+
+
+@pytest.fixture(scope="module")
+def fake_s3(tmp_path_factory):
+    with moto_server(tmp_path_factory.mktemp("moto")) as s3:
+        s3.fs().mkdir(BUCKET)
+        yield s3
 
 
 @pytest.fixture
@@ -171,17 +179,33 @@ def test_a_checkpoint_that_cannot_be_fetched_is_a_clear_error_without_credential
     assert info.value.__cause__ is None and info.value.__suppress_context__  # no client traceback chained
 
 
+def test_denied_access_is_a_clear_error_without_credentials(tmp_path, weights_dir):
+    # This fake S3 checks signatures against its own IAM, where our key does not exist: 403.
+    with moto_server(tmp_path, INITIAL_NO_AUTH_ACTION_COUNT="0"):
+        with pytest.raises(WeightsError) as info:
+            sync(f"s3://{BUCKET}/tiny", "tiny")
+    message = str(info.value)
+    assert message.startswith(f"model 'tiny': cannot fetch s3://{BUCKET}/tiny: access denied"), message
+    assert SECRET not in message and KEY_ID not in message
+
+
 @pytest.mark.integration
 def test_quill_serve_loads_a_model_from_the_fake_s3_and_reuses_the_cache(fake_s3, tiny, tmp_path):
     uri = fake_s3.upload(tiny, "served")
     registry = write_registry(tmp_path / "registry.yaml", [registry_entry("tiny-s3", uri)])
     env = {**fake_s3.env, "QUILL_WEIGHTS_DIR": str(tmp_path / "weights")}
     for _ in range(2):
-        with quill_serve(registry, tmp_path, env=env) as server:
+        server = start_quill_serve(registry, tmp_path, env=env)
+        try:
             r = httpx.post(f"{server.url}/v1/completions", timeout=60,
                            json={"model": "tiny-s3", "prompt": "Once upon a time", "max_tokens": 4})
             assert r.status_code == 200, r.text
             assert r.json()["usage"]["completion_tokens"] == 4
+            # Ctrl-C's way (the server alone): about 8 s here, where a group kill waits ~40 s on Serve.
+            server.proc.send_signal(signal.SIGTERM)
+            server.proc.wait(90)
+        finally:
+            kill_group(server.proc)
         # The second start listed the bucket and loaded the cached copy: no object fetched again.
         assert fake_s3.object_gets("served") == len(files(tiny))
 
