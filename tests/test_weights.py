@@ -20,7 +20,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serve_app.weights import WeightsError, sync
+from serve_app.config import ModelEntry
+from serve_app.weights import WeightsError, local_entry, sync
 from tests.processes import REPO, free_port, kill_group, registry_entry, start_quill_serve, write_registry
 
 BUCKET = "quill-weights"
@@ -112,6 +113,14 @@ def test_first_sync_downloads_then_an_unchanged_checkpoint_is_not_fetched_again(
     assert fake_s3.object_gets("reuse") == n
     assert sync(uri, "tiny") == first
     assert fake_s3.object_gets("reuse") == n  # a listing only, no object downloaded twice
+
+
+def test_bucket_sources_and_adapters_are_loaded_from_the_cache_and_others_left_alone(fake_s3, tiny, weights_dir):
+    uri = fake_s3.upload(tiny, "entry")
+    local = local_entry(ModelEntry(name="m", source=uri, adapter=uri))
+    assert local.source == local.adapter and files(local.adapter) == files(tiny)
+    untouched = ModelEntry(name="m", source="hf://gpt2", adapter=str(tiny))
+    assert local_entry(untouched) == untouched
 
 
 def test_a_changed_object_is_fetched_again_and_replaces_the_old_copy(fake_s3, tiny, weights_dir):
