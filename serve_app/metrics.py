@@ -210,8 +210,11 @@ def render_local() -> bytes:
 
 
 # Labels Ray adds that only make the local page harder to read; the replica and node labels
-# stay, so series from different processes remain distinct and can be summed.
+# stay, so series from different processes remain distinct and can be summed. Ray Serve's own
+# series keep WorkerId: some (the controller's) carry no replica label to tell a restarted
+# process's series from the one it replaced.
 _DROP_LABELS = {"Component", "SessionName", "Version", "WorkerId", "JobId"}
+_SERVE_DROP_LABELS = _DROP_LABELS - {"WorkerId"}
 
 
 def _rename(name: str) -> str:
@@ -240,6 +243,7 @@ def filter_quill_families(texts: Iterable[str]) -> bytes:
             if not fam.name.startswith(_KEPT_PREFIXES):
                 continue
             name = _rename(fam.name)
+            drop = _DROP_LABELS if name.startswith("quill_") else _SERVE_DROP_LABELS
             target = collector.families.get(name)
             if target is None:
                 fam.name = name
@@ -248,9 +252,7 @@ def filter_quill_families(texts: Iterable[str]) -> bytes:
             else:
                 samples = fam.samples
             for s in samples:
-                labels = {
-                    k: v for k, v in s.labels.items() if k not in _DROP_LABELS and not k.startswith("otel_")
-                }
+                labels = {k: v for k, v in s.labels.items() if k not in drop and not k.startswith("otel_")}
                 target.samples.append(s._replace(name=_rename(s.name), labels=labels))
     registry = CollectorRegistry()
     registry.register(collector)

@@ -262,7 +262,10 @@ def test_cluster_metrics_are_merged_renamed_and_trimmed():
 
     other_node = RAY_EXPORT.replace("10.0.0.1", "10.0.0.2").replace('replica="r1"', 'replica="r2"')
     text = filter_quill_families([RAY_EXPORT, other_node]).decode()
-    assert "ray_" not in text and "WorkerId" not in text and "otel_scope" not in text
+    assert "ray_quill" not in text and "otel_scope" not in text
+    assert not [line for line in text.splitlines() if line.startswith("quill_") and "WorkerId" in line]
+    # Ray Serve's own series pass through under their names (the shipped rules use them).
+    assert 'ray_serve_num_http_requests_total{route="/"} 7.0' in text
     assert text.count("# TYPE quill_requests_total counter") == 1
     assert 'quill_requests_total{NodeAddress="10.0.0.1",application="quill",deployment="model-a",model="a",replica="r1",status="ok"} 3.0' in text
     assert 'replica="r2"' in text  # both replicas' series kept, to be summed by the reader
