@@ -31,11 +31,13 @@ def free_port() -> int:
 
 
 def kill_group(proc: subprocess.Popen, grace: float = 45) -> None:
-    """SIGTERM (a clean Serve shutdown), then SIGKILL for the whole process group: Ray's own
-    processes (gcs, raylet, workers) were started in the server's session, so none leaks."""
+    """SIGTERM to the process itself (`quill serve` drains and takes its own Ray down: 7.7 s
+    here, against about 40 s when every Ray process got the signal at once and the server could
+    no longer reach them), then SIGKILL for the whole process group: Ray's own processes (gcs,
+    raylet, workers) were started in the server's session, so none leaks."""
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGTERM)
+            proc.send_signal(signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(grace)
     with contextlib.suppress(ProcessLookupError, PermissionError):
