@@ -140,13 +140,18 @@ class Server:
         return time.monotonic() - t0
 
     def stop(self) -> None:
-        for sig, wait in ((signal.SIGTERM, 60), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(self.proc.pid, sig)
-                self.proc.wait(wait)
-                return
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                continue
+        # SIGTERM to the server alone: it drains and stops its own Ray (signalling every Ray
+        # process at once leaves it unable to, and the stop takes ~40 s instead of ~8 s).
+        try:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # whatever of its Ray is left
+        except ProcessLookupError:
+            pass
+        self.proc.wait(10)
 
 
 def metric_sum(text: str, name: str) -> float:
