@@ -20,7 +20,9 @@ import os
 from typing import Any, AsyncIterator
 
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
+from ray.serve.schema import ReplicaState
 
 from serve_app.cache import DEFAULT_MAX_ENTRIES, DEFAULT_TTL, make_store
 from serve_app.config import DEFAULT_REGISTRY, INGRESS_CPUS, ModelEntry, Registry, load_registry, parse_registry
@@ -28,6 +30,7 @@ from serve_app.engine.types import Delta, GenerationRequest
 from serve_app.ingress import Service, create_app
 from serve_app.metrics import render_cluster_metrics
 from serve_app.model_server import Failure, ModelServer
+from serve_app.protocol import ApiError
 
 APP_NAME = "quill"
 
@@ -48,6 +51,11 @@ class HandleBackend:
                 for delta in item:  # one engine step's deltas for this request
                     yield delta
             finished = True
+        except RayActorError:
+            # The replica's process or node died mid-call. Ray's message names actor ids and
+            # addresses, which no response may carry; say what happened instead.
+            raise ApiError(503, "model_unavailable", f"model {self.entry.name!r} lost the replica serving "
+                           "this request (its process or node died); retry") from None
         finally:
             if not finished:
                 # The caller stopped early (client gone, cancelled, error): cancel the call on
@@ -55,11 +63,18 @@ class HandleBackend:
                 responses.cancel()
 
     async def ready(self, timeout: float) -> bool:
-        try:
-            await asyncio.wait_for(self.handle.ready.remote(), timeout)
+        """At least one replica is running (so its model has loaded), as Serve's controller sees
+        it: asking the controller, not a replica, never queues behind a busy replica's batch, and
+        it turns false when the node holding the replicas dies. A model that may scale to zero is
+        ready without replicas: the next request starts one."""
+        if self.entry.autoscaling.min_replicas == 0:
             return True
-        except Exception:  # not loaded yet, or the replica is gone
+        try:
+            status = await asyncio.wait_for(asyncio.to_thread(serve.status), timeout)
+            deployment = status.applications[self.handle.app_name].deployments[self.handle.deployment_name]
+        except Exception:  # controller busy or restarting, app not deployed yet
             return False
+        return deployment.replica_states.get(ReplicaState.RUNNING, 0) > 0
 
 
 @serve.deployment
@@ -87,9 +102,14 @@ class Ingress:
 
 def deployment_options(entry: ModelEntry) -> dict[str, Any]:
     a = entry.autoscaling
+    actor = {"num_cpus": entry.cpus_per_replica, "num_gpus": entry.gpus_per_replica}
+    if entry.resources:
+        actor["resources"] = dict(entry.resources)
+    # Passed only when set, so an unset one stays Serve's own default.
+    delays = a.model_dump(include={"upscale_delay_s", "downscale_delay_s", "look_back_period_s"}, exclude_none=True)
     return {
         "name": f"model-{entry.name}",
-        "ray_actor_options": {"num_cpus": entry.cpus_per_replica, "num_gpus": entry.gpus_per_replica},
+        "ray_actor_options": actor,
         # The engine queues and batches itself; let Serve hand it a full batch plus its queue,
         # so overload surfaces as the engine's 503 rather than a silent wait in the router.
         "max_ongoing_requests": entry.engine.max_batch_size + entry.engine.max_waiting,
@@ -98,6 +118,7 @@ def deployment_options(entry: ModelEntry) -> dict[str, Any]:
             "initial_replicas": max(1, a.min_replicas),
             "max_replicas": a.max_replicas,
             "target_ongoing_requests": a.target_ongoing_requests,
+            **delays,
         },
         # The engine steps in its own thread, so a busy replica still answers health checks;
         # the slack is for small, oversubscribed nodes where a check can wait for the GIL.
@@ -123,7 +144,10 @@ def cache_settings() -> dict:
 
 def build_app(registry: Registry, cache: dict | None = None):
     handles = {m.name: ModelServerDeployment.options(**deployment_options(m)).bind(m.model_dump()) for m in registry.models}
-    ingress = Ingress.options(ray_actor_options={"num_cpus": INGRESS_CPUS})
+    # The ingress lives on the head node, beside Serve's controller (pinned the same way): losing
+    # a worker node then costs only the model replicas on it, and the API still answers for them.
+    on_head = {"node:__internal_head__": 0.001}
+    ingress = Ingress.options(ray_actor_options={"num_cpus": INGRESS_CPUS, "resources": on_head})
     return ingress.bind(registry.model_dump(), handles, cache if cache is not None else cache_settings())
 
 

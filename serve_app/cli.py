@@ -6,7 +6,9 @@
 
 `serve` validates the registry before anything starts, brings up a local Ray (or joins the
 cluster at --address / RAY_ADDRESS), deploys the app, prints the URL once every model has
-loaded, and serves until SIGINT or SIGTERM, then shuts Ray Serve and Ray down.
+loaded, and serves until SIGINT or SIGTERM, then shuts its local Ray Serve and Ray down (on a
+cluster joined with --address it deletes only its own application: the cluster and any other
+applications on it keep running).
 The other commands are front doors: they import their module only when called.
 """
 from __future__ import annotations
@@ -143,12 +145,16 @@ def serve_main(argv: list[str]) -> int:
         # the process without shutting Serve down.
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGTERM, on_signal)
-        serve.start(http_options={"host": args.host, "port": args.port})
+        # The proxy runs on the head node only: that is the address printed below, and several
+        # Ray nodes on one machine would otherwise each try to bind the same port.
+        serve.start(proxy_location="HeadOnly", http_options={"host": args.host, "port": args.port})
         app = app_module.get()
         serve.run(app.build_app(registry), name=app.APP_NAME, route_prefix="/")
         url = f"http://{args.host}:{args.port}"
+        # The Ray address lets `ray status --address` or `serve.status()` look inside a local run.
         print(f"Quill is serving {', '.join(registry.names)} at {url} "
-              f"(ready in {time.monotonic() - t0:.1f} s; Ctrl-C to stop)", flush=True)
+              f"(ready in {time.monotonic() - t0:.1f} s; Ray at {ray.get_runtime_context().gcs_address}; "
+              "Ctrl-C to stop)", flush=True)
         while not stop.wait(1.0):
             pass
     except (_Stop, KeyboardInterrupt):
@@ -173,6 +179,11 @@ def _local_fit_problem(registry, num_cpus: float) -> str | None:
         return (f"the registry needs {need_cpus:g} logical CPUs to start (ingress plus cpus_per_replica "
                 f"x min_replicas per model) but Ray has {num_cpus:g}; lower cpus_per_replica in the "
                 "registry or pass --num-cpus.")
+    placed = [m for m in registry.models if m.resources]
+    if placed:
+        return (f"model {placed[0].name!r} asks for the Ray resources {placed[0].resources}, which only "
+                "nodes started with them have (`ray start --resources`); serve it on such a cluster "
+                "with --address, or remove `resources` from the registry.")
     have_gpus = _local_gpu_count() if need_gpus else 0
     if need_gpus > have_gpus + 1e-9:
         return (f"the registry needs {need_gpus:g} GPUs to start (gpus_per_replica x min_replicas per "

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 
 DEFAULT_REGISTRY = "models/registry.yaml"
 
@@ -64,6 +65,11 @@ class Autoscaling(_Section):
     # Ray Serve adds replicas when the mean number of requests in flight per replica exceeds
     # this. A replica batches up to engine.max_batch_size sequences, so keep them close.
     target_ongoing_requests: float = Field(16, gt=0)
+    # How long the load must stay above (below) the target before Serve adds (removes) a
+    # replica, and the window it is averaged over. Unset: Ray Serve's defaults (30, 600, 30 s).
+    upscale_delay_s: float | None = Field(None, ge=0)
+    downscale_delay_s: float | None = Field(None, ge=0)
+    look_back_period_s: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _min_le_max(self) -> Autoscaling:
@@ -100,6 +106,9 @@ class Limits(_Section):
     max_n: int = Field(8, ge=1)
 
 
+_RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
 class ModelEntry(_Section):
     # Also the URL postfix (/v1/models/{name}/generate) and the Ray Serve deployment name.
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -109,6 +118,9 @@ class ModelEntry(_Section):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     gpus_per_replica: float = Field(0, ge=0)
     cpus_per_replica: float = Field(1, gt=0)
+    # Custom Ray resources each replica reserves, e.g. {quill-gpu-node: 1}: replicas then run
+    # only on nodes started with that resource (`ray start --resources`, a KubeRay worker group).
+    resources: dict[str, NonNegativeFloat] = Field(default_factory=dict)
     autoscaling: Autoscaling = Autoscaling()
     engine: EngineSection = EngineSection()
     defaults: Defaults = Defaults()
@@ -130,6 +142,14 @@ class ModelEntry(_Section):
         if base is not None and not path.exists():
             raise ValueError(f"local path {path} does not exist")
         return str(path.resolve()) if base is not None else value
+
+    @field_validator("resources")
+    @classmethod
+    def _custom_resources(cls, value: dict[str, NonNegativeFloat]) -> dict[str, NonNegativeFloat]:
+        for key in value:
+            if key in _RAY_BUILTIN_RESOURCES:
+                raise ValueError(f"{key!r} is Ray's own resource: use cpus_per_replica / gpus_per_replica")
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelEntry:

@@ -119,7 +119,6 @@ class Service:
         self.flights = SingleFlight(store, on_outcome=lambda model, outcome: metrics.cache.inc(1, model=model, outcome=outcome))
         self.render_metrics = render_metrics
         self.ready_timeout = ready_timeout
-        self._loaded: set[str] = set()
 
     def backend(self, name: str) -> Backend:
         b = self.backends.get(name)
@@ -161,14 +160,12 @@ class Service:
         return chained()
 
     async def readiness(self) -> dict[str, bool]:
-        # "Every model has loaded": once a model has answered, it stays ready. Probing it again
-        # would queue the probe behind a full batch under load, and a readiness probe that
-        # fails under load would take a busy server out of rotation. Serve replaces replicas
-        # that die; that is not this endpoint's business.
-        todo = [n for n in self.backends if n not in self._loaded]
-        oks = await asyncio.gather(*(self.backends[n].ready(self.ready_timeout) for n in todo))
-        self._loaded.update(n for n, ok in zip(todo, oks) if ok)
-        return {n: n in self._loaded for n in self.backends}
+        # Asked afresh each time, so a model whose replicas are lost (a dead node) turns unready
+        # and ready again once Serve has replaced them. A backend must answer this without
+        # queueing behind its model's batch: a probe that fails under load would take a busy
+        # server out of rotation (HandleBackend asks Serve's controller, not a replica).
+        oks = await asyncio.gather(*(b.ready(self.ready_timeout) for b in self.backends.values()))
+        return dict(zip(self.backends, oks))
 
     def model_card(self, entry: ModelEntry) -> dict:
         return {
@@ -281,7 +278,8 @@ def create_app(service: Service) -> FastAPI:
         if all(models.values()):
             return {"status": "ready", "models": models}
         loading = [n for n, ok in models.items() if not ok]
-        raise ApiError(503, "not_ready", f"models still loading: {', '.join(loading)}", models=models)
+        raise ApiError(503, "not_ready", f"models not ready (loading, or no replica running): {', '.join(loading)}",
+                       models=models)
 
     @app.get("/metrics")
     async def metrics():

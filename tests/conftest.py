@@ -9,8 +9,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 GPT2_TOKENIZER_DIR = REPO_ROOT / "models" / "gpt2-tokenizer"
 
 
-def save_tiny_gpt2(path: Path, seed: int = 0) -> Path:
-    """Save a tiny random GPT-2 (2 layers, 64 wide) with GPT-2's real tokenizer (safetensors).
+def save_tiny_gpt2(path: Path, seed: int = 0, **config) -> Path:
+    """Save a tiny random GPT-2 (2 layers, 64 wide, 256 positions; `config` overrides GPT2Config
+    fields) with GPT-2's real tokenizer (safetensors).
 
     The tokenizer is loaded with `from_pretrained` on the folder: constructing GPT2TokenizerFast
     from vocab/merges files in transformers 5 silently encodes everything to [].
@@ -20,7 +21,8 @@ def save_tiny_gpt2(path: Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     # A wide initialiser gives peaked, varied logits: greedy text is not one token repeated.
-    config = GPT2Config(n_layer=2, n_embd=64, n_head=2, n_positions=256, vocab_size=50257, initializer_range=0.3)
+    config = GPT2Config(**{"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 256, "vocab_size": 50257,
+                           "initializer_range": 0.3, **config})
     GPT2LMHeadModel(config).save_pretrained(path)
     AutoTokenizer.from_pretrained(GPT2_TOKENIZER_DIR).save_pretrained(path)
     return path

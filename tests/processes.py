@@ -9,11 +9,14 @@ One place for this, so every integration test starts Quill the same way:
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,3 +113,85 @@ def quill_serve(registry: Path, workdir: Path, *args: str, env: dict | None = No
         yield server
     finally:
         kill_group(server.proc)
+
+
+def wait_until(what: str, check, timeout: float, every: float = 0.5):
+    """Poll `check()` until it returns something truthy, and return that; fail the test naming
+    `what` (and the last error `check` raised, if any) when `timeout` seconds pass first."""
+    deadline, last_error = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        try:
+            result = check()
+            if result:
+                return result
+        except Exception as exc:  # noqa: BLE001 - a service still starting; reported on timeout
+            last_error = exc
+        time.sleep(every)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}" + (f" (last error: {last_error!r})" if last_error else ""))
+
+
+@dataclass
+class RayCluster:
+    """Ray nodes started with `ray start` on this machine; see `ray_cluster`."""
+
+    address: str  # the GCS address: `ray.init(address=...)`, `quill serve --address`
+    dashboard: str  # the head's dashboard URL, where Ray's state API answers
+    workdir: Path
+    temp_dir: Path
+    nodes: list[subprocess.Popen]
+
+    def start_node(self, *args: str) -> subprocess.Popen:
+        """`ray start --block ARGS` in its own session. Every node gets its own agent ports: the
+        nodes share this machine, and other people's Rays may hold Ray's default ports."""
+        ports = ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
+                 "--metrics-export-port")
+        cmd = [str(Path(sys.executable).with_name("ray")), "start", "--block", "--disable-usage-stats",
+               "--node-ip-address", "127.0.0.1", "--temp-dir", str(self.temp_dir),
+               "--object-store-memory", str(200 << 20), *(a for p in ports for a in (p, str(free_port()))), *args]
+        env = dict(os.environ, RAY_AUTH_MODE="disabled", OMP_WAIT_POLICY="PASSIVE")
+        env.pop("RAY_ADDRESS", None)
+        with open(self.workdir / f"ray-node-{len(self.nodes)}.log", "w") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.nodes.append(proc)
+        return proc
+
+    def add_worker(self, num_cpus: int, resources: dict[str, float] | None = None) -> subprocess.Popen:
+        """A worker node joining the head; returns once the head counts it alive."""
+        before = {n.node_id for n in self.alive_nodes()}
+        proc = self.start_node("--address", self.address, "--num-cpus", str(num_cpus),
+                               *(("--resources", json.dumps(resources)) if resources else ()))
+        wait_until("the new Ray worker node to join", lambda: {n.node_id for n in self.alive_nodes()} - before, 90)
+        return proc
+
+    # Filtered here, not with the state API's `filters`: Ray 2.60 reports the dead entries a
+    # filter drops as "data truncation" and raises.
+    def alive_nodes(self) -> list:
+        from ray.util.state import list_nodes
+
+        return [n for n in list_nodes(address=self.dashboard, limit=1000) if n.state == "ALIVE"]
+
+    def alive_actors(self) -> list:
+        from ray.util.state import list_actors
+
+        return [a for a in list_actors(address=self.dashboard, limit=1000) if a.state == "ALIVE"]
+
+
+@contextlib.contextmanager
+def ray_cluster(workdir: Path, num_cpus: int = 1):
+    """A head node (`ray start --head`, with its dashboard for the state API) on private ports;
+    add workers with `add_worker`. Every node is stopped after by killing its process group,
+    never with `ray stop`, which would stop every Ray on the machine."""
+    # Ray's socket paths must stay under 108 bytes: a short temp dir, not pytest's tmp_path.
+    temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    gcs_port, dashboard_port = free_port(), free_port()
+    cluster = RayCluster(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dashboard_port}", workdir, temp_dir, [])
+    try:
+        cluster.start_node("--head", "--port", str(gcs_port), "--num-cpus", str(num_cpus),
+                           "--ray-client-server-port", str(free_port()), "--include-dashboard", "true",
+                           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port))
+        wait_until("the Ray head node to answer", cluster.alive_nodes, 90)
+        yield cluster
+    finally:
+        for proc in reversed(cluster.nodes):
+            kill_group(proc, grace=10)
+        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -87,6 +87,10 @@ BAD = [
     pytest.param("  - name: 'bad name/'\n    source: ckpt\n", ["name", "pattern"], id="bad-name"),
     pytest.param(ENTRY + "    device: tpu\n", ["model 'tiny'", "device"], id="bad-device"),
     pytest.param(ENTRY + "    cpus_per_replica: 0\n", ["cpus_per_replica", "greater than 0"], id="zero-cpus"),
+    pytest.param(ENTRY + "    resources: {GPU: 1}\n", ["model 'tiny'", "resources", "use cpus_per_replica / gpus_per_replica"],
+                 id="builtin-resource"),
+    pytest.param(ENTRY + "    autoscaling: {upscale_delay: 1}\n", ["autoscaling.upscale_delay", "did you mean 'upscale_delay_s'"],
+                 id="autoscaling-typo"),
     pytest.param(ENTRY + "    defaults: {max_tokens: 100}\n    limits: {max_tokens: 50}\n",
                  ["defaults.max_tokens (100) is greater than limits.max_tokens (50)"], id="default-over-limit"),
     pytest.param(ENTRY + "    device: cuda\n", ["device is cuda but gpus_per_replica is 0"], id="cuda-without-gpu"),
@@ -164,6 +168,26 @@ def test_quill_serve_refuses_gpus_this_machine_lacks(tmp_path):
     r = _quill("serve", "--registry", str(path), env_extra={"CUDA_VISIBLE_DEVICES": ""})
     assert r.returncode == 2
     assert "needs 1 GPUs" in r.stderr and "has 0" in r.stderr
+
+
+def test_quill_serve_refuses_custom_resources_a_local_ray_lacks(tmp_path):
+    path = write(tmp_path, "models:\n" + ENTRY + "    resources: {quill-gpu-node: 1}\n")
+    r = _quill("serve", "--registry", str(path))
+    assert r.returncode == 2
+    assert "model 'tiny'" in r.stderr and "quill-gpu-node" in r.stderr and "--address" in r.stderr
+
+
+def test_resources_and_autoscaling_delays_reach_the_serve_options(tmp_path):
+    from serve_app.app import deployment_options
+
+    entry = parse_registry({"models": [{"name": "m", "source": "hf://x", "resources": {"quill-gpu-node": 1},
+                                        "autoscaling": {"max_replicas": 2, "upscale_delay_s": 2, "downscale_delay_s": 5}}]},
+                           tmp_path).models[0]
+    opts = deployment_options(entry)
+    assert opts["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 0, "resources": {"quill-gpu-node": 1}}
+    scaling = opts["autoscaling_config"]
+    assert (scaling["upscale_delay_s"], scaling["downscale_delay_s"]) == (2, 5)
+    assert "look_back_period_s" not in scaling  # unset: Serve's own default
 
 
 def test_quill_help_and_unknown_command():

@@ -1,0 +1,142 @@
+"""`quill serve --address` on a real two-node Ray cluster started on this machine with `ray start`:
+a head node (Serve's controller, the proxy, the ingress) and a worker node that alone has the
+custom resource `quill-gpu-node` (standing in for a GPU node pool), which the model asks for in
+the registry. Losing the worker node must fail the in-flight stream with an error event, turn
+/readyz red for that model, and a new node must bring it back. One cluster and one server for
+the module; the tests run in order.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+import time
+
+import httpx
+import psutil
+import pytest
+
+from tests.conftest import save_tiny_gpt2
+from tests.processes import kill_group, ray_cluster, registry_entry, start_quill_serve, wait_until, write_registry
+
+pytestmark = pytest.mark.integration
+
+NODE_RESOURCE = {"quill-gpu-node": 4}
+REPLICA = "ServeReplica:quill:model-tiny"
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cluster")
+    # n_positions 1024: a stream long enough (seconds, even on a fast box) to be cut mid-way.
+    ckpt = save_tiny_gpt2(root / "tiny", n_positions=1024)
+    registry = write_registry(root / "registry.yaml", [registry_entry(
+        "tiny", ckpt, resources="{quill-gpu-node: 1}", engine="{max_batch_size: 8, max_seq_len: 1024}",
+        limits="{max_prompt_tokens: 64, max_tokens: 900, max_n: 4}")])
+    with ray_cluster(root, num_cpus=1) as cluster:
+        cluster.add_worker(num_cpus=1, resources=NODE_RESOURCE)
+        server = start_quill_serve(registry, root, "--address", cluster.address)
+        try:
+            yield cluster, server
+        finally:
+            kill_group(server.proc)
+
+
+def _placement(cluster) -> dict[str, set[str]]:
+    """Actor class -> the kinds of node its live actors run on ("head", or the worker's resource)."""
+    kinds = {n.node_id: "head" if n.is_head_node else ",".join(k for k in n.resources_total if k in NODE_RESOURCE)
+             for n in cluster.alive_nodes()}
+    out: dict[str, set[str]] = {}
+    for a in cluster.alive_actors():
+        out.setdefault(a.class_name, set()).add(kinds.get(a.node_id, "?"))
+    return out
+
+
+def test_model_replicas_run_on_the_node_with_their_resource_and_the_front_on_the_head(deployed):
+    cluster, server = deployed
+    where = _placement(cluster)
+    assert where.get(REPLICA) == {"quill-gpu-node"}, where
+    assert where.get("ServeReplica:quill:Ingress") == {"head"} and where.get("ProxyActor") == {"head"}, where
+    r = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "Hello", "max_tokens": 5}, timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+    assert server.proc.poll() is None  # `quill serve --address` keeps running, as documented
+
+
+class _Stream(threading.Thread):
+    """One streamed completion, read in the background as (event, data) pairs."""
+
+    def __init__(self, url: str, body: dict):
+        super().__init__(daemon=True)
+        self.url, self.body, self.events, self.error = url, body, [], None
+        self.start()
+
+    def run(self):
+        try:
+            with httpx.stream("POST", self.url + "/v1/completions", json=self.body, timeout=120) as r:
+                event = None
+                for line in r.iter_lines():
+                    if line.startswith("event: "):
+                        event = line[7:]
+                    elif line.startswith("data: "):
+                        self.events.append((event, line[6:]))
+                        event = None
+        except Exception as exc:  # noqa: BLE001 - a cut connection is what the test must not see
+            self.error = exc
+
+
+def _readyz(server) -> tuple[int, dict]:
+    r = httpx.get(server.url + "/readyz", timeout=10)
+    body = r.json()
+    return r.status_code, body.get("models") or body["error"]["models"]
+
+
+def test_losing_the_node_fails_the_stream_with_an_error_event_and_readyz_until_a_new_node_joins(deployed):
+    cluster, server = deployed
+    worker = cluster.nodes[1]
+    stream = _Stream(server.url, {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 900, "stream": True})
+    wait_until("the stream's first tokens", lambda: len(stream.events) >= 5, 60, every=0.01)
+
+    raylet = next(p for p in psutil.Process(worker.pid).children(recursive=True) if p.name() == "raylet")
+    raylet.send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+
+    stream.join(90)
+    assert not stream.is_alive(), "the stream neither finished nor failed 90 s after its node died"
+    ended = time.monotonic() - killed
+    assert stream.error is None, f"the connection was cut instead of ending with an error event: {stream.error!r}"
+    assert stream.events[-1] == (None, "[DONE]")
+    event, data = stream.events[-2]
+    assert event == "error", f"the stream ended without an error event: {stream.events[-3:]}"
+    error = json.loads(data)["error"]
+    assert error["type"] == "model_unavailable" and "tiny" in error["message"], error
+    assert "Actor" not in error["message"] and "127.0.0.1" not in error["message"]  # no Ray internals leak
+    got = sum(1 for e, d in stream.events if e is None and d != "[DONE]")
+    assert 5 <= got < 900, got
+
+    wait_until("/readyz to report the model unready", lambda: _readyz(server) == (503, {"tiny": False}), 90)
+    unready = time.monotonic() - killed
+
+    rejoined = time.monotonic()
+    cluster.add_worker(num_cpus=1, resources=NODE_RESOURCE)
+    wait_until("/readyz to report the model ready on the new node", lambda: _readyz(server) == (200, {"tiny": True}), 180)
+    recovered = time.monotonic() - rejoined
+    r = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "Hello", "max_tokens": 5}, timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+    assert _placement(cluster).get(REPLICA) == {"quill-gpu-node"}
+    print(f"\nnode lost: error event after {ended:.1f} s, /readyz unready after {unready:.1f} s; "
+          f"new node: ready after {recovered:.1f} s", file=sys.stderr)
+
+
+def test_sigterm_deletes_only_the_quill_app_and_leaves_the_cluster_running(deployed):
+    cluster, server = deployed
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(60) == 0, server.log_text()[-2000:]
+    assert len(cluster.alive_nodes()) == 2  # the head and the second worker: nothing was stopped
+
+    def quill_gone():
+        classes = {a.class_name for a in cluster.alive_actors()}
+        return None if any(c.startswith("ServeReplica:quill:") for c in classes) else classes
+
+    classes = wait_until("the quill app's replicas to stop", quill_gone, 60)
+    assert "ServeController" in classes  # Serve itself stays, for other applications
