@@ -104,7 +104,10 @@ def wait_for(prom: str, expr: str, ok, timeout: float = 90) -> list[dict]:
 
 def send_traffic(url: str, rounds: int = 3) -> None:
     def one(model: str, i: int) -> None:
-        body = {"model": model, "prompt": f"The monitoring test {i} says", "max_tokens": 12, "temperature": 0}
+        # One shared opening (over a 16-token block): later rounds hit the prefix cache, so its
+        # counter is exported and the prefix-cache rule and panel name a live series.
+        prompt = f"Every writer resends the same long opening of their document to the model, over and over again; then {i} says"
+        body = {"model": model, "prompt": prompt, "max_tokens": 12, "temperature": 0}
         if i % 2:  # streamed too: the same series must count it
             with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=120) as r:
                 assert r.status_code == 200
