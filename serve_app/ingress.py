@@ -71,12 +71,14 @@ class Accumulator:
     finish: dict[int, str | None] = field(default_factory=dict)
     completion: dict[int, int] = field(default_factory=dict)
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt, served by the engine's prefix cache
     error: str | None = None
 
     def add(self, d: Delta) -> None:
         self.texts[d.index] = self.texts.get(d.index, "") + d.text
         self.completion[d.index] = max(self.completion.get(d.index, 0), d.completion_tokens)
         self.prompt_tokens = max(self.prompt_tokens, d.prompt_tokens)
+        self.cached_tokens = max(self.cached_tokens, d.cached_tokens)
         if d.finish_reason is not None:
             self.finish[d.index] = d.finish_reason
             if d.finish_reason in ("error", "cancelled") and self.error is None:
@@ -87,7 +89,9 @@ class Accumulator:
 
     def usage(self) -> dict:
         done = sum(self.completion.values())
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": done, "total_tokens": self.prompt_tokens + done}
+        # prompt_tokens_details.cached_tokens is OpenAI's own field for prompt-cache hits.
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": done, "total_tokens": self.prompt_tokens + done,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
 
 
 def _map_error(exc: BaseException) -> ApiError:

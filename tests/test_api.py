@@ -51,7 +51,18 @@ def test_completion_shape(app_client):
     assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
     assert [c["index"] for c in body["choices"]] == [0, 1]
     assert all(c["finish_reason"] == "length" for c in body["choices"])  # default max_tokens 8
-    assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 16, "total_tokens": 18}
+    assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 16, "total_tokens": 18,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
+
+
+def test_a_resent_document_reports_the_prompt_tokens_served_from_the_cache(app_client):
+    document = "The dragon circled the tower twice, and the princess, who had read every book in the library, said"
+    first = app_client.post("/v1/completions", json={"model": "tiny-b", "prompt": document, "max_tokens": 2}).json()
+    again = app_client.post("/v1/completions", json={"model": "tiny-b", "prompt": document + " nothing at all",
+                                                     "max_tokens": 2}).json()
+    assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert first["usage"]["prompt_tokens"] >= 17
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == 16  # one whole block
 
 
 def test_prompt_as_token_ids_and_one_element_list(app_client):
