@@ -69,7 +69,9 @@ class Autoscaling(_Section):
     # replica, and the window it is averaged over. Unset: Ray Serve's defaults (30, 600, 30 s).
     upscale_delay_s: float | None = Field(None, ge=0)
     downscale_delay_s: float | None = Field(None, ge=0)
-    look_back_period_s: float | None = Field(None, gt=0)
+    # Serve requires the window to exceed its 10 s metrics interval (a warning in Ray 2.60, an
+    # error in later releases): refused here, naming the field, rather than there.
+    look_back_period_s: float | None = Field(None, gt=10)
 
     @model_validator(mode="after")
     def _min_le_max(self) -> Autoscaling:

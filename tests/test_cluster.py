@@ -116,13 +116,16 @@ def test_losing_the_node_fails_the_stream_with_an_error_event_and_readyz_until_a
 
     wait_until("/readyz to report the model unready", lambda: _readyz(server) == (503, {"tiny": False}), 90)
     unready = time.monotonic() - killed
+    # Sent while the model has no replica: Serve holds it until one runs again.
+    waiting = _Stream(server.url, {"model": "tiny", "prompt": "Hello", "max_tokens": 5, "stream": True})
 
     rejoined = time.monotonic()
     cluster.add_worker(num_cpus=1, resources=NODE_RESOURCE)
     wait_until("/readyz to report the model ready on the new node", lambda: _readyz(server) == (200, {"tiny": True}), 180)
     recovered = time.monotonic() - rejoined
-    r = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "Hello", "max_tokens": 5}, timeout=60)
-    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+    waiting.join(60)
+    assert waiting.error is None and waiting.events[-1] == (None, "[DONE]"), (waiting.error, waiting.events[-3:])
+    assert '"finish_reason":"length"' in waiting.events[-2][1], waiting.events[-3:]
     assert _placement(cluster).get(REPLICA) == {"quill-gpu-node"}
     print(f"\nnode lost: error event after {ended:.1f} s, /readyz unready after {unready:.1f} s; "
           f"new node: ready after {recovered:.1f} s", file=sys.stderr)
