@@ -100,6 +100,12 @@ class Ingress:
             await self.service.flights.close()
 
 
+# The ingress lives on the head node, beside Serve's controller (pinned the same way): losing a
+# worker node then costs only the model replicas on it, and the API still answers for them.
+# kuberay/chart renders the same options (a Serve config replaces ray_actor_options whole).
+INGRESS_ACTOR_OPTIONS = {"num_cpus": INGRESS_CPUS, "resources": {"node:__internal_head__": 0.001}}
+
+
 def deployment_options(entry: ModelEntry) -> dict[str, Any]:
     a = entry.autoscaling
     actor = {"num_cpus": entry.cpus_per_replica, "num_gpus": entry.gpus_per_replica}
@@ -144,10 +150,7 @@ def cache_settings() -> dict:
 
 def build_app(registry: Registry, cache: dict | None = None):
     handles = {m.name: ModelServerDeployment.options(**deployment_options(m)).bind(m.model_dump()) for m in registry.models}
-    # The ingress lives on the head node, beside Serve's controller (pinned the same way): losing
-    # a worker node then costs only the model replicas on it, and the API still answers for them.
-    on_head = {"node:__internal_head__": 0.001}
-    ingress = Ingress.options(ray_actor_options={"num_cpus": INGRESS_CPUS, "resources": on_head})
+    ingress = Ingress.options(ray_actor_options=INGRESS_ACTOR_OPTIONS)
     return ingress.bind(registry.model_dump(), handles, cache if cache is not None else cache_settings())
 
 

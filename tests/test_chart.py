@@ -23,8 +23,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from serve_app.app import deployment_options
-from serve_app.config import INGRESS_CPUS, load_registry
+from serve_app.app import INGRESS_ACTOR_OPTIONS, deployment_options
+from serve_app.config import load_registry
 from serve_app.k8s import CHART_DIR, find_helm
 from tests.processes import free_port, kill_group, registry_entry, write_registry
 
@@ -148,9 +148,13 @@ def test_serve_config_is_a_valid_ray_serve_config_of_the_whole_registry():
 def test_each_model_gets_the_serve_options_quill_serve_gives_it():
     """GPUs, CPUs, autoscaling bounds and target per model: the chart's numbers are the ones
     serve_app.app.deployment_options computes for `quill serve`, defaults included."""
-    for registry in (SHIPPED, GPU_REGISTRY):
-        deployments = {d["name"]: d for d in serve_config(helm_template(registry))["applications"][0]["deployments"]}
-        assert deployments.pop("Ingress")["ray_actor_options"]["num_cpus"] == INGRESS_CPUS
+    placed = _registry_file("placed", [
+        "  - name: placed\n    source: hf://gpt2\n    gpus_per_replica: 1\n    resources: {quill-gpu-node: 1}\n"
+        "    autoscaling: {min_replicas: 0, max_replicas: 3, upscale_delay_s: 5, downscale_delay_s: 60, look_back_period_s: 15}\n"])
+    offer = ("--set", "gpuWorkers.rayResources.quill-gpu-node=1")
+    for registry, args in ((SHIPPED, ()), (GPU_REGISTRY, ()), (placed, offer)):
+        deployments = {d["name"]: d for d in serve_config(helm_template(registry, *args))["applications"][0]["deployments"]}
+        assert deployments.pop("Ingress")["ray_actor_options"] == INGRESS_ACTOR_OPTIONS
         models = load_registry(registry).models
         assert set(deployments) == {f"model-{m.name}" for m in models}
         for m in models:
@@ -194,6 +198,22 @@ def test_fractional_gpus_pack_within_one_gpu():
         "    autoscaling: {min_replicas: 1, max_replicas: 5}\n"])
     groups = worker_groups(helm_template(reg, "--set", "gpuWorkers.gpusPerPod=2"))
     assert groups["gpu"]["maxReplicas"] == math.ceil(5 / 4) == 2
+
+
+def test_custom_ray_resources_must_be_offered_by_a_worker_group():
+    """A model placed by `resources:` runs only where a pod offers that resource: the chart
+    starts the group's pods with it, and sizes the group by it."""
+    reg = _registry_file("custom", [
+        "  - name: a100-model\n    source: s3://b/m\n    gpus_per_replica: 0.5\n    resources: {quill-a100: 1}\n"
+        "    autoscaling: {min_replicas: 1, max_replicas: 4}\n"])
+    out = helm("template", "quill", str(CHART_DIR), "--set-file", f"registry={reg}")
+    assert out.returncode != 0
+    assert '"a100-model": resources: quill-a100 is offered by no gpu worker pod' in out.stderr
+    docs = helm_template(reg, "--set", "gpuWorkers.rayResources.quill-a100=2")
+    validate_all(docs)
+    gpu = worker_groups(docs)["gpu"]
+    assert json.loads(json.loads(gpu["rayStartParams"]["resources"])) == {"quill-a100": 2}
+    assert gpu["maxReplicas"] == 2  # two 0.5-GPU replicas per pod, each taking one of its two quill-a100
 
 
 def test_worker_bounds_can_be_overridden():

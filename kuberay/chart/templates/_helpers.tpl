@@ -120,6 +120,19 @@ replica of more than one GPU needs whole GPUs. */ -}}
 {{- end -}}
 {{- $perPod = min $byGpu $perPod -}}
 {{- end -}}
+{{- $w := ternary $gw $cw (eq $group "gpu") -}}
+{{- range $res, $amount := (get $m "resources" | default dict) -}}
+{{- $offered := float64 (get ($w.rayResources | default dict) $res | default 0) -}}
+{{- if le $offered 0.0 -}}
+{{- fail (printf "%s: resources: %s is offered by no %s worker pod (set %sWorkers.rayResources)" $where $res $group $group) -}}
+{{- end -}}
+{{- if gt (float64 $amount) 0.0 -}}
+{{- $perPod = min $perPod (int (floor (addf (divf $offered (float64 $amount)) 0.000001))) -}}
+{{- end -}}
+{{- if lt $perPod 1 -}}
+{{- fail (printf "%s: resources: %s %v fits no %s worker pod (%sWorkers.rayResources offers %v)" $where $res $amount $group $group $offered) -}}
+{{- end -}}
+{{- end -}}
 {{- /* Each replica takes 1/perPod of a pod; pods for the group = that summed over every
 replica, rounded up, so the group holds every model at its max_replicas at once. */ -}}
 {{- $_ := set $acc (printf "%sMax" $group) (addf (get $acc (printf "%sMax" $group)) (divf $max $perPod)) -}}
