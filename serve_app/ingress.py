@@ -94,7 +94,7 @@ class Accumulator:
                 "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
 
 
-def _map_error(exc: BaseException) -> ApiError:
+def to_api_error(exc: BaseException) -> ApiError:
     if isinstance(exc, ApiError):
         return exc
     if isinstance(exc, RequestRejected):
@@ -143,7 +143,7 @@ class Service:
         try:
             params: SamplingParams = body.to_sampling(backend.entry)
         except RequestRejected as exc:
-            raise _map_error(exc) from None
+            raise to_api_error(exc) from None
         request = GenerationRequest(prompt=prompt, params=params)
         key = cache_key(model, prompt, params) if use_cache else None
         stream = self.flights.stream(key, model, request.request_id, lambda: backend.stream(request))
@@ -153,7 +153,7 @@ class Service:
             raise ApiError(500, "internal_error", "the model returned nothing") from None
         except Exception as exc:
             await stream.aclose()
-            raise _map_error(exc) from None
+            raise to_api_error(exc) from None
 
         async def chained() -> AsyncIterator[Delta]:
             async with contextlib.aclosing(stream):
@@ -187,7 +187,7 @@ def _sse_error(exc: BaseException | str) -> str:
     if isinstance(exc, str):
         body = error_body("generation_error", exc)
     else:
-        body = _map_error(exc).body()
+        body = to_api_error(exc).body()
     # `event: error` with an {"error": ...} payload: the OpenAI SDK raises it as an APIError.
     return _sse(body, "error")
 
@@ -270,7 +270,7 @@ def create_app(service: Service) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def _internal(_: Request, exc: Exception):
-        return JSONResponse(_map_error(exc).body(), status_code=500)
+        return JSONResponse(to_api_error(exc).body(), status_code=500)
 
     @app.get("/healthz")
     async def healthz():

@@ -16,13 +16,20 @@ import logging
 from fastapi import WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
-from serve_app.protocol import ApiError, WsCancel, WsGenerate
+from serve_app.ingress import Accumulator, to_api_error
+from serve_app.protocol import WsCancel, WsGenerate
 
 log = logging.getLogger("quill.websocket")
 
 
 def _error(id_: str | None, type_: str, message: str) -> dict:
     return {"type": "error", "id": id_, "error": {"type": type_, "message": message}}
+
+
+def _error_from(id_: str | None, exc: BaseException) -> dict:
+    """The same error type and message the HTTP routes give for this exception."""
+    err = to_api_error(exc)
+    return _error(id_, err.type, err.message)
 
 
 def _validation_message(exc: ValidationError) -> str:
@@ -59,46 +66,26 @@ class _Socket:
     async def run(self, msg: WsGenerate) -> None:
         try:
             stream = await self.service.open_stream(msg.model, msg.prompt, msg)
-        except ApiError as exc:
-            await self.send({"type": "error", "id": msg.id, "error": {"type": exc.type, "message": exc.message}})
-            return
         except Exception as exc:  # never leave the client without an answer
-            log.exception("generation %s failed to start", msg.id)
-            await self.send(_error(msg.id, "internal_error", f"{type(exc).__name__}: {exc}"))
+            await self.send(_error_from(msg.id, exc))
             return
-        texts: dict[int, str] = {}
-        reasons: dict[int, str | None] = {}
-        counts: dict[int, int] = {}
-        prompt_tokens = 0
-        pushed_at = 0
-        n = msg.n
+        acc, pushed_at, n = Accumulator(), 0, msg.n
         try:
             async with contextlib.aclosing(stream):
                 async for d in stream:
-                    texts[d.index] = texts.get(d.index, "") + d.text
-                    counts[d.index] = max(counts.get(d.index, 0), d.completion_tokens)
-                    prompt_tokens = max(prompt_tokens, d.prompt_tokens)
-                    if d.finish_reason is not None:
-                        reasons[d.index] = d.finish_reason
-                        if d.finish_reason in ("error", "cancelled"):
-                            await self.send(_error(msg.id, "generation_error", d.error or f"generation {d.finish_reason}"))
-                            return
-                    progress = max(counts.values())
-                    if progress - pushed_at >= msg.every and len(reasons) < n:
+                    acc.add(d)
+                    if acc.error is not None:
+                        await self.send(_error(msg.id, "generation_error", acc.error))
+                        return
+                    progress = max(acc.completion.values())
+                    if progress - pushed_at >= msg.every and len(acc.finish) < n:
                         pushed_at = progress
-                        await self.send({"type": "suggestions", "id": msg.id,
-                                         "texts": [texts.get(i, "") for i in range(n)], "done": False})
-        except Exception as exc:
-            log.warning("generation %s failed: %s", msg.id, exc)
-            await self.send(_error(msg.id, "internal_error", f"{type(exc).__name__}: {exc}"))
+                        await self.send({"type": "suggestions", "id": msg.id, "texts": acc.ordered(n)[0], "done": False})
+        except Exception as exc:  # e.g. the replica died mid-stream: model_unavailable
+            await self.send(_error_from(msg.id, exc))
             return
-        done = sum(counts.values())
-        await self.send({
-            "type": "done", "id": msg.id,
-            "texts": [texts.get(i, "") for i in range(n)],
-            "finish_reasons": [reasons.get(i) for i in range(n)],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done},
-        })
+        texts, reasons = acc.ordered(n)
+        await self.send({"type": "done", "id": msg.id, "texts": texts, "finish_reasons": reasons, "usage": acc.usage()})
 
     async def handle(self, raw: str) -> None:
         try:

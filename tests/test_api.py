@@ -337,3 +337,36 @@ async def test_handle_backend_flattens_steps_maps_failures_and_cancels_early_exi
     assert b.handle.responses.cancelled
 
     # ready() asks Serve's controller, not the replica: tests/test_cluster.py checks it on a real cluster.
+
+
+class _DiesMidStream:
+    """A backend whose replica dies after the first token (a FAKE: the real case, a killed Ray
+    node, is in tests/test_cluster.py)."""
+
+    def __init__(self, entry):
+        self.entry = entry
+
+    async def stream(self, request):
+        from serve_app.protocol import ApiError
+
+        yield Delta(request.request_id, 0, "Once", (1,), None, 3, 1)
+        raise ApiError(503, "model_unavailable", "model 'lost' lost the replica serving this request; retry")
+
+    async def ready(self, timeout):
+        return True
+
+
+def test_a_replica_lost_mid_stream_is_the_same_error_on_sse_and_websocket():
+    registry = parse_registry({"models": [{"name": "lost", "source": "hf://gpt2", "limits": {"max_n": 1}}]}, None)
+    service = Service(registry, {"lost": _DiesMidStream(registry.models[0])})
+    with TestClient(create_app(service)) as client:
+        r = client.post("/v1/completions", json={"model": "lost", "prompt": "Hi", "stream": True})
+        events = sse_events(r.text)
+        assert events[-2][0] == "error" and json.loads(events[-2][1])["error"]["type"] == "model_unavailable"
+        assert events[-1] == (None, "[DONE]")
+        with client.websocket_connect("/v1/stream") as ws:
+            ws.send_text(json.dumps({"type": "generate", "id": "w", "model": "lost", "prompt": "Hi", "every": 1}))
+            msgs = [json.loads(ws.receive_text()) for _ in range(2)]
+        assert msgs[0]["type"] == "suggestions" and msgs[0]["texts"] == ["Once"]
+        assert msgs[1] == {"type": "error", "id": "w", "error": {
+            "type": "model_unavailable", "message": "model 'lost' lost the replica serving this request; retry"}}
