@@ -110,6 +110,14 @@ def worker_groups(docs: list[dict]) -> dict[str, dict]:
     return {g["groupName"]: g for g in spec["workerGroupSpecs"]}
 
 
+@pytest.fixture
+def registry_file(tmp_path):
+    """Write a registry of raw YAML entries into the test's own folder."""
+    def write(name: str, entries: list[str]) -> Path:
+        return write_registry(tmp_path / f"{name}.yaml", entries)
+    return write
+
+
 # --- the tests ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("registry,values", [(SHIPPED, None), (GPU_REGISTRY, GPU_VALUES)], ids=["shipped", "gpu"])
@@ -145,10 +153,10 @@ def test_serve_config_is_a_valid_ray_serve_config_of_the_whole_registry():
     assert app["args"]["models"] == raw["models"]  # the registry itself, inline
 
 
-def test_each_model_gets_the_serve_options_quill_serve_gives_it():
+def test_each_model_gets_the_serve_options_quill_serve_gives_it(registry_file):
     """GPUs, CPUs, autoscaling bounds and target per model: the chart's numbers are the ones
     serve_app.app.deployment_options computes for `quill serve`, defaults included."""
-    placed = _registry_file("placed", [
+    placed = registry_file("placed", [
         "  - name: placed\n    source: hf://gpt2\n    gpus_per_replica: 1\n    resources: {quill-gpu-node: 1}\n"
         "    autoscaling: {min_replicas: 0, max_replicas: 3, upscale_delay_s: 5, downscale_delay_s: 60, look_back_period_s: 15}\n"])
     offer = ("--set", "gpuWorkers.rayResources.quill-gpu-node=1")
@@ -190,20 +198,20 @@ def test_gpu_worker_group_covers_every_model_at_its_peak_and_the_head_has_no_gpu
     assert "nvidia.com/gpu" not in {**head_resources.get("limits", {}), **head_resources.get("requests", {})}
 
 
-def test_fractional_gpus_pack_within_one_gpu():
+def test_fractional_gpus_pack_within_one_gpu(registry_file):
     """Ray places a 0.4-GPU replica within one GPU: two per GPU, so 5 replicas on 2-GPU pods need
     2 pods (4 per pod), not 1 (five 0.4s would be 2 GPUs only if they could straddle GPUs)."""
-    reg = _registry_file("frac", [
+    reg = registry_file("frac", [
         "  - name: m\n    source: s3://b/m\n    gpus_per_replica: 0.4\n    cpus_per_replica: 1\n"
         "    autoscaling: {min_replicas: 1, max_replicas: 5}\n"])
     groups = worker_groups(helm_template(reg, "--set", "gpuWorkers.gpusPerPod=2"))
     assert groups["gpu"]["maxReplicas"] == math.ceil(5 / 4) == 2
 
 
-def test_custom_ray_resources_must_be_offered_by_a_worker_group():
+def test_custom_ray_resources_must_be_offered_by_a_worker_group(registry_file):
     """A model placed by `resources:` runs only where a pod offers that resource: the chart
     starts the group's pods with it, and sizes the group by it."""
-    reg = _registry_file("custom", [
+    reg = registry_file("custom", [
         "  - name: a100-model\n    source: s3://b/m\n    gpus_per_replica: 0.5\n    resources: {quill-a100: 1}\n"
         "    autoscaling: {min_replicas: 1, max_replicas: 4}\n"])
     out = helm("template", "quill", str(CHART_DIR), "--set-file", f"registry={reg}")
@@ -254,17 +262,6 @@ def test_render_k8s_prints_what_helm_template_prints(tmp_path):
     assert yaml.safe_load(only.stdout) == serve_config(helm_template(GPU_REGISTRY))
 
 
-def _registry_file(name: str, entries: list[str]) -> Path:
-    path = _registry_file.root / f"{name}.yaml"
-    path.write_text("models:\n" + "".join(entries))
-    return path
-
-
-@pytest.fixture(autouse=True)
-def _registry_root(tmp_path):
-    _registry_file.root = tmp_path
-
-
 BAD = {
     "min-above-max": ("    gpus_per_replica: 1\n    autoscaling: {min_replicas: 3, max_replicas: 2}\n",
                       ["autoscaling", "min_replicas (3) is greater than max_replicas (2)"]),
@@ -275,9 +272,9 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
-def test_a_registry_the_cluster_cannot_run_is_refused_naming_model_and_field(case):
+def test_a_registry_the_cluster_cannot_run_is_refused_naming_model_and_field(case, registry_file):
     extra, expected = BAD[case]
-    reg = _registry_file(case, ["  - name: ok-model\n    source: hf://gpt2\n",
+    reg = registry_file(case, ["  - name: ok-model\n    source: hf://gpt2\n",
                                 f"  - name: bad-model\n    source: s3://bucket/m\n{extra}"])
     for out in (helm("template", "quill", str(CHART_DIR), "--set-file", f"registry={reg}"),
                 render_k8s("--registry", str(reg))):
@@ -288,8 +285,8 @@ def test_a_registry_the_cluster_cannot_run_is_refused_naming_model_and_field(cas
         assert "Traceback" not in out.stderr
 
 
-def test_an_unknown_uri_scheme_is_refused_naming_model_and_field():
-    reg = _registry_file("scheme", ["  - name: ftp-model\n    source: hf://gpt2\n    adapter: ftp://host/adapter\n"])
+def test_an_unknown_uri_scheme_is_refused_naming_model_and_field(registry_file):
+    reg = registry_file("scheme", ["  - name: ftp-model\n    source: hf://gpt2\n    adapter: ftp://host/adapter\n"])
     for out in (helm("template", "quill", str(CHART_DIR), "--set-file", f"registry={reg}"),
                 render_k8s("--registry", str(reg))):
         assert out.returncode != 0
