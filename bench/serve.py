@@ -106,9 +106,9 @@ def _free_port() -> int:
 
 
 def write_registry(path: Path, checkpoint: Path, args, cache_tokens: int) -> Path:
-    cpus = max(0.5, (os.cpu_count() or 2) / args.replicas - 0.1)
+    # No cpus_per_replica: `quill serve` shares the machine among the replicas, as a user gets it.
     entry = {
-        "name": MODEL, "source": str(checkpoint), "cpus_per_replica": round(cpus, 2),
+        "name": MODEL, "source": str(checkpoint),
         "autoscaling": {"min_replicas": args.replicas, "max_replicas": args.replicas},
         "engine": {"max_batch_size": 16, "max_seq_len": 1024, "prefix_cache_tokens": cache_tokens},
         "defaults": {"max_tokens": args.max_tokens, "temperature": 0},

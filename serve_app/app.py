@@ -108,7 +108,7 @@ INGRESS_ACTOR_OPTIONS = {"num_cpus": INGRESS_CPUS, "resources": {"node:__interna
 
 def deployment_options(entry: ModelEntry) -> dict[str, Any]:
     a = entry.autoscaling
-    actor = {"num_cpus": entry.cpus_per_replica, "num_gpus": entry.gpus_per_replica}
+    actor = {"num_cpus": entry.cpus, "num_gpus": entry.gpus_per_replica}
     if entry.resources:
         actor["resources"] = dict(entry.resources)
     # Passed only when set, so an unset one stays Serve's own default.

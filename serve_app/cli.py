@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 
-from serve_app.config import DEFAULT_REGISTRY, RegistryError, load_registry, required_cpus, required_gpus
+from serve_app.config import DEFAULT_REGISTRY, RegistryError, load_registry, required_cpus, required_gpus, share_cpus
 
 
 def _free_port() -> int:
@@ -100,6 +100,8 @@ def serve_main(argv: list[str]) -> int:
 
     local = not args.address
     num_cpus = args.num_cpus or float(os.cpu_count() or 1)
+    if local:
+        registry = share_cpus(registry, num_cpus)
     problem = _local_fit_problem(registry, num_cpus) if local else None
     if problem:
         print(f"quill serve: {problem}", file=sys.stderr)

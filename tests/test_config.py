@@ -5,7 +5,7 @@ import textwrap
 
 import pytest
 
-from serve_app.config import RegistryError, load_registry, parse_registry
+from serve_app.config import RegistryError, load_registry, parse_registry, required_cpus, share_cpus
 
 
 def write(tmp_path, body: str, name: str = "registry.yaml"):
@@ -60,6 +60,29 @@ def test_threads_follow_cpus(tmp_path):
     assert reg.models[0].threads == 2
     reg = parse_registry({"models": [{"name": "m", "source": "hf://x", "engine": {"threads": 3}}]}, tmp_path)
     assert reg.models[0].threads == 3
+
+
+def _models(*entries: dict):
+    return parse_registry({"models": [{"source": "hf://x", **e} for e in entries]}, None)
+
+
+def test_one_model_that_sets_no_cpus_gets_the_whole_box():
+    (m,) = share_cpus(_models({"name": "only"}), 2).models
+    assert (m.cpus_per_replica, m.threads) == (1.9, 2)  # the ingress keeps its tenth
+
+
+def test_models_that_set_no_cpus_share_what_the_others_leave():
+    shared = share_cpus(_models({"name": "a"}, {"name": "b"}), 2)
+    assert [(m.cpus_per_replica, m.threads) for m in shared.models] == [(0.95, 1), (0.95, 1)]
+    mixed = share_cpus(_models({"name": "fixed", "cpus_per_replica": 0.5}, {"name": "free"},
+                               {"name": "scaling", "autoscaling": {"min_replicas": 1, "max_replicas": 2}}), 4)
+    assert [m.cpus_per_replica for m in mixed.models] == [0.5, 1.13, 1.13]  # (4 - 0.1 - 0.5) / 3 replicas
+    assert required_cpus(mixed) <= 4
+
+
+def test_without_a_local_share_a_replica_reserves_one_cpu():
+    (m,) = _models({"name": "m"}).models
+    assert m.cpus_per_replica is None and (m.cpus, m.threads) == (1.0, 1)
 
 
 ENTRY = "  - name: tiny\n    source: ckpt\n"
@@ -157,10 +180,11 @@ def test_quill_serve_refuses_a_bad_registry(tmp_path):
 
 
 def test_quill_serve_refuses_a_registry_that_cannot_fit(tmp_path):
-    path = write(tmp_path, "models:\n" + ENTRY + "    cpus_per_replica: 1\n  - name: b\n    source: ckpt\n")
+    # b sets no CPUs, but what tiny leaves of the 2 is less than a replica's smallest share.
+    path = write(tmp_path, "models:\n" + ENTRY + "    cpus_per_replica: 2\n  - name: b\n    source: ckpt\n")
     r = _quill("serve", "--registry", str(path), "--num-cpus", "2")
     assert r.returncode == 2
-    assert "needs 2.1 logical CPUs" in r.stderr and "Ray has 2" in r.stderr
+    assert "needs 2.35 logical CPUs" in r.stderr and "Ray has 2" in r.stderr
 
 
 def test_quill_serve_refuses_gpus_this_machine_lacks(tmp_path):

@@ -75,8 +75,16 @@ Output: YAML {models: [...], gpu: {min, max}, cpu: {min, max}}.
 {{- if not (get $m "source") -}}
 {{- fail (printf "%s: source: required field is missing" $where) -}}
 {{- end -}}
-{{- $gpus := float64 (ternary (get $m "gpus_per_replica") 0 (hasKey $m "gpus_per_replica")) -}}
-{{- $cpus := float64 (ternary (get $m "cpus_per_replica") 1 (hasKey $m "cpus_per_replica")) -}}
+{{- /* Unset (or null): no GPU, and Ray's default of one CPU (a local `quill serve` shares the
+machine instead; a pod's CPUs are sized by cpusPerPod). */ -}}
+{{- $gpus := 0.0 -}}
+{{- if and (hasKey $m "gpus_per_replica") (not (kindIs "invalid" (get $m "gpus_per_replica"))) -}}
+{{- $gpus = float64 (get $m "gpus_per_replica") -}}
+{{- end -}}
+{{- $cpus := 1.0 -}}
+{{- if and (hasKey $m "cpus_per_replica") (not (kindIs "invalid" (get $m "cpus_per_replica"))) -}}
+{{- $cpus = float64 (get $m "cpus_per_replica") -}}
+{{- end -}}
 {{- if lt $gpus 0.0 -}}
 {{- fail (printf "%s: gpus_per_replica: must be 0 or more" $where) -}}
 {{- end -}}
