@@ -415,7 +415,7 @@ def write_section(path: Path, key: str, body: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     # Before torch loads, and inherited by the children: spinning OpenMP workers steal the
-    # cores from everything else on a 2-core box (see MEASURED.md).
+    # cores from everything else on a 2-core box (see docs/registry.md).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = parse_args(argv)
     if args.render_only:

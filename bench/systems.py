@@ -200,8 +200,8 @@ def replay_hf_continuous(checkpoint: str, workload: list[dict], s: dict) -> dict
 
     Sized like our engine: room for max_batch_size sequences of max_seq_len tokens in the paged
     cache, at most max_batch_size requests per step. Its tokens-per-step budget is its own
-    default unless `s["hf_max_batch_tokens"]` is set. Called outside inference_mode (it fails
-    inside, see MEASURED.md).
+    default unless `s["hf_max_batch_tokens"]` is set. Called outside inference_mode: inside it,
+    transformers 5.23 fails with "Inplace update to inference tensor outside InferenceMode".
     """
     from transformers import ContinuousBatchingConfig, GenerationConfig
 

@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 [ -f .venv/bin/activate ] && . .venv/bin/activate
 
 # One thread: the build box is shared, and two torch threads collapse when anything else wants
-# a core (docs: MEASURED.md). jemalloc, when installed, keeps freed memory instead of handing
+# a core (docs/registry.md, "CPUs, threads and replicas"). jemalloc, when installed, keeps freed memory instead of handing
 # the ~200 MB logits buffers back to the kernel every step (a third less system time here).
 export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 JEMALLOC=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2
