@@ -34,7 +34,9 @@ def error_body(type_: str, message: str) -> dict:
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # allow_inf_nan=False: JSON's `Infinity`, `NaN` and `1e999` parse to floats that would
+    # otherwise pass `ge=0` and sample from a uniform distribution.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0)
@@ -43,6 +45,21 @@ class _Request(BaseModel):
     n: int = Field(1, ge=1)
     stop: str | list[str] | None = None
     seed: int | None = None
+
+    @field_validator("prompt", check_fields=False)
+    @classmethod
+    def _valid_prompt(cls, v: str | list):
+        """One rule on every channel (completions, generate, WebSocket): a prompt is text a
+        tokenizer can take, or a non-empty list."""
+        if isinstance(v, list) and not v:
+            raise ValueError("prompt must not be empty")
+        for text in [v] if isinstance(v, str) else [p for p in v if isinstance(p, str)]:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("prompt contains a lone surrogate (an unpaired \\ud800-\\udfff escape); "
+                                 "send valid UTF-8 text") from None
+        return v
 
     @field_validator("stop")
     @classmethod
@@ -106,8 +123,6 @@ class CompletionRequest(_Request):
             if len(v) != 1:
                 raise ValueError("send one prompt per request (batched prompts are not supported)")
             return v[0]
-        if isinstance(v, list) and not v:
-            raise ValueError("prompt must not be empty")
         return v
 
     @field_validator("logit_bias")

@@ -90,7 +90,7 @@ class _Socket:
     async def handle(self, raw: str) -> None:
         try:
             data = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested thousands deep
             await self.send(_error(None, "invalid_request_error", "message is not valid JSON"))
             return
         if not isinstance(data, dict):

@@ -370,3 +370,39 @@ def test_a_replica_lost_mid_stream_is_the_same_error_on_sse_and_websocket():
         assert msgs[0]["type"] == "suggestions" and msgs[0]["texts"] == ["Once"]
         assert msgs[1] == {"type": "error", "id": "w", "error": {
             "type": "model_unavailable", "message": "model 'lost' lost the replica serving this request; retry"}}
+
+
+@pytest.mark.parametrize("route,body,fragment", [
+    ("/v1/completions", '{"model": "tiny-a", "prompt": "Hi", "temperature": Infinity}', "temperature"),
+    ("/v1/completions", '{"model": "tiny-a", "prompt": "Hi", "temperature": 1e999}', "temperature"),
+    ("/v1/completions", '{"model": "tiny-a", "prompt": "Hi", "top_p": NaN}', "top_p"),
+    ("/v1/completions", '{"model": "tiny-a", "prompt": "Hi", "seed": 18446744073709551616}', "seed must be a 64-bit integer"),
+    ("/v1/completions", '{"model": "tiny-a", "prompt": "Hi", "seed": -1180591620717411303424}', "seed must be a 64-bit integer"),
+    ("/v1/completions", '{"model": "tiny-a", "prompt": "Hi \\ud800"}', "lone surrogate"),
+    ("/v1/completions", '{"model": "tiny-a", "prompt": ["Hi \\udfff"]}', "lone surrogate"),
+    ("/v1/models/tiny-a/generate", '{"prompt": "Hi \\ud800"}', "lone surrogate"),
+    ("/v1/models/tiny-a/generate", '{"prompt": []}', "prompt must not be empty"),
+    ("/v1/models/tiny-a/generate", '{"prompt": "Hi", "temperature": Infinity}', "temperature"),
+])
+def test_hostile_values_are_a_400_naming_the_field(app_client, route, body, fragment):
+    r = app_client.post(route, content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and fragment in err["message"], err
+    assert "Traceback" not in r.text and 'File "' not in r.text  # no internals, ever
+
+
+def test_the_websocket_applies_the_same_rules_and_survives_deep_nesting(app_client):
+    with app_client.websocket_connect("/v1/stream") as ws:
+        for raw, fragment in ((json.dumps({"type": "generate", "id": "s", "model": "tiny-a", "prompt": "Hi \ud800"}), "lone surrogate"),
+                              (json.dumps({"type": "generate", "id": "e", "model": "tiny-a", "prompt": []}), "must not be empty"),
+                              ('{"type": "generate", "id": "i", "model": "tiny-a", "prompt": "Hi", "temperature": Infinity}', "temperature"),
+                              ("[" * 5000 + "]" * 5000, "not valid JSON")):
+            ws.send_text(raw)
+            msg = json.loads(ws.receive_text())
+            assert msg["type"] == "error" and fragment in msg["error"]["message"], msg
+        # still open and serving
+        ws.send_text(json.dumps({"type": "generate", "id": "ok", "model": "tiny-a", "prompt": "Hi", "max_tokens": 2}))
+        while (msg := json.loads(ws.receive_text()))["type"] != "done":
+            pass
+        assert msg["id"] == "ok"

@@ -6,6 +6,7 @@ They are plain dataclasses so that Ray can pickle them between deployments.
 """
 from __future__ import annotations
 
+import math
 import uuid
 from dataclasses import dataclass, field
 from typing import Literal
@@ -28,6 +29,8 @@ class SamplingParams:
         # message whichever API it came through.
         if self.max_tokens < 1:
             raise RequestRejected("max_tokens must be at least 1")
+        if not (math.isfinite(self.temperature) and math.isfinite(self.top_p)):
+            raise RequestRejected("temperature and top_p must be finite numbers")
         if self.temperature < 0:
             raise RequestRejected("temperature must be >= 0")
         if self.top_k < 0:
@@ -36,6 +39,9 @@ class SamplingParams:
             raise RequestRejected("top_p must be in (0, 1]")
         if self.n < 1:
             raise RequestRejected("n must be at least 1")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            # The sampler hashes a 64-bit seed: a larger one would wrap onto another's text.
+            raise RequestRejected("seed must be a 64-bit integer (from -2**63 to 2**64 - 1)")
         if any(not s for s in self.stop):
             raise RequestRejected("stop strings must not be empty")
 
