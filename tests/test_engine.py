@@ -418,3 +418,59 @@ def test_checkpoint_without_tokenizer_is_named(tmp_path):
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2)).save_pretrained(tmp_path)
     with pytest.raises(CheckpointError, match="no tokenizer"):
         make_engine(tmp_path)
+
+
+async def _collect(aengine, request):
+    return [d async for d in aengine.generate(request)]
+
+
+async def test_a_duplicate_request_id_is_refused_and_the_live_request_keeps_streaming(checkpoint):
+    aengine = AsyncEngine(make_engine(checkpoint))
+    try:
+        live = aengine.generate(GenerationRequest(PROMPTS[0], greedy(40), "same"))
+        deltas = [await live.__anext__()]  # it is streaming: its route is live
+        with pytest.raises(RequestRejected, match="already running"):
+            await _collect(aengine, GenerationRequest(PROMPTS[1], greedy(3), "same"))
+        async def rest():
+            return [d async for d in live]
+
+        deltas += await asyncio.wait_for(rest(), 60)  # a lost route would leave it waiting forever
+        assert sum(len(d.token_ids) for d in deltas) == 40 and deltas[-1].finish_reason == "length"
+    finally:
+        aengine.shutdown()
+
+
+async def test_a_step_that_raises_ends_every_stream_with_an_error(checkpoint):
+    """A FAKE fault outside the forward pass (the engine handles those itself): `Engine.step`
+    raising must not leave callers waiting forever, nor the loop spinning."""
+    engine = make_engine(checkpoint)
+    aengine = AsyncEngine(engine)
+    calls = 0
+
+    def broken_step():
+        nonlocal calls
+        calls += 1
+        raise RuntimeError("a bug in the scheduler")
+
+    engine.step = broken_step
+    try:
+        deltas = await asyncio.wait_for(_collect(aengine, GenerationRequest(PROMPTS[0], greedy(8, n=2), "x")), 10)
+        assert [(d.index, d.finish_reason) for d in deltas] == [(0, "error"), (1, "error")]
+        assert "inside the engine" in deltas[0].error and "scheduler" not in deltas[0].error
+        await asyncio.sleep(1.0)
+        assert calls <= 4  # paused between failing steps, not a hot loop
+    finally:
+        aengine.shutdown()
+
+
+async def test_shutdown_ends_waiting_streams_with_an_error(checkpoint):
+    aengine = AsyncEngine(make_engine(checkpoint, max_batch_size=1))
+    first = asyncio.create_task(_collect(aengine, GenerationRequest(PROMPTS[0], greedy(200), "long")))
+    waiting = asyncio.create_task(_collect(aengine, GenerationRequest(PROMPTS[1], greedy(5), "queued")))
+    await asyncio.sleep(0.3)
+    await asyncio.to_thread(aengine.shutdown)
+    for task in (first, waiting):
+        deltas = await asyncio.wait_for(task, 10)
+        assert deltas[-1].finish_reason == "error" and "shutting down" in deltas[-1].error
+    with pytest.raises(RequestRejected, match="shutting down"):
+        await _collect(aengine, GenerationRequest(PROMPTS[2], greedy(2), "late"))

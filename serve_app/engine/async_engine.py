@@ -13,7 +13,7 @@ import threading
 from collections.abc import AsyncIterator
 
 from serve_app.engine.engine import Engine
-from serve_app.engine.types import Delta, GenerationRequest
+from serve_app.engine.types import Delta, GenerationRequest, RequestRejected
 
 log = logging.getLogger("quill.engine")
 
@@ -21,7 +21,8 @@ log = logging.getLogger("quill.engine")
 class AsyncEngine:
     def __init__(self, engine: Engine):
         self.engine = engine
-        self._routes: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Delta]]] = {}
+        # request id -> (the caller's loop, its queue, its number of choices)
+        self._routes: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[list[Delta]], int]] = {}
         self._wake = threading.Event()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="quill-engine", daemon=True)
@@ -40,8 +41,12 @@ class AsyncEngine:
     async def generate_steps(self, request: GenerationRequest) -> AsyncIterator[list[Delta]]:
         """Like `generate`, but one list per engine step: the `n` choices of a step together,
         so a caller that forwards them (over Ray, a socket) sends one message per step."""
+        if request.request_id in self._routes:  # before touching routes: the live one keeps its own
+            raise RequestRejected(f"request id {request.request_id!r} is already running")
+        if self._stopping:
+            raise RequestRejected("the engine is shutting down")
         queue: asyncio.Queue[list[Delta]] = asyncio.Queue()
-        self._routes[request.request_id] = (asyncio.get_running_loop(), queue)
+        self._routes[request.request_id] = (asyncio.get_running_loop(), queue, request.params.n)
         try:
             self.engine.add(request)
         except Exception:
@@ -50,7 +55,7 @@ class AsyncEngine:
         self._wake.set()
         remaining = request.params.n
         try:
-            while remaining:
+            while remaining > 0:
                 step = await queue.get()
                 remaining -= sum(d.finished for d in step)
                 yield step
@@ -64,6 +69,16 @@ class AsyncEngine:
         self._stopping = True
         self._wake.set()
         self._thread.join(timeout=10)
+        self._fail_all("the model server is shutting down")
+
+    def _fail_all(self, message: str) -> None:
+        """End every caller's stream with an error delta per choice, and drop the requests from
+        the engine, so nobody waits for a step that will not come."""
+        for request_id, (loop, queue, n) in list(self._routes.items()):
+            errors = [Delta(request_id, i, "", (), "error", error=message) for i in range(n)]
+            with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody waits
+                loop.call_soon_threadsafe(queue.put_nowait, errors)
+            self.engine.cancel(request_id)
 
     def _loop(self) -> None:
         while not self._stopping:
@@ -73,8 +88,14 @@ class AsyncEngine:
                 continue
             try:
                 deltas = self.engine.step()
-            except Exception:  # the engine fails requests itself; this is a last resort
-                log.exception("engine step failed")
+            except Exception:
+                # The engine fails the requests of a pass that raises itself; an error outside a
+                # pass is a bug whose requests cannot be told apart. Fail them all rather than
+                # leave their callers waiting, and pause so a step that keeps failing cannot spin.
+                log.exception("engine step failed; failing every request in flight")
+                self._fail_all("generation failed inside the engine")
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
                 continue
             by_request: dict[str, list[Delta]] = {}
             for delta in deltas:
@@ -82,5 +103,5 @@ class AsyncEngine:
             for request_id, step in by_request.items():
                 route = self._routes.get(request_id)
                 if route is not None:
-                    loop, queue = route
+                    loop, queue, _ = route
                     loop.call_soon_threadsafe(queue.put_nowait, step)
