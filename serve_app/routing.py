@@ -63,6 +63,7 @@ class PrefixAffinityRouter(FIFOMixin, RequestRouter):
     """Ray Serve request router over `rank` (request_router_kwargs: imbalance)."""
 
     def initialize_state(self, imbalance: int = DEFAULT_IMBALANCE, **_: Any) -> None:
+        # Serve calls this once, right after constructing the router, with request_router_kwargs.
         self.imbalance = imbalance
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
@@ -71,5 +72,5 @@ class PrefixAffinityRouter(FIFOMixin, RequestRouter):
         key = opening(getattr(request, "prompt", None))
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         lens = {rid: self.replica_queue_len_cache.get(r.replica_id) for rid, r in by_id.items()}
-        tiers = rank(key, by_id, lens, getattr(self, "imbalance", DEFAULT_IMBALANCE))
+        tiers = rank(key, by_id, lens, self.imbalance)
         return [[by_id[rid] for rid in tier] for tier in tiers if tier]
