@@ -21,6 +21,7 @@ from typing import Any, AsyncIterator
 
 from ray import serve
 from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from ray.serve.schema import ReplicaState
 
@@ -29,8 +30,8 @@ from serve_app.config import DEFAULT_REGISTRY, INGRESS_CPUS, ModelEntry, Registr
 from serve_app.engine.types import Delta, GenerationRequest
 from serve_app.ingress import Service, create_app
 from serve_app.metrics import render_cluster_metrics
-from serve_app.model_server import Failure, ModelServer
-from serve_app.protocol import ApiError
+from serve_app.errors import ApiError, overloaded
+from serve_app.model_server import ModelServer
 
 APP_NAME = "quill"
 
@@ -46,11 +47,13 @@ class HandleBackend:
         finished = False
         try:
             async for item in responses:
-                if isinstance(item, Failure):
-                    raise item.exception()
+                if isinstance(item, ApiError):
+                    raise item
                 for delta in item:  # one engine step's deltas for this request
                     yield delta
             finished = True
+        except BackPressureError:  # Serve's queue limit for this deployment
+            raise overloaded() from None
         except RayActorError:
             # The replica's process or node died mid-call. Ray's message names actor ids and
             # addresses, which no response may carry; say what happened instead.

@@ -29,7 +29,9 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from typing import AsyncIterator, Callable
 
-from serve_app.engine.types import Delta, EngineOverloaded, RequestRejected, SamplingParams
+from serve_app.deltas import Accumulator
+from serve_app.engine.types import Delta, SamplingParams
+from serve_app.errors import ApiError, to_api_error
 
 log = logging.getLogger("quill.cache")
 
@@ -42,9 +44,6 @@ STREAM_PREFIX = "quill:stream:"
 
 class LeaderGone(Exception):
     """The replica generating a shared request stopped without finishing it."""
-
-
-_ERRORS = {"RequestRejected": RequestRejected, "EngineOverloaded": EngineOverloaded}
 
 
 def cache_key(model: str, prompt: str | list[int], params: SamplingParams) -> str | None:
@@ -66,18 +65,15 @@ class Result:
 
     @classmethod
     def from_deltas(cls, deltas: list[Delta]) -> Result | None:
+        """The result of a generation that finished normally, else None (nothing to replay)."""
         if not deltas:
             return None
-        n = max(d.index for d in deltas) + 1
-        texts, reasons, counts = [""] * n, [None] * n, [0] * n
-        for d in deltas:
-            texts[d.index] += d.text
-            counts[d.index] = max(counts[d.index], d.completion_tokens)
-            if d.finish_reason is not None:
-                reasons[d.index] = d.finish_reason
+        acc = Accumulator().add_all(deltas)
+        n = max(acc.texts) + 1
+        texts, reasons = acc.ordered(n)
         if any(r not in ("stop", "length") for r in reasons):
             return None
-        return cls(texts, reasons, counts, max(d.prompt_tokens for d in deltas))
+        return cls(texts, reasons, [acc.completion.get(i, 0) for i in range(n)], acc.prompt_tokens)
 
     def deltas(self, request_id: str) -> list[Delta]:
         return [
@@ -201,8 +197,7 @@ class RedisStore:
                     elif kind == "end":
                         return
                     elif kind == "err":
-                        err = json.loads(value)
-                        raise _ERRORS.get(err["type"], RuntimeError)(err["message"])
+                        raise ApiError.from_dict(json.loads(value))
                     else:
                         raise LeaderGone()
 
@@ -326,7 +321,7 @@ class SingleFlight:
         except BaseException as exc:  # shared with every listener, who re-raise it
             flight.error = exc
             if shared and leader:
-                await self.store.publish(key, "err", json.dumps({"type": type(exc).__name__, "message": str(exc)}))
+                await self.store.publish(key, "err", json.dumps(to_api_error(exc).to_dict()))
         finally:
             flight.done = True
             if self._flights.get(key) is flight:

@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
 
@@ -29,9 +28,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from serve_app.cache import SingleFlight, cache_key
 from serve_app.config import ModelEntry, Registry
 from serve_app.metrics import Metrics
-from serve_app.engine.types import Delta, EngineOverloaded, GenerationRequest, RequestRejected, SamplingParams
-from serve_app.model_server import Failure, ModelServer
-from serve_app.protocol import ApiError, CompletionRequest, GenerateRequest, error_body, new_id, now
+from serve_app.engine.types import Delta, GenerationRequest, RequestRejected, SamplingParams
+from serve_app.deltas import Accumulator
+from serve_app.errors import ApiError, error_body, to_api_error
+from serve_app.model_server import ModelServer
+from serve_app.protocol import CompletionRequest, GenerateRequest, new_id, now
 
 log = logging.getLogger("quill.ingress")
 STATIC = Path(__file__).parent / "static"
@@ -54,57 +55,13 @@ class LocalBackend:
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         async with contextlib.aclosing(self.server.generate(request)) as items:
             async for item in items:
-                if isinstance(item, Failure):
-                    raise item.exception()
+                if isinstance(item, ApiError):
+                    raise item
                 for delta in item:
                     yield delta
 
     async def ready(self, timeout: float) -> bool:
         return True
-
-
-@dataclass
-class Accumulator:
-    """Folds deltas into whole choices."""
-
-    texts: dict[int, str] = field(default_factory=dict)
-    finish: dict[int, str | None] = field(default_factory=dict)
-    completion: dict[int, int] = field(default_factory=dict)
-    prompt_tokens: int = 0
-    cached_tokens: int = 0  # of the prompt, served by the engine's prefix cache
-    error: str | None = None
-
-    def add(self, d: Delta) -> None:
-        self.texts[d.index] = self.texts.get(d.index, "") + d.text
-        self.completion[d.index] = max(self.completion.get(d.index, 0), d.completion_tokens)
-        self.prompt_tokens = max(self.prompt_tokens, d.prompt_tokens)
-        self.cached_tokens = max(self.cached_tokens, d.cached_tokens)
-        if d.finish_reason is not None:
-            self.finish[d.index] = d.finish_reason
-            if d.finish_reason in ("error", "cancelled") and self.error is None:
-                self.error = d.error or f"generation {d.finish_reason}"
-
-    def ordered(self, n: int) -> tuple[list[str], list[str | None]]:
-        return [self.texts.get(i, "") for i in range(n)], [self.finish.get(i) for i in range(n)]
-
-    def usage(self) -> dict:
-        done = sum(self.completion.values())
-        # prompt_tokens_details.cached_tokens is OpenAI's own field for prompt-cache hits.
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": done, "total_tokens": self.prompt_tokens + done,
-                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
-
-
-def to_api_error(exc: BaseException) -> ApiError:
-    if isinstance(exc, ApiError):
-        return exc
-    if isinstance(exc, RequestRejected):
-        return ApiError(400, "invalid_request_error", str(exc))
-    if isinstance(exc, EngineOverloaded):
-        return ApiError(503, "overloaded", str(exc) or "model is overloaded, retry later")
-    if type(exc).__name__ == "BackPressureError":  # Ray Serve's queue limit
-        return ApiError(503, "overloaded", "model is overloaded, retry later")
-    log.exception("generation failed", exc_info=exc)
-    return ApiError(500, "internal_error", f"{type(exc).__name__}: {exc}")
 
 
 class Service:
@@ -249,8 +206,7 @@ def create_app(service: Service) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError):
-        headers = {"Retry-After": "1"} if exc.status == 503 else None
-        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError):
@@ -270,7 +226,8 @@ def create_app(service: Service) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def _internal(_: Request, exc: Exception):
-        return JSONResponse(to_api_error(exc).body(), status_code=500)
+        err = to_api_error(exc)
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers())
 
     @app.get("/healthz")
     async def healthz():

@@ -4,9 +4,9 @@ A thin adapter, usable without Ray (tests build it directly). `app.py` wraps it 
 deployment, one per registry entry; the engine is loaded in the constructor, so Serve sends a
 replica no traffic until its model is in memory.
 
-`generate()` yields the engine's `Delta`s. A request the engine refuses yields one `Failure`
+`generate()` yields the engine's `Delta`s. A request the engine refuses yields one `ApiError`
 instead of raising, because an exception crossing a Ray boundary arrives wrapped in a
-traceback-laden RayTaskError; the ingress turns a Failure back into the engine's exception.
+traceback-laden RayTaskError; the ingress raises it again.
 """
 from __future__ import annotations
 
@@ -15,23 +15,15 @@ import contextlib
 import logging
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Literal
+from typing import Any, AsyncIterator, Callable
 
 from serve_app.config import ModelEntry
+from serve_app.deltas import Accumulator
+from serve_app.errors import ApiError, to_api_error
 from serve_app.engine.types import Delta, EngineOverloaded, GenerationRequest, RequestRejected
 from serve_app.metrics import MemoryMetrics, Metrics
 
 log = logging.getLogger("quill.model_server")
-
-
-@dataclass(frozen=True)
-class Failure:
-    kind: Literal["rejected", "overloaded"]
-    message: str
-
-    def exception(self) -> Exception:
-        return RequestRejected(self.message) if self.kind == "rejected" else EngineOverloaded(self.message)
 
 
 def _default_engine(entry: ModelEntry):
@@ -81,7 +73,7 @@ class ModelServer:
         if prefix_cache is not None:
             self.metrics.prefix_cached.set(prefix_cache.cached_tokens, model=self.name)
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[list[Delta] | Failure]:
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[list[Delta] | ApiError]:
         """The request's deltas, in lists: all that one engine step produced for it (its `n`
         choices advance together), so a Ray stream carries one message per step, not per choice."""
         m, name = self.metrics, self.name
@@ -89,8 +81,7 @@ class ModelServer:
         first_at: float | None = None
         last_at = started
         status = "ok"
-        prompt_tokens = cached_tokens = 0
-        tokens: dict[int, int] = {}
+        acc = Accumulator()
         self._update_gauges(force=True)
         try:
             # Closing the stream (also when Ray cancels this call because the client went away)
@@ -102,20 +93,13 @@ class ModelServer:
                         first_at = now
                         m.ttft.observe(now - started, model=name)
                     last_at = now
-                    for delta in batch:
-                        prompt_tokens = max(prompt_tokens, delta.prompt_tokens)
-                        cached_tokens = max(cached_tokens, delta.cached_tokens)
-                        tokens[delta.index] = max(tokens.get(delta.index, 0), delta.completion_tokens)
-                        if delta.finish_reason in ("error", "cancelled"):
-                            status = delta.finish_reason
+                    acc.add_all(batch)
                     self._update_gauges()
                     yield batch
-        except RequestRejected as exc:
-            status = "rejected"
-            yield Failure("rejected", str(exc))
-        except EngineOverloaded as exc:
-            status = "overloaded"
-            yield Failure("overloaded", str(exc))
+            status = acc.status
+        except (RequestRejected, EngineOverloaded) as exc:
+            status = "rejected" if isinstance(exc, RequestRejected) else "overloaded"
+            yield to_api_error(exc)
         except (asyncio.CancelledError, GeneratorExit):
             status = "cancelled"
             raise
@@ -123,14 +107,12 @@ class ModelServer:
             status = "error"
             raise
         finally:
-            generated = sum(tokens.values())
             m.requests.inc(1, model=name, status=status)
-            m.prompt_tokens.inc(prompt_tokens, model=name)
-            m.prefix_hits.inc(cached_tokens, model=name)
-            m.generated_tokens.inc(generated, model=name)
-            longest = max(tokens.values(), default=0)
-            if first_at is not None and longest > 1:
-                m.tpot.observe((last_at - first_at) / (longest - 1), model=name)
+            m.prompt_tokens.inc(acc.prompt_tokens, model=name)
+            m.prefix_hits.inc(acc.cached_tokens, model=name)
+            m.generated_tokens.inc(sum(acc.completion.values()), model=name)
+            if first_at is not None and acc.longest > 1:
+                m.tpot.observe((last_at - first_at) / (acc.longest - 1), model=name)
             self._update_gauges(force=True)
 
     def shutdown(self) -> None:

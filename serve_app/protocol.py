@@ -18,21 +18,6 @@ from serve_app.engine.types import RequestRejected, SamplingParams
 MAX_STOP = 4  # as OpenAI
 
 
-class ApiError(Exception):
-    """An error with its HTTP status and OpenAI-style type; rendered as {"error": {...}}."""
-
-    def __init__(self, status: int, type_: str, message: str, **extra: Any):
-        super().__init__(message)
-        self.status, self.type, self.message, self.extra = status, type_, message, extra
-
-    def body(self) -> dict:
-        return {"error": {"type": self.type, "message": self.message, **self.extra}}
-
-
-def error_body(type_: str, message: str) -> dict:
-    return {"error": {"type": type_, "message": message}}
-
-
 class _Request(BaseModel):
     # allow_inf_nan=False: JSON's `Infinity`, `NaN` and `1e999` parse to floats that would
     # otherwise pass `ge=0` and sample from a uniform distribution.

@@ -16,7 +16,8 @@ import logging
 from fastapi import WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
-from serve_app.ingress import Accumulator, to_api_error
+from serve_app.deltas import Accumulator
+from serve_app.errors import to_api_error
 from serve_app.protocol import WsCancel, WsGenerate
 
 log = logging.getLogger("quill.websocket")

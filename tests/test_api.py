@@ -184,13 +184,17 @@ class _FailsMidStream:
         return True
 
 
-def test_mid_stream_failure_ends_with_an_error_event_then_done(app_client):
+def test_mid_stream_failure_ends_with_a_generic_error_event_then_done(app_client, caplog):
     registry = app_client.app.state.service.registry
     app = create_app(Service(registry, {"tiny-a": _FailsMidStream(registry.get("tiny-a"))}))
     r = TestClient(app).post("/v1/completions", json={"model": "tiny-a", "prompt": "x", "stream": True})
     events = sse_events(r.text)
     assert json.loads(events[0][1])["choices"][0]["text"] == "partial"
-    assert events[-2][0] == "error" and "replica died" in json.loads(events[-2][1])["error"]["message"]
+    assert events[-2][0] == "error"
+    error = json.loads(events[-2][1])["error"]
+    # An unexpected exception's text stays in the log, under the id the client is given.
+    assert error["type"] == "internal_error" and "replica died" not in events[-2][1]
+    assert error["error_id"] in error["message"] and error["error_id"] in caplog.text and "replica died" in caplog.text
     assert events[-1] == (None, "[DONE]")
 
 
@@ -316,8 +320,8 @@ class _FakeHandle:
 
 async def test_handle_backend_flattens_steps_maps_failures_and_cancels_early_exits(tiny_checkpoints):
     from serve_app.app import HandleBackend
-    from serve_app.engine.types import GenerationRequest, RequestRejected
-    from serve_app.model_server import Failure
+    from serve_app.engine.types import GenerationRequest
+    from serve_app.errors import ApiError
 
     entry = parse_registry({"models": [{"name": "x", "source": "hf://x"}]}, None).models[0]
     req = GenerationRequest("hi")
@@ -326,8 +330,8 @@ async def test_handle_backend_flattens_steps_maps_failures_and_cancels_early_exi
     assert [d.text for d in [d async for d in b.stream(req)]] == ["a", "b", "c"]
     assert not b.handle.responses.cancelled  # ran to the end: nothing to cancel
 
-    b = HandleBackend(_FakeHandle([Failure("rejected", "prompt too long")]), entry)
-    with pytest.raises(RequestRejected, match="prompt too long"):
+    b = HandleBackend(_FakeHandle([ApiError(400, "invalid_request_error", "prompt too long")]), entry)
+    with pytest.raises(ApiError, match="prompt too long"):
         [d async for d in b.stream(req)]
 
     b = HandleBackend(_FakeHandle(steps), entry)
@@ -347,7 +351,7 @@ class _DiesMidStream:
         self.entry = entry
 
     async def stream(self, request):
-        from serve_app.protocol import ApiError
+        from serve_app.errors import ApiError
 
         yield Delta(request.request_id, 0, "Once", (1,), None, 3, 1)
         raise ApiError(503, "model_unavailable", "model 'lost' lost the replica serving this request; retry")

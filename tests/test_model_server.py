@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import pickle
 
 import pytest
 
 from serve_app.config import parse_registry
 from serve_app.engine.types import EngineOverloaded, GenerationRequest, SamplingParams
+from serve_app.errors import ApiError
 from serve_app.metrics import LOCAL_REGISTRY
-from serve_app.model_server import Failure, ModelServer
+from serve_app.model_server import ModelServer
 
 
 def sample(name: str, **labels) -> float:
@@ -31,10 +33,10 @@ def server(tiny_checkpoints):
 
 
 async def collect(server, request):
-    """Failures as they come, delta lists flattened."""
+    """Errors as they come, delta lists flattened."""
     out = []
     async for item in server.generate(request):
-        out.extend([item] if isinstance(item, Failure) else item)
+        out.extend([item] if isinstance(item, ApiError) else item)
     return out
 
 
@@ -42,7 +44,7 @@ async def test_generate_streams_deltas_and_counts(server):
     before_ok = sample("quill_requests_total", model="ms-a", status="ok")
     before_tokens = sample("quill_generated_tokens_total", model="ms-a")
     items = await collect(server, GenerationRequest("Hello world", SamplingParams(max_tokens=7, n=2, seed=1)))
-    assert not any(isinstance(i, Failure) for i in items)
+    assert not any(isinstance(i, ApiError) for i in items)
     finals = [d for d in items if d.finished]
     assert sorted(d.index for d in finals) == [0, 1]
     assert all(d.finish_reason == "length" and d.completion_tokens == 7 for d in finals)
@@ -54,10 +56,10 @@ async def test_generate_streams_deltas_and_counts(server):
     assert (await server.ready())["model"] == "ms-a"
 
 
-async def test_rejected_request_is_a_failure_item_not_an_exception(server):
+async def test_rejected_request_is_a_400_error_item_not_an_exception(server):
     before = sample("quill_requests_total", model="ms-a", status="rejected")
     items = await collect(server, GenerationRequest("word " * 100, SamplingParams(max_tokens=4)))
-    assert len(items) == 1 and isinstance(items[0], Failure) and items[0].kind == "rejected"
+    assert len(items) == 1 and isinstance(items[0], ApiError) and items[0].status == 400
     assert "prompt" in items[0].message
     assert sample("quill_requests_total", model="ms-a", status="rejected") == before + 1
 
@@ -104,11 +106,12 @@ class _OverloadedEngine:
         pass
 
 
-async def test_overload_is_a_failure_item(tiny_checkpoints):
+async def test_overload_is_a_503_error_item_that_survives_pickling(tiny_checkpoints):
     s = ModelServer(entry(tiny_checkpoints["tiny-a"], "ms-over"), engine_factory=lambda e: _OverloadedEngine())
     items = await collect(s, GenerationRequest("x", SamplingParams(max_tokens=2)))
-    assert items == [Failure("overloaded", "queue full")]
-    assert isinstance(items[0].exception(), EngineOverloaded)
+    assert items == [ApiError(503, "overloaded", "queue full")]
+    # It crosses Ray as a pickled value: it must arrive whole, status and all.
+    assert pickle.loads(pickle.dumps(items[0])) == items[0] and items[0].headers() == {"Retry-After": "1"}
     assert sample("quill_requests_total", model="ms-over", status="overloaded") == 1
     s.shutdown()
 

@@ -1,0 +1,54 @@
+"""The one place a request's stream of `Delta`s is folded into whole choices.
+
+The HTTP routes, the WebSocket, the result cache and the model server's metrics all read a
+stream the same way, through an `Accumulator`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from serve_app.engine.types import Delta
+
+
+@dataclass
+class Accumulator:
+    texts: dict[int, str] = field(default_factory=dict)
+    finish: dict[int, str | None] = field(default_factory=dict)
+    completion: dict[int, int] = field(default_factory=dict)
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt, served by the engine's prefix cache
+    error: str | None = None  # the first choice that ended in error or cancelled says why
+
+    def add(self, d: Delta) -> None:
+        self.texts[d.index] = self.texts.get(d.index, "") + d.text
+        self.completion[d.index] = max(self.completion.get(d.index, 0), d.completion_tokens)
+        self.prompt_tokens = max(self.prompt_tokens, d.prompt_tokens)
+        self.cached_tokens = max(self.cached_tokens, d.cached_tokens)
+        if d.finish_reason is not None:
+            self.finish[d.index] = d.finish_reason
+            if d.finish_reason in ("error", "cancelled") and self.error is None:
+                self.error = d.error or f"generation {d.finish_reason}"
+
+    def add_all(self, deltas) -> Accumulator:
+        for d in deltas:
+            self.add(d)
+        return self
+
+    @property
+    def status(self) -> str:
+        """"ok", or how the stream ended badly ("error" before "cancelled")."""
+        reasons = set(self.finish.values())
+        return "error" if "error" in reasons else "cancelled" if "cancelled" in reasons else "ok"
+
+    @property
+    def longest(self) -> int:
+        return max(self.completion.values(), default=0)
+
+    def ordered(self, n: int) -> tuple[list[str], list[str | None]]:
+        return [self.texts.get(i, "") for i in range(n)], [self.finish.get(i) for i in range(n)]
+
+    def usage(self) -> dict:
+        done = sum(self.completion.values())
+        # prompt_tokens_details.cached_tokens is OpenAI's own field for prompt-cache hits.
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": done, "total_tokens": self.prompt_tokens + done,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}

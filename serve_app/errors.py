@@ -1,0 +1,72 @@
+"""The one error type of the serving path, and the one place exceptions become responses.
+
+Every failure a client can see is an `ApiError`: an HTTP status, an OpenAI-style `type` and a
+message written for the client. HTTP routes answer with it, SSE streams end with it as an
+`error` event, WebSocket clients get it as an `error` message, a model replica sends it across
+Ray as a value (an exception raised there would arrive wrapped in a traceback-laden
+RayTaskError), and the Redis single-flight stream carries it to other ingress replicas.
+
+`to_api_error` maps anything else. An exception nobody expected becomes a generic 500 with an
+error id; the traceback goes to the log under the same id, and nothing internal (paths, actor
+ids, addresses) reaches the client.
+"""
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+from serve_app.engine.types import EngineOverloaded, RequestRejected
+
+log = logging.getLogger("quill.errors")
+
+
+class ApiError(Exception):
+    """An error with its HTTP status and OpenAI-style type; rendered as {"error": {...}}."""
+
+    def __init__(self, status: int, type_: str, message: str, **extra: Any):
+        super().__init__(message)
+        self.status, self.type, self.message, self.extra = status, type_, message, extra
+
+    def body(self) -> dict:
+        return {"error": {"type": self.type, "message": self.message, **self.extra}}
+
+    def headers(self) -> dict[str, str] | None:
+        return {"Retry-After": "1"} if self.status in (429, 503) else None
+
+    def to_dict(self) -> dict:
+        return {"status": self.status, "type": self.type, "message": self.message, **self.extra}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ApiError:
+        d = dict(d)
+        return cls(d.pop("status"), d.pop("type"), d.pop("message"), **d)
+
+    def __reduce__(self):  # pickled across Ray as a value: rebuild from the fields, not args
+        return ApiError.from_dict, (self.to_dict(),)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ApiError) and self.to_dict() == other.to_dict()
+
+    __hash__ = Exception.__hash__
+
+
+def error_body(type_: str, message: str) -> dict:
+    return {"error": {"type": type_, "message": message}}
+
+
+def overloaded(message: str = "") -> ApiError:
+    return ApiError(503, "overloaded", message or "model is overloaded, retry later")
+
+
+def to_api_error(exc: BaseException) -> ApiError:
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, RequestRejected):
+        return ApiError(400, "invalid_request_error", str(exc))
+    if isinstance(exc, EngineOverloaded):
+        return overloaded(str(exc))
+    error_id = uuid.uuid4().hex[:12]
+    log.error("unexpected error %s", error_id, exc_info=exc)
+    return ApiError(500, "internal_error", f"the server failed to handle this request (error id {error_id}; "
+                    "the server log has the details)", error_id=error_id)
