@@ -32,7 +32,7 @@ from serve_app.engine.types import Delta, GenerationRequest, RequestRejected, Sa
 from serve_app.deltas import Accumulator
 from serve_app.errors import ApiError, error_body, to_api_error
 from serve_app.model_server import ModelServer
-from serve_app.protocol import CompletionRequest, GenerateRequest, new_id, now
+from serve_app.protocol import CompletionRequest, GenerateRequest, invalid_body, new_id, now, shown, unparsable_body
 
 log = logging.getLogger("quill.ingress")
 STATIC = Path(__file__).parent / "static"
@@ -87,7 +87,7 @@ class Service:
             served = sorted(self.backends)
             raise ApiError(
                 404, "model_not_found",
-                f"model {name!r} is not served; served models: {', '.join(served)}", served=served,
+                f"model {shown(name)} is not served; served models: {', '.join(served)}", served=served,
             )
         return b
 
@@ -209,18 +209,15 @@ def create_app(service: Service) -> FastAPI:
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError):
-        parts = []
-        for e in exc.errors():
-            loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
-            msg = e.get("msg", "").removeprefix("Value error, ")
-            if e.get("type") == "extra_forbidden":
-                msg = "unknown parameter"
-            parts.append(f"{loc}: {msg}" if loc else msg)
-        return JSONResponse(error_body("invalid_request_error", "; ".join(parts)), status_code=400)
+    async def _validation(request: Request, exc: RequestValidationError):
+        err = invalid_body(exc.errors(), request.headers.get("content-type"))
+        return JSONResponse(err.body(), status_code=err.status)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException):
+        if exc.status_code == 400 and exc.__cause__ is not None:  # FastAPI could not read the JSON body
+            err = unparsable_body(exc.__cause__)
+            return JSONResponse(err.body(), status_code=err.status)
         type_ = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return JSONResponse(error_body(type_, str(exc.detail)), status_code=exc.status_code)
 

@@ -1,27 +1,38 @@
 """Request and response schemas of the HTTP and WebSocket API (docs/api.md).
 
-Requests are pydantic models that forbid unknown keys: a misspelt parameter is a 400, never a
-silently ignored setting. `to_sampling()` merges a request with its model's registry defaults
-and limits into the engine's `SamplingParams`, so every route applies them the same way.
+Requests are pydantic models that forbid unknown keys and take values only of their own JSON
+type: a misspelt parameter, `"stream": "yes"` or `"max_tokens": true` is a 400, never a silently
+ignored or reinterpreted setting. `to_sampling()` merges a request with its model's registry
+defaults and limits into the engine's `SamplingParams`, so every route applies them the same way.
+
+A request that cannot be read at all (not JSON, not an object, nested too deep, the wrong content
+type) or that fails validation is described here too (`invalid_body`, `invalid_fields`,
+`parse_ws_message`), so HTTP and the WebSocket word the same problem the same way, name the
+field, and echo at most a short piece of what the client sent.
 """
 from __future__ import annotations
 
+import json
+import sys
 import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from serve_app.config import ModelEntry
 from serve_app.engine.types import RequestRejected, SamplingParams
+from serve_app.errors import ApiError
 
 MAX_STOP = 4  # as OpenAI
+SHOWN_CHARS = 60  # of a client's value quoted back in an error message
 
 
 class _Request(BaseModel):
     # allow_inf_nan=False: JSON's `Infinity`, `NaN` and `1e999` parse to floats that would
-    # otherwise pass `ge=0` and sample from a uniform distribution.
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    # otherwise pass `ge=0` and sample from a uniform distribution. strict: no coercion between
+    # JSON types (pydantic's lax mode reads "yes" as true and true as 1).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0)
@@ -30,6 +41,9 @@ class _Request(BaseModel):
     n: int = Field(1, ge=1)
     stop: str | list[str] | None = None
     seed: int | None = None
+    # vLLM's name: keep only the last K prompt tokens (the engine cuts after tokenizing), so a
+    # client that sends a whole document need not count tokens to stay within the model's limit.
+    truncate_prompt_tokens: int | None = Field(None, ge=1)
 
     @field_validator("prompt", check_fields=False)
     @classmethod
@@ -61,9 +75,13 @@ class _Request(BaseModel):
         d, lim = entry.defaults, entry.limits
         max_tokens = self.max_tokens if self.max_tokens is not None else d.max_tokens
         if max_tokens > lim.max_tokens:
-            raise RequestRejected(f"max_tokens {max_tokens} exceeds this model's limit of {lim.max_tokens}")
+            raise RequestRejected(f"max_tokens {shown(max_tokens)} exceeds this model's limit of {lim.max_tokens}")
         if self.n > lim.max_n:
-            raise RequestRejected(f"n {self.n} exceeds this model's limit of {lim.max_n}")
+            raise RequestRejected(f"n {shown(self.n)} exceeds this model's limit of {lim.max_n}")
+        truncate = self.truncate_prompt_tokens
+        if truncate is not None and truncate > lim.max_prompt_tokens:
+            raise RequestRejected(f"truncate_prompt_tokens {shown(truncate)} exceeds this model's "
+                                  f"max_prompt_tokens of {lim.max_prompt_tokens}")
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=self.temperature if self.temperature is not None else d.temperature,
@@ -72,11 +90,12 @@ class _Request(BaseModel):
             n=self.n,
             stop=tuple(self.stop or ()),
             seed=self.seed,
+            truncate_prompt_tokens=truncate,
         )
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = False
 
 
@@ -114,14 +133,14 @@ class CompletionRequest(_Request):
     @classmethod
     def _no_bias(cls, v: dict | None) -> None:
         if v:
-            raise ValueError("logit_bias is not supported")
+            raise ValueError("logit_bias is not supported by Quill")
         return None
 
     @field_validator("best_of")
     @classmethod
     def _best_of(cls, v: int | None) -> None:
         if v not in (None, 1):
-            raise ValueError("best_of is not supported (use n)")
+            raise ValueError("best_of is not supported by Quill (use n)")
         return None
 
 
@@ -143,9 +162,12 @@ class WsGenerate(_Request):
 
 
 class WsCancel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     type: Literal["cancel"]
     id: str | None = None
+
+
+WS_MESSAGES = {"generate": WsGenerate, "cancel": WsCancel}
 
 
 class Usage(BaseModel):
@@ -160,3 +182,124 @@ def new_id(prefix: str) -> str:
 
 def now() -> int:
     return int(time.time())
+
+
+# ---- describing a bad request ---------------------------------------------------------------
+
+
+def shown(value: Any) -> str:
+    """A client's value as an error message quotes it: at most SHOWN_CHARS characters."""
+    text = repr(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}… ({len(text)} characters)"
+
+
+def invalid(message: str, **extra: Any) -> ApiError:
+    return ApiError(400, "invalid_request_error", message, **extra)
+
+
+# What a field takes, said once for the fields whose type is a union (pydantic reports one error
+# per member of the union, which reads as a riddle).
+_EXPECTED = {
+    "prompt": "a string or a list of token ids (on /v1/completions also a one-element list of strings)",
+    "stop": f"a string or a list of up to {MAX_STOP} strings",
+}
+
+
+def invalid_fields(errors: list[dict]) -> str:
+    """One line naming each bad field, from pydantic's errors (request validation on HTTP, a
+    message's validation on the WebSocket)."""
+    by_field: dict[str, list[dict]] = {}
+    for e in errors:
+        loc = [p for p in e.get("loc", ()) if p != "body"]
+        by_field.setdefault(".".join(str(p) for p in loc[:1]), []).append({**e, "loc": loc})
+    parts = []
+    for name, errs in by_field.items():
+        if len(errs) > 1 and name in _EXPECTED:
+            parts.append(f"{name}: must be {_EXPECTED[name]}")
+            continue
+        for e in errs:
+            field = ".".join(str(p) for p in e["loc"] if not _is_union_tag(p))
+            if e.get("type") == "extra_forbidden":
+                message = "unknown parameter"
+            elif field in _UNSUPPORTED:
+                message = "not supported by Quill (leave it out, or send its neutral value)"
+            else:
+                message = e.get("msg", "invalid value").removeprefix("Value error, ")
+            # "prompt must not be empty" names its field already: no "prompt: " before it
+            parts.append(f"{field}: {message}" if field and not message.startswith(f"{field} ") else message)
+    return "; ".join(dict.fromkeys(parts))
+
+
+# OpenAI parameters accepted only at their neutral value (see CompletionRequest).
+_UNSUPPORTED = {"echo", "logprobs", "suffix", "presence_penalty", "frequency_penalty"}
+
+
+def _is_union_tag(part: Any) -> bool:
+    # pydantic names the union member in the location: prompt.list[int].0, stop.str
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part)
+
+
+def invalid_body(errors: list[dict], content_type: str | None) -> ApiError:
+    """A 400 for a request body that failed validation: the whole body (empty, not JSON, not an
+    object, the wrong content type) or some of its fields."""
+    whole = [e for e in errors if [p for p in e.get("loc", ()) if p != "body"] in ([], [None])]
+    json_errors = [e for e in errors if e.get("type") == "json_invalid"]
+    if json_errors:
+        e = json_errors[0]
+        where = e["loc"][-1] if isinstance(e.get("loc", [None])[-1], int) else None
+        reason = (e.get("ctx") or {}).get("error", "")
+        return invalid(f"the body is not valid JSON ({reason}{f' at character {where}' if where is not None else ''})")
+    if whole:
+        if whole[0].get("type") == "missing":
+            return invalid("the request body is empty: send a JSON object")
+        if not _is_json(content_type):
+            return invalid("send the body as a JSON object with Content-Type: application/json "
+                           f"(got {shown(content_type) if content_type else 'no Content-Type'})")
+        return invalid("the body must be a JSON object")
+    return invalid(invalid_fields(errors))
+
+
+def _is_json(content_type: str | None) -> bool:
+    media = (content_type or "").split(";")[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+def unreadable_json(exc: BaseException | None) -> str:
+    """Why a body or message that JSON could not be read was refused, in the client's terms."""
+    if isinstance(exc, RecursionError):
+        return "it is nested too deeply"
+    if isinstance(exc, UnicodeDecodeError):
+        return "it is not valid UTF-8"
+    if isinstance(exc, ValueError) and "digits" in str(exc):
+        # Python refuses to read integers this long (a denial-of-service guard)
+        return f"a number has more than {sys.get_int_max_str_digits()} digits"
+    if isinstance(exc, json.JSONDecodeError):
+        return f"{exc.msg} at character {exc.pos}"
+    return "it could not be parsed"
+
+
+def unparsable_body(exc: BaseException | None) -> ApiError:
+    """The body was JSON by its content type but could not be read as JSON."""
+    return invalid(f"the body is not valid JSON ({unreadable_json(exc)})")
+
+
+def parse_ws_message(raw: str) -> WsGenerate | WsCancel:
+    """A WebSocket text message as a `generate` or `cancel`; otherwise an ApiError whose `id`
+    is the message's own id when it has a usable one (so the client can match the error)."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise invalid(f"message is not valid JSON ({unreadable_json(exc)})") from None
+    if not isinstance(data, dict):
+        raise invalid("message must be a JSON object")
+    id_ = data.get("id")
+    id_ = id_ if isinstance(id_, str) and 0 < len(id_) <= 128 else None
+    kind = data.get("type")
+    model = WS_MESSAGES.get(kind) if isinstance(kind, str) else None
+    if model is None:
+        got = "no type" if kind is None else f"unknown message type {shown(kind)}"
+        raise invalid(f"{got} (send type generate or cancel)", id=id_)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise invalid(invalid_fields(exc.errors()), id=id_) from None

@@ -14,11 +14,10 @@ import json
 import logging
 
 from fastapi import WebSocket, WebSocketDisconnect
-from pydantic import ValidationError
 
 from serve_app.deltas import Accumulator
-from serve_app.errors import to_api_error
-from serve_app.protocol import WsCancel, WsGenerate
+from serve_app.errors import ApiError, to_api_error
+from serve_app.protocol import WsCancel, WsGenerate, parse_ws_message
 
 log = logging.getLogger("quill.websocket")
 
@@ -31,15 +30,6 @@ def _error_from(id_: str | None, exc: BaseException) -> dict:
     """The same error type and message the HTTP routes give for this exception."""
     err = to_api_error(exc)
     return _error(id_, err.type, err.message)
-
-
-def _validation_message(exc: ValidationError) -> str:
-    parts = []
-    for e in exc.errors():
-        loc = ".".join(str(p) for p in e.get("loc", ()))
-        msg = "unknown field" if e.get("type") == "extra_forbidden" else e.get("msg", "").removeprefix("Value error, ")
-        parts.append(f"{loc}: {msg}" if loc else msg)
-    return "; ".join(parts)
 
 
 class _Socket:
@@ -90,25 +80,9 @@ class _Socket:
 
     async def handle(self, raw: str) -> None:
         try:
-            data = json.loads(raw)
-        except (ValueError, RecursionError):  # RecursionError: nested thousands deep
-            await self.send(_error(None, "invalid_request_error", "message is not valid JSON"))
-            return
-        if not isinstance(data, dict):
-            await self.send(_error(None, "invalid_request_error", "message must be a JSON object"))
-            return
-        id_ = data.get("id") if isinstance(data.get("id"), str) else None
-        kind = data.get("type")
-        try:
-            if kind == "generate":
-                msg = WsGenerate.model_validate(data)
-            elif kind == "cancel":
-                msg = WsCancel.model_validate(data)
-            else:
-                await self.send(_error(id_, "invalid_request_error", f"unknown message type {kind!r} (generate, cancel)"))
-                return
-        except ValidationError as exc:
-            await self.send(_error(id_, "invalid_request_error", _validation_message(exc)))
+            msg = parse_ws_message(raw)
+        except ApiError as err:  # `id`: the bad message's own id, when it has a usable one
+            await self.send(_error(err.extra.get("id"), err.type, err.message))
             return
         if isinstance(msg, WsCancel):
             if self.task is not None and (msg.id is None or msg.id == self.task_id):

@@ -112,6 +112,9 @@ class Engine:
     def add(self, request: GenerationRequest) -> None:
         """Queue a request; refuse it now if it can never be served or the queue is full."""
         prompt_ids = self._prompt_ids(request.prompt)
+        keep = request.params.truncate_prompt_tokens
+        if keep is not None:  # the end of a document is what the continuation follows
+            prompt_ids = prompt_ids[-keep:]
         self._check_limits(request, prompt_ids)
         with self._lock:
             if request.request_id in self._live_ids:

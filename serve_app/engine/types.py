@@ -23,6 +23,7 @@ class SamplingParams:
     n: int = 1  # choices; they share one prefill
     stop: tuple[str, ...] = ()  # the stop text itself is never returned
     seed: int | None = None  # same seed, same text, whatever else is in the batch
+    truncate_prompt_tokens: int | None = None  # keep only the prompt's last K tokens (vLLM's name)
 
     def __post_init__(self) -> None:
         # Values the engine cannot act on are refused here, so every caller gets the same
@@ -44,6 +45,8 @@ class SamplingParams:
             raise RequestRejected("seed must be a 64-bit integer (from -2**63 to 2**64 - 1)")
         if any(not s for s in self.stop):
             raise RequestRejected("stop strings must not be empty")
+        if self.truncate_prompt_tokens is not None and self.truncate_prompt_tokens < 1:
+            raise RequestRejected("truncate_prompt_tokens must be at least 1")
 
     @property
     def greedy(self) -> bool:
