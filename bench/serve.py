@@ -1,6 +1,10 @@
 """`quill serve` end to end, driven as writers drive it.
 
     quill bench serve --workload writers [--model small] [--writers 6] [--replicas 1] [--quick]
+    quill bench serve --workload burst [--model small] [--writers 32] [--max-tokens 64] [--quick]
+
+The burst workload (bench/burst.py) measures `quill serve` saturated and below capacity against
+the engine in-process and transformers; the writers workload is described here.
 
 The writers workload is what a writing assistant sees: each simulated writer grows a document
 from the project's held-out text (training/data.py's split, never trained on) by a few words per
@@ -39,14 +43,17 @@ MODEL = "writer"
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="quill bench serve", description=__doc__.split("\n")[0])
-    p.add_argument("--workload", choices=["writers"], default="writers")
+    p.add_argument("--workload", choices=["writers", "burst"], default="writers")
     p.add_argument("--model", choices=["tiny", "small", "medium"], default="small")
-    p.add_argument("--writers", type=int, default=6, help="concurrent writers")
+    p.add_argument("--writers", type=int, default=None, help="concurrent writers (default 6; burst: 32)")
     p.add_argument("--start-tokens", type=int, default=300, help="document length at the first request")
     p.add_argument("--end-tokens", type=int, default=650, help="a writer stops once the document is this long")
     p.add_argument("--words-per-turn", type=int, default=12, help="words typed between two requests")
     p.add_argument("--think", default="0.5-1.5", help="seconds between a suggestion and the next request (min-max)")
-    p.add_argument("--max-tokens", type=int, default=8, help="tokens per suggestion")
+    p.add_argument("--max-tokens", type=int, default=None, help="tokens per suggestion (default 8; burst: 64)")
+    p.add_argument("--prompt-tokens", type=int, default=16, help="burst: prompt tokens per request")
+    p.add_argument("--rate-requests", type=int, default=32, help="burst: requests per rate below capacity")
+    p.add_argument("--system-timeout", type=float, default=900.0, help="burst: seconds before a peer is given up")
     p.add_argument("--replicas", type=int, default=1)
     p.add_argument("--cache-tokens", type=int, default=8192, help="engine.prefix_cache_tokens when the cache is on")
     p.add_argument("--seed", type=int, default=0)
@@ -54,8 +61,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default=str(DEFAULT_OUT), help="markdown file to write the section into ('' = none)")
     p.add_argument("--section", default=None, help="section key in --out (default serve-writers-<model>)")
     args = p.parse_args(argv)
+    burst = args.workload == "burst"
+    args.writers = args.writers or (32 if burst else 6)
+    args.max_tokens = args.max_tokens or (64 if burst else 8)
     if args.quick:
-        args.model, args.writers, args.start_tokens, args.end_tokens = "tiny", 2, 40, 90
+        args.model, args.writers, args.start_tokens, args.end_tokens = "tiny", (4 if burst else 2), 40, 90
+        args.max_tokens, args.rate_requests = (8, 4) if burst else (args.max_tokens, args.rate_requests)
     args.think_range = tuple(float(x) for x in args.think.split("-"))
     return args
 
@@ -282,6 +293,10 @@ def render(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = parse_args(argv)
+    if args.workload == "burst":
+        from bench.burst import run
+
+        return run(args, argv)
     from bench.engine import engine_version
     from training.data import load_tokenizer
 

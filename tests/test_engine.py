@@ -96,6 +96,22 @@ def test_greedy_batch_of_different_lengths_joining_mid_flight(checkpoint, hf):
         assert tokens[(f"r{i}", 0)] == hf_greedy(hf, prompt, n), f"request {i} diverged"
 
 
+def test_garbage_in_a_fresh_cache_never_reaches_the_output(checkpoint, hf):
+    """The KV cache is never cleared whole: a pass zeroes only past what it reads. NaN where
+    `torch.empty` could leave anything must not leak into any row, across slot reuse, and only
+    the positions in use are touched (resident memory follows the lengths, not the cache)."""
+    engine = make_engine(checkpoint)
+    engine.runner.k_cache.fill_(float("nan"))
+    engine.runner.v_cache.fill_(float("nan"))
+    first = [GenerationRequest(p, greedy(20), f"r{i}") for i, p in enumerate(PROMPTS[:2])]
+    later = {5: [GenerationRequest(PROMPTS[2], greedy(70), "r2")], 9: [GenerationRequest(PROMPTS[3], greedy(8), "r3")]}
+    tokens, _, _ = run(engine, first, add_later=later)
+    for i, n in enumerate((20, 20, 70, 8)):
+        assert tokens[(f"r{i}", 0)] == hf_greedy(hf, PROMPTS[i], n), f"request {i} diverged"
+    assert torch.isnan(engine.runner.k_cache[:, 4:]).all()  # slots never used: never touched
+    assert torch.isnan(engine.runner.k_cache[:, :2, :, 192:]).all()  # nor positions past the longest
+
+
 def test_prompts_prefilled_in_small_chunks_still_match_transformers(checkpoint, hf):
     """A 5-token prefill budget cuts every prompt into chunks spread over several steps,
     interleaved with other requests' decoding and a slot re-pack under a half-prefilled prompt."""

@@ -57,6 +57,8 @@ class AsyncEngine:
         try:
             while remaining > 0:
                 step = await queue.get()
+                while not queue.empty():  # fell behind: what is already here goes out together
+                    step = step + queue.get_nowait()
                 remaining -= sum(d.finished for d in step)
                 yield step
         finally:
@@ -97,11 +99,24 @@ class AsyncEngine:
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue
-            by_request: dict[str, list[Delta]] = {}
-            for delta in deltas:
-                by_request.setdefault(delta.request_id, []).append(delta)
-            for request_id, step in by_request.items():
-                route = self._routes.get(request_id)
-                if route is not None:
-                    loop, queue, _ = route
-                    loop.call_soon_threadsafe(queue.put_nowait, step)
+            self._deliver(deltas)
+
+    def _deliver(self, deltas: list[Delta]) -> None:
+        """Hand a step's deltas to their callers: one call into each caller loop per step."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, list[Delta]]]] = {}
+        by_request: dict[str, list[Delta]] = {}
+        for delta in deltas:
+            by_request.setdefault(delta.request_id, []).append(delta)
+        for request_id, step in by_request.items():
+            route = self._routes.get(request_id)
+            if route is not None:
+                loop, queue, _ = route
+                by_loop.setdefault(loop, []).append((queue, step))
+        for loop, items in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
+                loop.call_soon_threadsafe(_put_all, items)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, list[Delta]]]) -> None:
+    for queue, step in items:
+        queue.put_nowait(step)

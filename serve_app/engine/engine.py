@@ -197,8 +197,8 @@ class Engine:
             if self.prefix_cache is not None and not req.looked_up:
                 # Cached prompt blocks cost no budget: they are copied, not computed.
                 req.looked_up = True
-                self.runner.zero_slot_once(slot)
                 req.prefilled = req.cached = self.prefix_cache.load(req.prompt_ids, slot)
+                self.runner.mark_written(slot, 0, req.cached)
             take = min(budget, len(req.prompt_ids) - req.prefilled)
             budget -= take
             slot += n

@@ -1,0 +1,219 @@
+"""`quill serve` at saturation and below it, against the engine in-process and transformers.
+
+    quill bench serve --workload burst [--model small] [--writers 32] [--max-tokens 64] [--quick]
+
+One run, one random-weight checkpoint, one workload (N prompts of random token ids, greedy,
+each asking for the same number of tokens):
+1. `quill serve` started as a user starts it, on a registry entry that says nothing about CPUs or
+   threads (the replica gets what `quill serve` gives it), driven by a light client
+   (bench/stream_client.py) in this process:
+   - burst over SSE, then over the WebSocket: all N requests at once, so the server is saturated;
+   - two Poisson arrival rates below the capacity the SSE burst measured (30% and 60% of it),
+     for TTFT and time per output token when the server keeps up;
+2. the server stopped, the same burst replayed in a fresh process each by the engine in-process
+   (an `Engine.step` loop, the same engine settings and threads the replica had), transformers'
+   `generate` on one static batch, and transformers' continuous batching (bench/systems.py).
+
+The report states tokens/s of each and the ratios the issue asks for: `quill serve` over the
+static batch, and over the engine in-process.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.engine import RESULTS_DIR, make_checkpoint, make_workload, percentile, run_one, write_section
+from bench.machine import machine_info
+from bench.serve import Server
+from bench.stream_client import sse_request, ws_request
+
+MODEL = "burst"
+RATE_SHARES = (0.3, 0.6)  # of the measured capacity
+
+
+def registry_entry(checkpoint: Path, args) -> dict:
+    # No cpus_per_replica, no engine.threads: what a user who writes neither gets.
+    return {
+        "name": MODEL, "source": str(checkpoint),
+        "engine": {"max_batch_size": args.writers, "max_seq_len": 1024, "prefix_cache_tokens": 0},
+        "defaults": {"max_tokens": args.max_tokens, "temperature": 0},
+        "limits": {"max_prompt_tokens": 512, "max_tokens": args.max_tokens, "max_n": 1},
+    }
+
+
+def replica_settings(registry_path: Path) -> dict:
+    """The engine settings the replica runs with, as `quill serve` derives them on this machine."""
+    from serve_app.config import load_registry, share_cpus
+
+    entry = share_cpus(load_registry(registry_path), float(os.cpu_count() or 1)).models[0]
+    e = entry.engine
+    return {"threads": entry.threads, "max_batch_size": e.max_batch_size, "max_seq_len": e.max_seq_len,
+            "max_prompt_tokens": entry.limits.max_prompt_tokens, "max_tokens": entry.limits.max_tokens,
+            "max_prefill_tokens": e.max_prefill_tokens, "cpus_per_replica": entry.cpus}
+
+
+# ---- driving the server -----------------------------------------------------------------------
+
+
+async def drive(url: str, workload: list[dict], channel: str) -> list[dict]:
+    """Each request sent at its arrival time; one record per request (times from the run's t0)."""
+    t0 = time.perf_counter()
+
+    async def one(w: dict) -> dict:
+        await asyncio.sleep(max(0.0, t0 + w["arrival_s"] - time.perf_counter()))
+        sent = time.perf_counter() - t0
+        body = {"model": MODEL, "prompt": w["prompt"], "max_tokens": w["max_tokens"], "temperature": 0}
+        try:
+            if channel == "ws":
+                rec = await ws_request(url, body)
+            else:
+                rec = await sse_request(url, "/v1/completions",
+                                        {**body, "stream": True, "stream_options": {"include_usage": True}})
+        except Exception as exc:  # counted as an error of its kind, the run goes on
+            rec = {"error": f"{type(exc).__name__}: {exc}", "times": [], "tokens": 0}
+        return {"id": w["id"], "sent": sent, **rec}
+
+    return await asyncio.gather(*(one(w) for w in workload))
+
+
+def summarize(name: str, records: list[dict]) -> dict:
+    ok = [r for r in records if "error" not in r and r["times"]]
+    errors: dict[str, int] = {}
+    for r in records:
+        if "error" in r:
+            kind = r["error"].split(":")[0][:60]
+            errors[kind] = errors.get(kind, 0) + 1
+    tokens = sum(r["tokens"] for r in ok)
+    wall = max(r["sent"] + r["times"][-1] for r in ok) - min(r["sent"] for r in records) if ok else 0.0
+    tpot = [(r["times"][-1] - r["times"][0]) / (len(r["times"]) - 1) for r in ok if len(r["times"]) > 1]
+    return {
+        "phase": name, "requests": len(records), "errors": errors, "output_tokens": tokens,
+        "wall_s": round(wall, 3), "tok_s": round(tokens / wall, 1) if wall else 0.0,
+        "ttft_p50_s": _r(percentile([r["ttft_s"] for r in ok], 50)),
+        "ttft_p99_s": _r(percentile([r["ttft_s"] for r in ok], 99)),
+        "tpot_p50_ms": _r(percentile(tpot, 50), 1000), "tpot_p99_ms": _r(percentile(tpot, 99), 1000),
+    }
+
+
+def peer_row(name: str, result: dict) -> dict:
+    from bench.engine import summarize as summarize_engine
+
+    row = summarize_engine(result)
+    return {"phase": name, **{k: row.get(k) for k in ("requests", "output_tokens", "wall_s", "tok_s", "ttft_p50_s",
+                                                      "ttft_p99_s", "tpot_p50_ms", "tpot_p99_ms", "error")}}
+
+
+def _r(x, scale: float = 1.0):
+    return None if x is None else round(x * scale, 3 if scale == 1.0 else 1)
+
+
+def poisson(workload: list[dict], rate: float, seed: int) -> list[dict]:
+    rng, t, out = random.Random(seed), 0.0, []
+    for w in workload:
+        out.append({**w, "arrival_s": round(t, 4)})
+        t += rng.expovariate(rate)
+    return out
+
+
+# ---- the run --------------------------------------------------------------------------------
+
+
+def run(args, argv: list[str] | None) -> int:
+    from bench.engine import engine_version
+    from bench.systems import CB, OURS, STATIC
+
+    burst = make_workload(args.writers, 1.0, (args.prompt_tokens, args.prompt_tokens),
+                          (args.max_tokens, args.max_tokens), args.seed)
+    for w in burst:
+        w["arrival_s"] = 0.0
+    report = {"command": "quill bench serve " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+              "machine": machine_info(), "engine": engine_version(),
+              "args": {k: getattr(args, k) for k in ("model", "writers", "prompt_tokens", "max_tokens", "rate_requests", "seed")},
+              "rows": []}
+    rows = report["rows"]
+
+    def show(row: dict) -> None:
+        rows.append(row)
+        print(f"[bench] {json.dumps(row)}", flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="quill-bench-burst-") as tmp:
+        workdir = Path(tmp)
+        checkpoint = make_checkpoint(args.model, workdir / "model", args.seed)
+        registry = workdir / "registry.json"
+        registry.write_text(json.dumps({"models": [registry_entry(checkpoint, args)]}))  # JSON is YAML
+        settings = report["replica"] = replica_settings(registry)
+        server = Server(registry, workdir / "serve.log")
+        try:
+            report["startup_s"] = round(server.wait_ready(), 1)
+            asyncio.run(drive(server.url, burst[:2], "sse"))  # first-call paths, not measured
+            show(summarize("quill serve, burst, SSE", asyncio.run(drive(server.url, burst, "sse"))))
+            capacity = rows[-1]["tok_s"] / args.max_tokens  # requests/s the server can finish
+            show(summarize("quill serve, burst, WebSocket", asyncio.run(drive(server.url, burst, "ws"))))
+            for share in RATE_SHARES:
+                rate = round(capacity * share, 3)
+                trace = poisson(make_workload(args.rate_requests, 1.0, (args.prompt_tokens, args.prompt_tokens),
+                                              (args.max_tokens, args.max_tokens), args.seed + 1), rate, args.seed)
+                row = summarize(f"quill serve, {rate:g} req/s ({share:.0%} of capacity), SSE",
+                                asyncio.run(drive(server.url, trace, "sse")))
+                show({**row, "rate_per_s": rate})
+        finally:
+            server.stop()
+        for system, name in ((OURS, "engine in-process (Engine.step loop)"),
+                             (STATIC, "transformers generate, one static batch"),
+                             (CB, "transformers continuous batching")):
+            print(f"[bench] {name} ...", flush=True)
+            show(peer_row(name, run_one(system, checkpoint, burst, settings, "process", args.system_timeout)))
+
+    serve_row, engine_row, static_row = rows[0], rows[-3], rows[-2]
+    report["ratios"] = {
+        "serve_over_static": _ratio(serve_row, static_row),
+        "serve_over_engine": _ratio(serve_row, engine_row),
+        "engine_over_static": _ratio(engine_row, static_row),
+    }
+    print(render(report))
+    if args.out:
+        key = args.section or f"serve-burst-{args.model}"
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        (RESULTS_DIR / f"{key}.json").write_text(json.dumps(report, indent=1))
+        write_section(Path(args.out), key, render(report))
+    return 0 if all(not r.get("errors") and not r.get("error") for r in rows) else 1
+
+
+def _ratio(a: dict, b: dict) -> float | None:
+    return round(a["tok_s"] / b["tok_s"], 2) if a.get("tok_s") and b.get("tok_s") else None
+
+
+def render(report: dict) -> str:
+    m, a, s, q = report["machine"], report["args"], report["replica"], report["ratios"]
+    lines = [
+        f"### `quill serve` at saturation: a burst of {a['writers']} writers ({a['model']} shape)",
+        "",
+        f"Command: `{report['command']}`  ",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; Python {m['python']}, torch "
+        f"{m['torch']}, transformers {m['transformers']}; {m['date_utc']}; engine {report['engine']}.",
+        "",
+        f"{a['writers']} requests of {a['prompt_tokens']} random prompt tokens, {a['max_tokens']} greedy tokens each. "
+        f"The replica, from a registry entry that sets no CPUs or threads: {s['cpus_per_replica']} CPUs, "
+        f"{s['threads']} torch threads, batch {s['max_batch_size']}; the in-process engine and transformers ran "
+        f"with the same threads. Rates below capacity: {a['rate_requests']} requests arriving as a Poisson "
+        "process. TPOT is per request, (last token - first token) / (tokens - 1).",
+        "",
+        f"**`quill serve` / static batch: {q['serve_over_static']}x; `quill serve` / engine in-process: "
+        f"{q['serve_over_engine']}x; engine in-process / static batch: {q['engine_over_static']}x.**",
+        "",
+        "| what | tokens/s | output tokens | wall s | TTFT p50 | TTFT p99 | TPOT p50 | TPOT p99 | errors |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in report["rows"]:
+        errors = r.get("error") or ", ".join(f"{k}: {v}" for k, v in (r.get("errors") or {}).items()) or "0"
+        lines.append(f"| {r['phase']} | {r.get('tok_s')} | {r.get('output_tokens')} | {r.get('wall_s')} | "
+                     f"{r.get('ttft_p50_s')} s | {r.get('ttft_p99_s')} s | {r.get('tpot_p50_ms')} ms | "
+                     f"{r.get('tpot_p99_ms')} ms | {errors} |")
+    return "\n".join(lines)
