@@ -21,14 +21,19 @@ away the others keep receiving; it is cancelled only when the last listener leav
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from serve_app.breaker import CircuitBreaker
 from serve_app.deltas import Accumulator
 from serve_app.engine.types import Delta, SamplingParams
 from serve_app.errors import ApiError, to_api_error
@@ -40,6 +45,7 @@ DEFAULT_MAX_ENTRIES = 1024
 KEY_PREFIX = "quill:cache:"
 FLIGHT_PREFIX = "quill:flight:"
 STREAM_PREFIX = "quill:stream:"
+T = TypeVar("T")
 
 
 class LeaderGone(Exception):
@@ -110,27 +116,66 @@ class MemoryStore:
         pass
 
 
+class Bypassed(Exception):
+    """Redis was not asked (its breaker is open) or did not answer: take the fallback."""
+
+
+# A timeout or a lost connection means Redis is unreachable or frozen: open the breaker. Any
+# other error (a command Redis refused) is that call's problem alone.
+_OUTAGE = (RedisConnectionError, RedisTimeoutError, TimeoutError, OSError)
+
+
 class RedisStore:
     """Results in Redis, shared by all ingress replicas. Each entry expires after `ttl`; an
-    index sorted by insertion time bounds their number (the oldest are evicted)."""
+    index sorted by insertion time bounds their number (the oldest are evicted).
 
-    def __init__(self, url: str, ttl: float = DEFAULT_TTL, max_entries: int = DEFAULT_MAX_ENTRIES):
+    The cache is an optimisation, so Redis failing must never fail or slow a request: every call
+    goes through a circuit breaker. A call that times out (Redis frozen, or a network that drops
+    packets) or loses its connection opens it; for `cooldown` seconds no call is made at all
+    (get finds nothing, put and publish do nothing, claim says "generate it yourself", follow
+    gives up as if the leader had gone), then one call probes. Without it a frozen Redis cost
+    every seeded request one `timeout` per token (each delta is published)."""
+
+    def __init__(self, url: str, ttl: float = DEFAULT_TTL, max_entries: int = DEFAULT_MAX_ENTRIES,
+                 timeout: float = 1.0, cooldown: float = 30.0):
         import redis.asyncio as aioredis
 
         self.ttl, self.max_entries = ttl, max_entries
-        self._r = aioredis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+        # A healthy Redis answers in milliseconds; `timeout` bounds what the first request of an
+        # outage pays before the breaker opens. It must exceed FOLLOW_BLOCK_MS.
+        self._r = aioredis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
         self._index = KEY_PREFIX + "index"
+        self.breaker = CircuitBreaker("redis (result cache)", cooldown)
+
+    async def _call(self, op: Callable[[], Awaitable[T]]) -> T:
+        """One Redis call through the breaker; Bypassed instead of its result when Redis is
+        skipped or fails."""
+        if not self.breaker.allow():
+            raise Bypassed()
+        try:
+            result = await op()
+        except _OUTAGE as exc:
+            self.breaker.failed(exc)
+            raise Bypassed() from exc
+        except Exception as exc:
+            self.breaker.succeeded()  # Redis answered, with an error
+            log.warning("redis call failed: %s: %s", type(exc).__name__, exc)
+            raise Bypassed() from exc
+        except BaseException:  # cancelled: the client left before Redis answered
+            self.breaker.abandoned()
+            raise
+        self.breaker.succeeded()
+        return result
 
     async def get(self, key: str) -> Result | None:
         try:
-            raw = await self._r.get(KEY_PREFIX + key)
-        except Exception as exc:  # the cache is an optimisation: a Redis outage must not fail requests
-            log.warning("redis get failed: %s", exc)
+            raw = await self._call(lambda: self._r.get(KEY_PREFIX + key))
+        except Bypassed:
             return None
         return Result(**json.loads(raw)) if raw else None
 
     async def put(self, key: str, result: Result) -> None:
-        try:
+        async def store() -> None:
             now = time.time()
             async with self._r.pipeline(transaction=True) as p:
                 p.set(KEY_PREFIX + key, json.dumps(asdict(result)), px=int(self.ttl * 1000))
@@ -143,8 +188,9 @@ class RedisStore:
                 if old:
                     await self._r.delete(*(KEY_PREFIX + k.decode() for k in old))
                     await self._r.zrem(self._index, *old)
-        except Exception as exc:
-            log.warning("redis put failed: %s", exc)
+
+        with contextlib.suppress(Bypassed):
+            await self._call(store)
 
     # --- single-flight across ingress replicas ---------------------------------------------
     # The leader holds `quill:flight:<key>` (SET NX with a lease) and appends its deltas to the
@@ -153,17 +199,17 @@ class RedisStore:
 
     shared = True
     LEASE_MS = 60_000
+    FOLLOW_BLOCK_MS = 500  # how long one XREAD waits for the leader's next deltas
 
     async def claim(self, key: str) -> bool:
-        """True when this process should generate (it holds the lease, or Redis is down)."""
+        """True when this process should generate (it holds the lease, or Redis is bypassed)."""
         try:
-            return bool(await self._r.set(FLIGHT_PREFIX + key, "1", nx=True, px=self.LEASE_MS))
-        except Exception as exc:
-            log.warning("redis claim failed: %s", exc)
+            return bool(await self._call(lambda: self._r.set(FLIGHT_PREFIX + key, "1", nx=True, px=self.LEASE_MS)))
+        except Bypassed:
             return True
 
     async def publish(self, key: str, kind: str, value: str = "") -> None:
-        try:
+        async def append() -> None:
             stream = STREAM_PREFIX + key
             async with self._r.pipeline(transaction=False) as p:
                 p.xadd(stream, {"k": kind, "v": value})
@@ -173,33 +219,42 @@ class RedisStore:
                 else:
                     p.delete(FLIGHT_PREFIX + key)
                 await p.execute()
-        except Exception as exc:
-            log.warning("redis publish failed: %s", exc)
+
+        with contextlib.suppress(Bypassed):
+            await self._call(append)
 
     async def follow(self, key: str) -> AsyncIterator[Delta]:
-        """The leader's deltas from the start; LeaderGone if it vanished without finishing."""
+        """The leader's deltas from the start; LeaderGone if it vanished without finishing, or
+        if Redis stops answering (the follower cannot tell the two apart)."""
         stream, last = STREAM_PREFIX + key, "0-0"
-        while True:
-            resp = await self._r.xread({stream: last}, block=1000, count=256)
-            if not resp:
-                if await self._r.exists(FLIGHT_PREFIX + key):
-                    continue
-                resp = await self._r.xread({stream: last}, count=256)  # it may have just ended
+
+        async def read(block: int | None):
+            return await self._call(lambda: self._r.xread({stream: last}, block=block, count=256))
+
+        try:
+            while True:
+                resp = await read(self.FOLLOW_BLOCK_MS)
                 if not resp:
-                    raise LeaderGone()
-            for _, entries in resp:
-                for entry_id, fields in entries:
-                    last = entry_id
-                    kind, value = fields[b"k"].decode(), fields[b"v"].decode()
-                    if kind == "d":
-                        for d in json.loads(value):
-                            yield Delta(**{**d, "token_ids": tuple(d["token_ids"])})
-                    elif kind == "end":
-                        return
-                    elif kind == "err":
-                        raise ApiError.from_dict(json.loads(value))
-                    else:
+                    if await self._call(lambda: self._r.exists(FLIGHT_PREFIX + key)):
+                        continue
+                    resp = await read(None)  # it may have just ended
+                    if not resp:
                         raise LeaderGone()
+                for _, entries in resp:
+                    for entry_id, fields in entries:
+                        last = entry_id
+                        kind, value = fields[b"k"].decode(), fields[b"v"].decode()
+                        if kind == "d":
+                            for d in json.loads(value):
+                                yield Delta(**{**d, "token_ids": tuple(d["token_ids"])})
+                        elif kind == "end":
+                            return
+                        elif kind == "err":
+                            raise ApiError.from_dict(json.loads(value))
+                        else:
+                            raise LeaderGone()
+        except Bypassed:
+            raise LeaderGone() from None
 
     async def close(self) -> None:
         await self._r.aclose()
@@ -293,7 +348,10 @@ class SingleFlight:
                     return
                 except LeaderGone:
                     if flight.deltas:
-                        raise RuntimeError("the shared generation was abandoned; retry") from None
+                        # Part of the answer has been sent: it cannot be restarted here. A
+                        # retry is answered from the cache or generated afresh.
+                        raise ApiError(503, "model_unavailable", "the generation this request shared with "
+                                       "an identical one was interrupted; retry") from None
                     leader = await self.store.claim(key)  # nothing sent yet: generate here
             else:
                 self.on_outcome(model, "miss")
