@@ -149,7 +149,9 @@ def serve_main(argv: list[str]) -> int:
         signal.signal(signal.SIGTERM, on_signal)
         # The proxy runs on the head node only: that is the address printed below, and several
         # Ray nodes on one machine would otherwise each try to bind the same port.
-        serve.start(proxy_location="HeadOnly", http_options={"host": args.host, "port": args.port})
+        from serve_app.security import proxy_http_options  # the idle keep-alive (docs/security.md)
+
+        serve.start(proxy_location="HeadOnly", http_options={"host": args.host, "port": args.port, **proxy_http_options()})
         app = app_module.get()
         serve.run(app.build_app(registry), name=app.APP_NAME, route_prefix="/")
         url = f"http://{args.host}:{args.port}"

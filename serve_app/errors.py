@@ -31,8 +31,13 @@ class ApiError(Exception):
     def body(self) -> dict:
         return {"error": {"type": self.type, "message": self.message, **self.extra}}
 
+    # Seconds for the Retry-After of a 429/503; a rate limit sets the time its window frees.
+    retry_after: int = 1
+
     def headers(self) -> dict[str, str] | None:
-        return {"Retry-After": "1"} if self.status in (429, 503) else None
+        if self.status == 401:
+            return {"WWW-Authenticate": "Bearer"}  # RFC 6750: the scheme the server expects
+        return {"Retry-After": str(self.retry_after)} if self.status in (429, 503) else None
 
     def to_dict(self) -> dict:
         return {"status": self.status, "type": self.type, "message": self.message, **self.extra}
@@ -57,6 +62,12 @@ def error_body(type_: str, message: str) -> dict:
 
 def overloaded(message: str = "") -> ApiError:
     return ApiError(503, "overloaded", message or "model is overloaded, retry later")
+
+
+def rate_limited(message: str, retry_after: int) -> ApiError:
+    err = ApiError(429, "rate_limit_error", message)
+    err.retry_after = retry_after
+    return err
 
 
 def to_api_error(exc: BaseException) -> ApiError:

@@ -32,6 +32,7 @@ from serve_app.engine.types import Delta, GenerationRequest, RequestRejected, Sa
 from serve_app.deltas import Accumulator
 from serve_app.errors import ApiError, error_body, to_api_error
 from serve_app.model_server import ModelServer
+from serve_app.security import FrontDoor, SecuritySettings
 from serve_app.protocol import CompletionRequest, GenerateRequest, invalid_body, new_id, now, shown, unparsable_body
 
 log = logging.getLogger("quill.ingress")
@@ -200,9 +201,12 @@ def _sse_response(
     return StreamingResponse(events(), media_type="text/event-stream", headers=_SSE_HEADERS)
 
 
-def create_app(service: Service) -> FastAPI:
+def create_app(service: Service, security: SecuritySettings | None = None) -> FastAPI:
+    """`security` defaults to the settings in this process's environment (docs/security.md)."""
     app = FastAPI(title="Quill", docs_url="/docs", redoc_url=None)
     app.state.service = service
+    # Keys, origins, header/body/rate limits before any route runs (serve_app/security.py).
+    app.add_middleware(FrontDoor, settings=security or SecuritySettings.from_env())
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError):

@@ -32,6 +32,11 @@ def _error_from(id_: str | None, exc: BaseException) -> dict:
     return _error(id_, err.type, err.message)
 
 
+def error_message(id_: str | None, exc: BaseException) -> str:
+    """An `error` message as sent on the socket; the front door (security.py) sends its own."""
+    return json.dumps(_error_from(id_, exc), separators=(",", ":"))
+
+
 class _Socket:
     def __init__(self, ws: WebSocket, service):
         self.ws, self.service = ws, service
