@@ -308,33 +308,29 @@ def test_identical_seeded_requests_generate_once_via_redis(server):
     assert _settled(url, "quill_requests_total", model="tiny-b", status="ok") == ok_before + 1
 
 
-def test_writing_page_in_a_real_browser(server):
+def test_writing_page_in_a_real_browser(server, browser):
     """The page at GET / in headless chromium: typing brings suggestions over /v1/stream."""
-    import shutil
-
-    sync_api = pytest.importorskip("playwright.sync_api")
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.skip("no chromium (apt-get install chromium)")
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
-        try:
-            page = browser.new_page()
-            page.goto(server["url"] + "/")
-            page.wait_for_function("document.getElementById('status').textContent === 'ready'", timeout=30_000)
-            assert page.locator("#model option").all_inner_texts() == ["tiny-a", "tiny-b"]
-            page.fill("#n", "2")
-            page.click("#editor")
-            page.keyboard.type("It was a dark and stormy night")
-            page.wait_for_function(
-                "document.getElementById('status').textContent.startsWith('done')", timeout=60_000
-            )
-            suggestions = page.locator("#suggestions li").all_inner_texts()
-            assert len(suggestions) == 2 and all(suggestions), suggestions
-            page.keyboard.press("Tab")  # takes the first suggestion
-            assert page.input_value("#editor") == "It was a dark and stormy night" + suggestions[0]
-        finally:
-            browser.close()
+    page = browser.new_page()
+    try:
+        page.goto(server["url"] + "/")
+        page.wait_for_function("document.getElementById('status').textContent === 'ready'", timeout=30_000)
+        assert page.locator("#model option").all_inner_texts() == ["tiny-a", "tiny-b"]
+        # The controls are capped at the registry's limits and start at its defaults
+        # (tests/test_page.py has the rest: long documents, errors, reconnects, keys).
+        assert [page.get_attribute("#n", "max"), page.get_attribute("#max", "max")] == ["4", "96"]
+        assert page.input_value("#max") == "16"
+        page.fill("#n", "2")
+        page.click("#editor")
+        page.keyboard.type("It was a dark and stormy night")
+        page.wait_for_function(
+            "document.getElementById('status').textContent.startsWith('done')", timeout=60_000
+        )
+        suggestions = page.locator("#suggestions li").all_inner_texts()
+        assert len(suggestions) == 2 and all(suggestions), suggestions
+        page.keyboard.press("Tab")  # takes the first suggestion
+        assert page.input_value("#editor") == "It was a dark and stormy night" + suggestions[0]
+    finally:
+        page.close()
 
 
 def test_metrics_page_has_every_series(server):
