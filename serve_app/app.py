@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 from typing import Any, AsyncIterator
 
@@ -31,16 +32,48 @@ from serve_app.engine.types import Delta, GenerationRequest
 from serve_app.ingress import Service, create_app
 from serve_app.metrics import render_cluster_metrics
 from serve_app.errors import ApiError, overloaded
+from serve_app.local_ray import bind_serve_replicas_to_loopback
 from serve_app.model_server import ModelServer
 
 APP_NAME = "quill"
+log = logging.getLogger("quill.app")
+
+# What a call through a handle raises when the replica running it dies (kill -9 of its process,
+# or its node). RayActorError covers ActorDiedError and ActorUnavailableError, and a RayTaskError
+# caused by either (Ray makes those instances of the cause's class too).
+REPLICA_LOST = (RayActorError,)
+
+
+class ServeStatus:
+    """Serve's view of the application, asked once for every model of a readiness probe.
+
+    `/readyz` asks every model at once; each `serve.status()` is a round trip to Serve's
+    controller, which a busy controller answers slowly. Concurrent askers share the call in
+    flight; a later probe asks afresh, so a lost replica shows up on the next probe."""
+
+    def __init__(self, fetch=serve.status):
+        self.fetch = fetch
+        self._pending: asyncio.Future | None = None
+
+    async def get(self, timeout: float):
+        if self._pending is None:
+            self._pending = asyncio.ensure_future(asyncio.wait_for(asyncio.to_thread(self.fetch), timeout))
+            self._pending.add_done_callback(self._done)
+        # shield: one asker cancelled (its client left) must not cancel the call for the others
+        return await asyncio.shield(self._pending)
+
+    def _done(self, future: asyncio.Future) -> None:
+        self._pending = None
+        if not future.cancelled():
+            future.exception()  # retrieved: an error is each asker's, not an unhandled one
 
 
 class HandleBackend:
     """A model reached through its Ray Serve deployment handle."""
 
-    def __init__(self, handle: DeploymentHandle, entry: ModelEntry):
+    def __init__(self, handle: DeploymentHandle, entry: ModelEntry, status: ServeStatus | None = None):
         self.handle, self.entry = handle, entry
+        self.status = status or ServeStatus()
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         responses = self.handle.options(stream=True).generate.remote(request)
@@ -54,9 +87,10 @@ class HandleBackend:
             finished = True
         except BackPressureError:  # Serve's queue limit for this deployment
             raise overloaded() from None
-        except RayActorError:
-            # The replica's process or node died mid-call. Ray's message names actor ids and
-            # addresses, which no response may carry; say what happened instead.
+        except REPLICA_LOST as exc:
+            # The replica's process or node died mid-call. Ray's message names actor ids, pids
+            # and addresses, which no response may carry: they go to the log only.
+            log.warning("model %r: replica lost during a request: %s: %s", self.entry.name, type(exc).__name__, exc)
             raise ApiError(503, "model_unavailable", f"model {self.entry.name!r} lost the replica serving "
                            "this request (its process or node died); retry") from None
         finally:
@@ -73,7 +107,7 @@ class HandleBackend:
         if self.entry.autoscaling.min_replicas == 0:
             return True
         try:
-            status = await asyncio.wait_for(asyncio.to_thread(serve.status), timeout)
+            status = await self.status.get(timeout)
             deployment = status.applications[self.handle.app_name].deployments[self.handle.deployment_name]
         except Exception:  # controller busy or restarting, app not deployed yet
             return False
@@ -84,15 +118,22 @@ class HandleBackend:
 class ModelServerDeployment(ModelServer):
     """ModelServer as a Serve deployment; options (resources, autoscaling) are set per model."""
 
+    def __init__(self, *args, **kwargs):
+        # Serve starts the replica's gRPC server after this constructor returns (local_ray.py).
+        bind_serve_replicas_to_loopback()
+        super().__init__(*args, **kwargs)
+
 
 @serve.deployment(max_ongoing_requests=1000)
 @serve.ingress()
 class Ingress:
     def __init__(self, registry: dict, handles: dict[str, DeploymentHandle], cache: dict | None = None):
+        bind_serve_replicas_to_loopback()  # before Serve starts this replica's gRPC server
         self.registry = Registry.model_validate(registry)
         cache = cache or {}
         store = make_store(cache.get("redis_url"), cache.get("ttl", DEFAULT_TTL), cache.get("max_entries", DEFAULT_MAX_ENTRIES))
-        backends = {m.name: HandleBackend(handles[m.name], m) for m in self.registry.models}
+        status = ServeStatus()  # one controller call per readiness probe, for every model
+        backends = {m.name: HandleBackend(handles[m.name], m, status) for m in self.registry.models}
         self.service = Service(self.registry, backends, store, render_metrics=render_cluster_metrics)
 
     def __serve_build_asgi_app__(self):

@@ -4,11 +4,11 @@
     quill render-k8s --registry PATH [--values FILE] [--namespace NS]
     quill train ... | quill evaluate ... | quill data ... | quill bench engine ...
 
-`serve` validates the registry before anything starts, brings up a local Ray (or joins the
-cluster at --address / RAY_ADDRESS), deploys the app, prints the URL once every model has
-loaded, and serves until SIGINT or SIGTERM, then shuts its local Ray Serve and Ray down (on a
-cluster joined with --address it deletes only its own application: the cluster and any other
-applications on it keep running).
+`serve` validates the registry before anything starts, brings up a local Ray listening on
+loopback only (serve_app/local_ray.py; or joins the cluster at --address / RAY_ADDRESS),
+deploys the app, prints the URL once every model has loaded, and serves until SIGINT or
+SIGTERM, then shuts its local Ray Serve and Ray down (on a cluster joined with --address it
+deletes only its own application: the cluster and any other applications on it keep running).
 The other commands are front doors: they import their module only when called.
 """
 from __future__ import annotations
@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 
+from serve_app import local_ray
 from serve_app.config import DEFAULT_REGISTRY, RegistryError, load_registry, required_cpus, required_gpus, share_cpus
 
 
@@ -107,6 +108,10 @@ def serve_main(argv: list[str]) -> int:
         print(f"quill serve: {problem}", file=sys.stderr)
         return 2
 
+    if local:
+        # Before Ray is imported (just below): a Ray of our own listens on loopback only.
+        local_ray.prepare_environment()
+
     # serve_app.app pulls in Ray Serve, FastAPI and friends (seconds of CPU on a small box):
     # import it in a thread while Ray starts its own processes.
     app_module = _Import("serve_app.app")
@@ -128,6 +133,7 @@ def serve_main(argv: list[str]) -> int:
                 # "local": a new Ray of our own. With no address, ray.init would join any cluster
                 # a `ray start` left on this machine, and our shutdown would take its Serve down.
                 address="local",
+                **local_ray.init_options(),
                 num_cpus=int(num_cpus) if float(num_cpus).is_integer() else num_cpus,
                 include_dashboard=False,
                 _metrics_export_port=args.metrics_export_port or _free_port(),

@@ -17,10 +17,12 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -129,6 +131,33 @@ def wait_until(what: str, check, timeout: float, every: float = 0.5):
         time.sleep(every)
     pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}" + (f" (last error: {last_error!r})" if last_error else ""))
 
+
+
+class Completion(threading.Thread):
+    """One POST /v1/completions (streamed or not) read in the background, as a client would:
+    its status, headers, body text and SSE events (event, data); `error` if the connection was
+    cut instead of answered."""
+
+    def __init__(self, url: str, body: dict, timeout: float = 180):
+        super().__init__(daemon=True)
+        self.url, self.body, self.timeout = url, body, timeout
+        self.status, self.headers, self.events, self.text, self.error = None, {}, [], "", None
+        self.start()
+
+    def run(self):
+        try:
+            with httpx.stream("POST", self.url + "/v1/completions", json=self.body, timeout=self.timeout) as r:
+                self.status, self.headers = r.status_code, r.headers
+                event = None
+                for line in r.iter_lines():
+                    self.text += line + "\n"
+                    if line.startswith("event: "):
+                        event = line[7:]
+                    elif line.startswith("data: "):
+                        self.events.append((event, line[6:]))
+                        event = None
+        except Exception as exc:  # noqa: BLE001 - a cut connection: the caller asserts on it
+            self.error = exc
 
 @dataclass
 class RayCluster:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import signal
 import sys
-import threading
 import time
 
 import httpx
@@ -18,7 +17,8 @@ import psutil
 import pytest
 
 from tests.conftest import save_tiny_gpt2
-from tests.processes import kill_group, ray_cluster, registry_entry, start_quill_serve, wait_until, write_registry
+from tests.processes import (Completion, kill_group, ray_cluster, registry_entry, start_quill_serve, wait_until,
+                             write_registry)
 
 pytestmark = pytest.mark.integration
 
@@ -63,28 +63,6 @@ def test_model_replicas_run_on_the_node_with_their_resource_and_the_front_on_the
     assert server.proc.poll() is None  # `quill serve --address` keeps running, as documented
 
 
-class _Stream(threading.Thread):
-    """One streamed completion, read in the background as (event, data) pairs."""
-
-    def __init__(self, url: str, body: dict):
-        super().__init__(daemon=True)
-        self.url, self.body, self.events, self.error = url, body, [], None
-        self.start()
-
-    def run(self):
-        try:
-            with httpx.stream("POST", self.url + "/v1/completions", json=self.body, timeout=120) as r:
-                event = None
-                for line in r.iter_lines():
-                    if line.startswith("event: "):
-                        event = line[7:]
-                    elif line.startswith("data: "):
-                        self.events.append((event, line[6:]))
-                        event = None
-        except Exception as exc:  # noqa: BLE001 - a cut connection is what the test must not see
-            self.error = exc
-
-
 def _readyz(server) -> tuple[int, dict]:
     r = httpx.get(server.url + "/readyz", timeout=10)
     body = r.json()
@@ -94,7 +72,7 @@ def _readyz(server) -> tuple[int, dict]:
 def test_losing_the_node_fails_the_stream_with_an_error_event_and_readyz_until_a_new_node_joins(deployed):
     cluster, server = deployed
     worker = cluster.nodes[1]
-    stream = _Stream(server.url, {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 900, "stream": True})
+    stream = Completion(server.url, {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 900, "stream": True})
     wait_until("the stream's first tokens", lambda: len(stream.events) >= 5, 60, every=0.01)
 
     raylet = next(p for p in psutil.Process(worker.pid).children(recursive=True) if p.name() == "raylet")
@@ -117,7 +95,7 @@ def test_losing_the_node_fails_the_stream_with_an_error_event_and_readyz_until_a
     wait_until("/readyz to report the model unready", lambda: _readyz(server) == (503, {"tiny": False}), 90)
     unready = time.monotonic() - killed
     # Sent while the model has no replica: Serve holds it until one runs again.
-    waiting = _Stream(server.url, {"model": "tiny", "prompt": "Hello", "max_tokens": 5, "stream": True})
+    waiting = Completion(server.url, {"model": "tiny", "prompt": "Hello", "max_tokens": 5, "stream": True})
 
     rejoined = time.monotonic()
     cluster.add_worker(num_cpus=1, resources=NODE_RESOURCE)

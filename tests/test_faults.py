@@ -1,18 +1,25 @@
 """Faults a server meets in production, done for real: a frozen Redis (SIGSTOP, not down: the
-worst case, every call waits for its timeout).
+worst case, every call waits for its timeout), and under one real `quill serve` for the module
+(the tests run in order): what its local Ray listens on, and a model replica killed with -9
+while requests are running and queued on it.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
+import httpx
+import psutil
 import pytest
 from starlette.testclient import TestClient
 
@@ -21,7 +28,8 @@ from serve_app.cache import LeaderGone, RedisStore, Result
 from serve_app.config import parse_registry
 from serve_app.ingress import LocalBackend, Service, create_app
 from serve_app.model_server import ModelServer
-from tests.processes import free_port, wait_until
+from tests.conftest import save_tiny_gpt2
+from tests.processes import Completion, free_port, quill_serve, registry_entry, wait_until, write_registry
 
 
 # --- the circuit breaker alone ---------------------------------------------------------------
@@ -161,3 +169,176 @@ def test_a_seeded_request_is_served_in_normal_time_while_redis_is_frozen_and_cac
     print(f"\nseeded 32-token stream: {normal:.2f} s without Redis; Redis frozen: first {first:.2f} s, "
           f"next {later:.2f} s; after recovery a cache hit in {hit:.2f} s", file=sys.stderr)
 
+
+
+# --- one real `quill serve` ------------------------------------------------------------------
+
+REPLICA = "ray::ServeReplica:quill:model-tiny"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    # n_positions 1024: streams long enough (seconds) to be running when the replica dies.
+    ckpt = save_tiny_gpt2(root / "tiny", n_positions=1024)
+    registry = write_registry(root / "registry.yaml", [registry_entry(
+        "tiny", ckpt, engine="{max_batch_size: 4, max_seq_len: 1024}",
+        limits="{max_prompt_tokens: 64, max_tokens: 900, max_n: 4}")])
+    with quill_serve(registry, root) as server:
+        yield server
+
+
+def _session_processes(server) -> list[psutil.Process]:
+    """`quill serve` and every process it started (Ray's included): they share its session."""
+    out = []
+    for p in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            if os.getsid(p.pid) == server.proc.pid:
+                out.append(p)
+    return out
+
+
+LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+# What Ray's ActorDiedError text carries: actor ids, pids, addresses, a traceback.
+RAY_INTERNALS = re.compile(r"Actor|actor_id|pid|\d+\.\d+\.\d+\.\d+|Traceback|[0-9a-f]{16}")
+
+
+def test_the_local_ray_listens_on_loopback_only(served):
+    listening = []
+    for p in _session_processes(served):
+        with contextlib.suppress(psutil.Error):
+            name = " ".join(p.cmdline()[:1]) or p.name()
+            listening += [(name, c.laddr.ip, c.laddr.port) for c in p.net_connections("inet")
+                          if c.status == psutil.CONN_LISTEN]
+    names = {n for n, _, _ in listening}
+    # Everything of Ray's was looked at: the servers, the agents, Serve's actors and replicas.
+    assert {"ray::ServeController", "ray::ProxyActor", "ray::DashboardAgent", REPLICA} <= names, names
+    assert any("gcs_server" in n for n in names) and any("raylet" in n for n in names), names
+    exposed = [x for x in listening if x[1] not in LOOPBACK]
+    assert not exposed, f"listening beyond loopback: {exposed}"
+    print(f"\n{len(listening)} listening sockets in {len(names)} processes, all on loopback", file=sys.stderr)
+
+
+def _readyz(server) -> tuple[int, dict]:
+    r = httpx.get(server.url + "/readyz", timeout=10)
+    body = r.json()
+    return r.status_code, body.get("models") or body["error"]["models"]
+
+
+class _ReadyzProbes(threading.Thread):
+    """/readyz every 0.25 s in the background, as a readiness probe would: (time, answer)."""
+
+    def __init__(self, server):
+        super().__init__(daemon=True)
+        self.server, self.answers, self.stopped = server, [], threading.Event()
+        self.start()
+
+    def run(self):
+        while not self.stopped.wait(0.25):
+            with contextlib.suppress(httpx.HTTPError):
+                self.answers.append((time.monotonic(), _readyz(self.server)))
+
+    def first(self, answer, after: float = 0.0) -> float | None:
+        return next((t for t, a in list(self.answers) if a == answer and t > after), None)
+
+    def stop(self):
+        self.stopped.set()
+        self.join(15)
+
+
+def _replica_process(server) -> psutil.Process:
+    replicas = [p for p in _session_processes(server) if _cmd(p).startswith(REPLICA)]
+    assert len(replicas) == 1, replicas
+    return replicas[0]
+
+
+def _cmd(p: psutil.Process) -> str:
+    with contextlib.suppress(psutil.Error):
+        return " ".join(p.cmdline())
+    return ""
+
+
+def test_a_killed_replica_fails_its_requests_with_503_and_readyz_names_the_model_until_replaced(served):
+    body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 900}
+    # 4 run in the batch; 3 more wait in the engine's queue on the same replica.
+    streams = [Completion(served.url, {**body, "stream": True}) for _ in range(5)]
+    whole = [Completion(served.url, body) for _ in range(2)]
+    wait_until("the running streams' first tokens", lambda: sum(len(s.events) >= 3 for s in streams) >= 3, 60,
+               every=0.05)
+    replica = _replica_process(served)
+    probes = _ReadyzProbes(served)
+    replica.send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    # Sent before Serve knows: it is routed to the dead replica, or held for the new one.
+    late = Completion(served.url, {**body, "max_tokens": 5})
+
+    for r in streams + whole + [late]:
+        r.join(120)
+        assert not r.is_alive(), "a request neither finished nor failed 120 s after its replica died"
+        assert r.error is None, f"the connection was cut instead of ending with an error: {r.error!r}"
+        if r is whole[-1]:
+            ended = time.monotonic() - killed  # every request the dead replica held has its answer
+    outcomes = []
+    for r in streams + whole + [late]:
+        if r.status == 200 and r.body.get("stream"):
+            assert r.events[-1] == (None, "[DONE]"), r.events[-3:]
+            event, data = r.events[-2]
+            if event != "error":
+                outcomes.append("completed")
+                continue
+            error = json.loads(data)["error"]
+            outcomes.append("error event")
+        elif r.status == 200:
+            outcomes.append("completed")
+            continue
+        else:
+            error = json.loads(r.text)["error"]
+            assert r.status == 503 and r.headers.get("retry-after"), (r.status, r.headers)
+            outcomes.append("503")
+        assert error["type"] == "model_unavailable" and "'tiny'" in error["message"], error
+        assert not RAY_INTERNALS.search(error["message"]), error  # the details are in the log only
+    assert "error event" in outcomes[:5] and "503" in outcomes[5:7], outcomes
+
+    unready = wait_until("/readyz to name the model as down", lambda: probes.first((503, {"tiny": False})), 60)
+    recovered = wait_until("/readyz to be ready once Serve has replaced the replica",
+                           lambda: probes.first((200, {"tiny": True}), after=unready), 180)
+    probes.stop()
+    unready, recovered = unready - killed, recovered - killed
+    r = httpx.post(served.url + "/v1/completions", json={**body, "max_tokens": 5}, timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+    print(f"\nreplica killed: {outcomes}; all ended {ended:.1f} s after, /readyz 503 after {unready:.1f} s, "
+          f"200 again after {recovered:.1f} s", file=sys.stderr)
+
+
+def test_a_readiness_probe_asks_serve_once_for_all_models():
+    from types import SimpleNamespace
+
+    from ray.serve.schema import ReplicaState
+
+    from serve_app.app import HandleBackend, ServeStatus
+
+    calls = []
+
+    def fetch():
+        calls.append(1)
+        time.sleep(0.05)  # a round trip to Serve's controller: the askers overlap
+        deployments = {"model-a": SimpleNamespace(replica_states={ReplicaState.RUNNING: 1}),
+                       "model-b": SimpleNamespace(replica_states={ReplicaState.STARTING: 1})}
+        return SimpleNamespace(applications={"quill": SimpleNamespace(deployments=deployments)})
+
+    registry = parse_registry({"models": [{"name": n, "source": "hf://gpt2"} for n in ("a", "b")]}, None)
+    status = ServeStatus(fetch)
+    backends = {m.name: HandleBackend(SimpleNamespace(app_name="quill", deployment_name=f"model-{m.name}"), m, status)
+                for m in registry.models}
+    service = Service(registry, backends)
+
+    assert asyncio.run(service.readiness()) == {"a": True, "b": False}
+    assert len(calls) == 1
+    assert asyncio.run(service.readiness()) == {"a": True, "b": False}
+    assert len(calls) == 2  # asked afresh on the next probe
+
+    def broken():
+        raise ConnectionError("controller restarting")
+
+    service.backends = {n: HandleBackend(b.handle, b.entry, ServeStatus(broken)) for n, b in backends.items()}
+    assert asyncio.run(service.readiness()) == {"a": False, "b": False}

@@ -1,0 +1,59 @@
+"""A local Ray that listens on loopback only.
+
+Ray runs with its authentication off here (RAY_AUTH_MODE=disabled), so any port of it that a
+network can reach lets whoever reaches it join the cluster, submit tasks and run code. A local
+`quill serve` needs none of them from outside: only the HTTP proxy serves clients (on --host).
+Measured with Ray's defaults (tests/test_faults.py lists every listening socket): the GCS,
+raylet, object manager, every worker, the dashboard agent and the Serve replicas' gRPC servers
+listened on 0.0.0.0/::, and the agents on the machine's address.
+
+Ray binds to loopback when its node IP is loopback (the dashboard agent picks 127.0.0.1 over
+0.0.0.0 then, and the C++ servers follow the node IP). But `ray.init(_node_ip_address=
+"127.0.0.1")` alone is not enough on Linux: Ray turns a loopback node IP into the machine's
+address unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER is 0, which makes it keep loopback (what it does
+on macOS and Windows, where it never runs multi-node by default). That variable must be set
+before `ray` is imported, in this process and (inherited) in every Ray process it starts.
+
+One server ignores the node IP: a Serve replica's inter-deployment gRPC server, which Ray 2.60
+binds to "[::]:0" in ray/serve/_private/replica.py (`_on_initialized`); it carries handle calls
+(pickled requests) to the replica. `bind_serve_replicas_to_loopback` rewrites that address in
+each replica process: serve_app.app's deployments call it in their constructors, which Serve
+runs before it starts that server. If a Ray upgrade moves the bind, the listening-socket test
+(tests/test_faults.py) fails and names the process.
+"""
+from __future__ import annotations
+
+import os
+
+LOOPBACK = "127.0.0.1"
+# Set by `quill serve` for a Ray of its own; inherited by every Ray process it starts.
+ENV = "QUILL_RAY_LOOPBACK"
+
+
+def prepare_environment() -> None:
+    """Before `import ray`: a local Ray whose node IP stays loopback."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    os.environ[ENV] = "1"
+
+
+def init_options() -> dict:
+    return {"_node_ip_address": LOOPBACK}
+
+
+def bind_serve_replicas_to_loopback() -> None:
+    """In a replica process of a loopback Ray: its inter-deployment gRPC server on 127.0.0.1."""
+    if os.environ.get(ENV) != "1":
+        return
+    from ray.serve._private import replica
+
+    bind = replica.add_port_to_grpc_server
+    if getattr(bind, "quill_loopback", False):
+        return
+
+    def bind_loopback(server, address: str):
+        if address.startswith("[::]:") or address.startswith("0.0.0.0:"):
+            address = f"{LOOPBACK}:{address.rsplit(':', 1)[1]}"
+        return bind(server, address)
+
+    bind_loopback.quill_loopback = True
+    replica.add_port_to_grpc_server = bind_loopback
