@@ -1,6 +1,6 @@
 """`quill serve` at saturation and below it, against the engine in-process and transformers.
 
-    quill bench serve --workload burst [--model small] [--writers 32] [--max-tokens 64] [--quick]
+    quill bench serve --workload burst [--model small] [--writers 32] [--max-tokens 64] [--dtype float32] [--quick]
 
 One run, one random-weight checkpoint, one workload (N prompts of random token ids, greedy,
 each asking for the same number of tokens):
@@ -41,7 +41,7 @@ RATE_SHARES = (0.3, 0.6)  # of the measured capacity
 def registry_entry(checkpoint: Path, args) -> dict:
     # No cpus_per_replica, no engine.threads: what a user who writes neither gets.
     return {
-        "name": MODEL, "source": str(checkpoint),
+        "name": MODEL, "source": str(checkpoint), "dtype": args.dtype,
         "engine": {"max_batch_size": args.writers, "max_seq_len": 1024, "prefix_cache_tokens": 0},
         "defaults": {"max_tokens": args.max_tokens, "temperature": 0},
         "limits": {"max_prompt_tokens": 512, "max_tokens": args.max_tokens, "max_n": 1},
@@ -56,7 +56,8 @@ def replica_settings(registry_path: Path) -> dict:
     e = entry.engine
     return {"threads": entry.threads, "max_batch_size": e.max_batch_size, "max_seq_len": e.max_seq_len,
             "max_prompt_tokens": entry.limits.max_prompt_tokens, "max_tokens": entry.limits.max_tokens,
-            "max_prefill_tokens": e.max_prefill_tokens, "cpus_per_replica": entry.cpus}
+            "max_prefill_tokens": e.max_prefill_tokens, "cpus_per_replica": entry.cpus, "dtype": entry.dtype,
+            "stream_messages_per_s": e.stream_messages_per_s}
 
 
 # ---- driving the server -----------------------------------------------------------------------
@@ -135,7 +136,8 @@ def run(args, argv: list[str] | None) -> int:
         w["arrival_s"] = 0.0
     report = {"command": "quill bench serve " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
               "machine": machine_info(), "engine": engine_version(),
-              "args": {k: getattr(args, k) for k in ("model", "writers", "prompt_tokens", "max_tokens", "rate_requests", "seed")},
+              "args": {k: getattr(args, k) for k in ("model", "writers", "prompt_tokens", "max_tokens", "rate_requests", "seed",
+                                                     "dtype")},
               "rows": []}
     rows = report["rows"]
 
@@ -179,7 +181,7 @@ def run(args, argv: list[str] | None) -> int:
     }
     print(render(report))
     if args.out:
-        key = args.section or f"serve-burst-{args.model}"
+        key = args.section or f"serve-burst-{args.model}-{args.dtype}"
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
         (RESULTS_DIR / f"{key}.json").write_text(json.dumps(report, indent=1))
         write_section(Path(args.out), key, render(report))
@@ -201,8 +203,8 @@ def render(report: dict) -> str:
         "",
         f"{a['writers']} requests of {a['prompt_tokens']} random prompt tokens, {a['max_tokens']} greedy tokens each. "
         f"The replica, from a registry entry that sets no CPUs or threads: {s['cpus_per_replica']} CPUs, "
-        f"{s['threads']} torch threads, batch {s['max_batch_size']}; the in-process engine and transformers ran "
-        f"with the same threads. Rates below capacity: {a['rate_requests']} requests arriving as a Poisson "
+        f"{s['threads']} torch threads, batch {s['max_batch_size']}, {s['stream_messages_per_s']:g} stream messages/s; "
+        f"every system in {s['dtype']}, the in-process engine and transformers with the same threads. Rates below capacity: {a['rate_requests']} requests arriving as a Poisson "
         "process. TPOT is per request, (last token - first token) / (tokens - 1).",
         "",
         f"**`quill serve` / static batch: {q['serve_over_static']}x; `quill serve` / engine in-process: "

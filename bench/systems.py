@@ -74,7 +74,7 @@ def replay_quill(checkpoint: str, workload: list[dict], s: dict) -> dict:
     engine = Engine(EngineConfig(
         source=checkpoint, max_batch_size=s["max_batch_size"], max_seq_len=s["max_seq_len"],
         max_prompt_tokens=s["max_prompt_tokens"], max_tokens=s["max_tokens"], threads=s["threads"],
-        max_prefill_tokens=s.get("max_prefill_tokens", 256),
+        max_prefill_tokens=s.get("max_prefill_tokens", 256), dtype=s.get("dtype", "float32"),
     ))
     engine.add(GenerationRequest(prompt=list(range(16)), params=SamplingParams(max_tokens=4, temperature=0),
                                  request_id="warmup"))
@@ -131,10 +131,11 @@ class _StepTimer:
         pass
 
 
-def _load_hf_model(checkpoint: str):
+def _load_hf_model(checkpoint: str, dtype: str = "float32"):
+    import torch
     from transformers import GPT2LMHeadModel
 
-    return GPT2LMHeadModel.from_pretrained(checkpoint).eval()
+    return GPT2LMHeadModel.from_pretrained(checkpoint, dtype=getattr(torch, dtype)).eval()
 
 
 def _generate(model, prompts: list[list[int]], max_new_tokens: int, eos: int, streamer=None):
@@ -156,7 +157,7 @@ def replay_generate(checkpoint: str, workload: list[dict], s: dict, batch_size: 
     """FIFO over `generate`: each call takes up to `batch_size` requests that have arrived and
     runs to the longest max_tokens among them; the next call starts when this one returns.
     batch_size 1 is the one-request-at-a-time server."""
-    model = _load_hf_model(checkpoint)
+    model = _load_hf_model(checkpoint, s.get("dtype", "float32"))
     eos = model.config.eos_token_id
     _generate(model, [list(range(16)), list(range(8))], 4, eos)  # warm-up, untimed
 
@@ -205,7 +206,7 @@ def replay_hf_continuous(checkpoint: str, workload: list[dict], s: dict) -> dict
     """
     from transformers import ContinuousBatchingConfig, GenerationConfig
 
-    model = _load_hf_model(checkpoint)
+    model = _load_hf_model(checkpoint, s.get("dtype", "float32"))
     eos = model.config.eos_token_id
     page = 256
     cb_config = ContinuousBatchingConfig(

@@ -75,15 +75,14 @@ class HandleBackend:
         self.handle, self.entry = handle, entry
         self.status = status or ServeStatus()
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[list[Delta]]:
         responses = self.handle.options(stream=True).generate.remote(request)
         finished = False
         try:
             async for item in responses:
                 if isinstance(item, ApiError):
                     raise item
-                for delta in item:  # one engine step's deltas for this request
-                    yield delta
+                yield item  # the deltas of one engine step (or of several, when this caller fell behind)
             finished = True
         except BackPressureError:  # Serve's queue limit for this deployment
             raise overloaded() from None

@@ -292,18 +292,18 @@ class SingleFlight:
         self._flights: dict[str, _Flight] = {}
 
     async def stream(
-        self, key: str | None, model: str, request_id: str, start: Callable[[], AsyncIterator[Delta]]
-    ) -> AsyncIterator[Delta]:
-        """Deltas for this request: generated, joined, or replayed from the cache."""
+        self, key: str | None, model: str, request_id: str, start: Callable[[], AsyncIterator[list[Delta]]]
+    ) -> AsyncIterator[list[Delta]]:
+        """Deltas for this request, in lists (whatever arrived together goes on together):
+        generated, joined, or replayed from the cache."""
         if key is None:
-            async for d in start():
-                yield d
+            async for batch in start():
+                yield batch
             return
         cached = await self.store.get(key)
         if cached is not None:
             self.on_outcome(model, "hit")
-            for d in cached.deltas(request_id):
-                yield d
+            yield cached.deltas(request_id)
             return
         flight = self._flights.get(key)
         if flight is None:
@@ -315,9 +315,9 @@ class SingleFlight:
         try:
             seen = 0
             while True:
-                while seen < len(flight.deltas):
-                    yield flight.deltas[seen]
-                    seen += 1
+                if seen < len(flight.deltas):
+                    batch, seen = flight.deltas[seen:], len(flight.deltas)
+                    yield batch
                 if flight.error is not None:
                     raise flight.error
                 if flight.done:
@@ -332,7 +332,7 @@ class SingleFlight:
                     del self._flights[key]
 
     async def _produce(
-        self, key: str, model: str, flight: _Flight, start: Callable[[], AsyncIterator[Delta]]
+        self, key: str, model: str, flight: _Flight, start: Callable[[], AsyncIterator[list[Delta]]]
     ) -> None:
         shared = getattr(self.store, "shared", False)
         leader = True
@@ -358,11 +358,11 @@ class SingleFlight:
             publish = shared and leader
             gen = start()
             try:
-                async for d in gen:
-                    flight.deltas.append(d)
+                async for batch in gen:
+                    flight.deltas.extend(batch)
                     flight.notify()
                     if publish:
-                        await self.store.publish(key, "d", json.dumps([asdict(d)]))
+                        await self.store.publish(key, "d", json.dumps([asdict(d) for d in batch]))
             finally:
                 if hasattr(gen, "aclose"):
                     await gen.aclose()  # cancels the generation downstream if we stopped early

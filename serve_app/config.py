@@ -93,6 +93,12 @@ class EngineSection(_Section):
     # Prompt tokens whose keys and values are kept for later requests that start the same way
     # (a writer resending a growing document); 0 turns the cache off. See docs/engine.md.
     prefix_cache_tokens: int = Field(2048, ge=0)
+    # Messages per second a replica streams to all its requests together: each request's
+    # tokens after its first go out every (requests streaming / this) seconds, the steps in
+    # between together. Every message costs the proxy, the ingress and Ray CPU that the engine
+    # shares on a small box; a lone writer still gets every step. 0: every step, always.
+    # See docs/performance.md ("Where the end-to-end path lost").
+    stream_messages_per_s: float = Field(64.0, ge=0)
 
 
 class Defaults(_Section):
@@ -210,6 +216,7 @@ class ModelEntry(_Section):
             max_prefill_tokens=self.engine.max_prefill_tokens,
             threads=self.threads,
             prefix_cache_tokens=self.engine.prefix_cache_tokens,
+            stream_messages_per_s=self.engine.stream_messages_per_s,
         )
 
 

@@ -42,7 +42,7 @@ STATIC = Path(__file__).parent / "static"
 class Backend(Protocol):
     entry: ModelEntry
 
-    def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]: ...
+    def stream(self, request: GenerationRequest) -> AsyncIterator[list[Delta]]: ...
 
     async def ready(self, timeout: float) -> bool: ...
 
@@ -53,13 +53,12 @@ class LocalBackend:
     def __init__(self, server: ModelServer):
         self.server, self.entry = server, server.entry
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[list[Delta]]:
         async with contextlib.aclosing(self.server.generate(request)) as items:
             async for item in items:
                 if isinstance(item, ApiError):
                     raise item
-                for delta in item:
-                    yield delta
+                yield item
 
     async def ready(self, timeout: float) -> bool:
         return True
@@ -94,9 +93,12 @@ class Service:
 
     async def open_stream(
         self, model: str, prompt: str | list[int], body: Any, use_cache: bool = True
-    ) -> AsyncIterator[Delta]:
+    ) -> AsyncIterator[list[Delta]]:
         """Validate, then start (or join, or replay) the generation. Errors that happen before
-        the first delta are raised here as ApiError, so routes can still answer with a status."""
+        the first delta are raised here as ApiError, so routes can still answer with a status.
+
+        The stream yields lists of deltas: what one message from the replica carried (a step's
+        deltas, or several steps' when the replica coalesced them), framed and sent together."""
         backend = self.backend(model)
         try:
             params: SamplingParams = body.to_sampling(backend.entry)
@@ -113,11 +115,11 @@ class Service:
             await stream.aclose()
             raise to_api_error(exc) from None
 
-        async def chained() -> AsyncIterator[Delta]:
+        async def chained() -> AsyncIterator[list[Delta]]:
             async with contextlib.aclosing(stream):
                 yield first
-                async for d in stream:
-                    yield d
+                async for batch in stream:
+                    yield batch
 
         return chained()
 
@@ -160,36 +162,49 @@ def _use_cache(request: Request) -> bool:
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-async def _collect(stream: AsyncIterator[Delta]) -> Accumulator:
+async def _collect(stream: AsyncIterator[list[Delta]]) -> Accumulator:
     """The whole answer, for a non-streaming request; a failed generation is a 500."""
     acc = Accumulator()
     async with contextlib.aclosing(stream):
-        async for d in stream:
-            acc.add(d)
+        async for batch in stream:
+            acc.add_all(batch)
     if acc.error:
         raise ApiError(500, "generation_error", acc.error)
     return acc
 
 
 def _sse_response(
-    stream: AsyncIterator[Delta],
+    stream: AsyncIterator[list[Delta]],
     frame_delta: Callable[[Delta], str],
     frame_end: Callable[[Accumulator], str | None],
 ) -> StreamingResponse:
     """Server-sent events: one frame per delta with text, an end frame, then [DONE]. A failure
-    mid-stream becomes an error event before [DONE], so the client always learns how it ended."""
+    mid-stream becomes an error event before [DONE], so the client always learns how it ended.
+
+    The frames of deltas that arrived together are written as one body chunk: each chunk is an
+    ASGI message that Ray Serve carries from this replica to its proxy, so fewer, larger chunks
+    cost the server less CPU per token (why the framing is ours and not sse-starlette's, which
+    sends each event on its own)."""
 
     async def events() -> AsyncIterator[str]:
         acc = Accumulator()
+        failed = False
         async with contextlib.aclosing(stream):
             try:
-                async for d in stream:
-                    acc.add(d)
-                    if acc.error:
-                        yield _sse_error(acc.error)
+                async for batch in stream:
+                    frames = []
+                    for d in batch:
+                        acc.add(d)
+                        if acc.error:
+                            frames.append(_sse_error(acc.error))
+                            failed = True
+                            break
+                        if d.text or d.finish_reason:
+                            frames.append(frame_delta(d))
+                    if frames:
+                        yield "".join(frames)
+                    if failed:
                         break
-                    if d.text or d.finish_reason:
-                        yield frame_delta(d)
                 else:
                     end = frame_end(acc)
                     if end:

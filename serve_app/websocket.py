@@ -68,8 +68,8 @@ class _Socket:
         acc, pushed_at, n = Accumulator(), 0, msg.n
         try:
             async with contextlib.aclosing(stream):
-                async for d in stream:
-                    acc.add(d)
+                async for batch in stream:
+                    acc.add_all(batch)
                     if acc.error is not None:
                         await self.send(_error(msg.id, "generation_error", acc.error))
                         return

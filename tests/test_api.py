@@ -84,6 +84,20 @@ def test_streaming_completion_framing(app_client):
     assert reasons[-1] == "length" and set(reasons[:-1]) <= {None}
 
 
+def test_a_coalesced_sse_stream_carries_every_token_in_order_then_finish_and_usage(app_client):
+    """The replica sends a request's steps together when it is busy (engine.stream_messages_per_s);
+    the client still gets the whole text, in order, then the finish reason and the usage."""
+    body = {"model": "tiny-a", "prompt": "Once upon a time", "max_tokens": 90, "seed": 11, "temperature": 1.0}
+    whole = app_client.post("/v1/completions", json=body, headers={"Cache-Control": "no-cache"}).json()
+    r = app_client.post("/v1/completions", headers={"Cache-Control": "no-cache"},
+                        json={**body, "stream": True, "stream_options": {"include_usage": True}})
+    chunks = [json.loads(d) for _, d in sse_events(r.text)[:-1]]
+    texts = [c["choices"][0]["text"] for c in chunks if c["choices"]]
+    assert "".join(texts) == whole["choices"][0]["text"]
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["usage"]["completion_tokens"] == 90 == whole["usage"]["completion_tokens"]
+
+
 @pytest.mark.parametrize(
     "body,status,type_,fragment",
     [
@@ -177,7 +191,7 @@ class _FailsMidStream:
         self.entry = entry
 
     async def stream(self, request):
-        yield Delta(request.request_id, 0, "partial", (1,), None, 1, 1)
+        yield [Delta(request.request_id, 0, "partial", (1,), None, 1, 1)]
         raise RuntimeError("replica died")
 
     async def ready(self, timeout):
@@ -200,13 +214,18 @@ def test_mid_stream_failure_ends_with_a_generic_error_event_then_done(app_client
 
 def test_websocket_protocol(app_client):
     with app_client.websocket_connect("/v1/stream") as ws:
+        # Long enough that the replica's coalesced messages still leave room for pushes.
         ws.send_text(json.dumps({"type": "generate", "id": "a", "model": "tiny-a", "prompt": "Hi", "n": 2,
-                                 "max_tokens": 9, "every": 3, "seed": 5}))
+                                 "max_tokens": 90, "every": 3, "seed": 5}))
         msgs = []
         while not msgs or msgs[-1]["type"] != "done":
             msgs.append(json.loads(ws.receive_text()))
         assert [m["type"] for m in msgs[:-1]] == ["suggestions"] * len(msgs[:-1]) and len(msgs) >= 3
-        assert msgs[-1]["usage"]["completion_tokens"] == 18 and len(msgs[-1]["texts"]) == 2
+        # Each push extends the last one: the suggestions grow, and the end is the whole text.
+        for before, after in zip(msgs, msgs[1:]):
+            assert all(b2.startswith(b1) for b1, b2 in zip(before["texts"], after["texts"]))
+            assert sum(map(len, after["texts"])) > sum(map(len, before["texts"]))
+        assert msgs[-1]["usage"]["completion_tokens"] == 180 and len(msgs[-1]["texts"]) == 2
 
         ws.send_bytes(b"\x00binary")
         assert json.loads(ws.receive_text())["type"] == "error"
@@ -318,7 +337,7 @@ class _FakeHandle:
         return self
 
 
-async def test_handle_backend_flattens_steps_maps_failures_and_cancels_early_exits(tiny_checkpoints):
+async def test_handle_backend_passes_steps_on_raises_errors_and_cancels_early_exits(tiny_checkpoints):
     from serve_app.app import HandleBackend
     from serve_app.engine.types import GenerationRequest
     from serve_app.errors import ApiError
@@ -327,7 +346,7 @@ async def test_handle_backend_flattens_steps_maps_failures_and_cancels_early_exi
     req = GenerationRequest("hi")
     steps = [[Delta("r", 0, "a"), Delta("r", 1, "b")], [Delta("r", 0, "c", finish_reason="length")]]
     b = HandleBackend(_FakeHandle(steps), entry)
-    assert [d.text for d in [d async for d in b.stream(req)]] == ["a", "b", "c"]
+    assert [[d.text for d in batch] async for batch in b.stream(req)] == [["a", "b"], ["c"]]
     assert not b.handle.responses.cancelled  # ran to the end: nothing to cancel
 
     b = HandleBackend(_FakeHandle([ApiError(400, "invalid_request_error", "prompt too long")]), entry)
@@ -353,7 +372,7 @@ class _DiesMidStream:
     async def stream(self, request):
         from serve_app.errors import ApiError
 
-        yield Delta(request.request_id, 0, "Once", (1,), None, 3, 1)
+        yield [Delta(request.request_id, 0, "Once", (1,), None, 3, 1)]
         raise ApiError(503, "model_unavailable", "model 'lost' lost the replica serving this request; retry")
 
     async def ready(self, timeout):

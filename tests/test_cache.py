@@ -10,7 +10,8 @@ from serve_app.errors import ApiError
 
 
 class FakeModel:
-    """Counts generations; each yields `tokens` deltas per choice, slowly enough to overlap."""
+    """Counts generations; each yields `tokens` steps (a list with a delta per choice, as the
+    model server does), slowly enough to overlap."""
 
     def __init__(self, tokens: int = 5, delay: float = 0.02, fail_at: int | None = None):
         self.generations = 0
@@ -25,9 +26,8 @@ class FakeModel:
                     await asyncio.sleep(self.delay)
                     if self.fail_at == t:
                         raise RuntimeError("boom")
-                    for i in range(n):
-                        last = t == self.tokens - 1
-                        yield Delta(rid, i, f"<{i}:{t}>", (t,), "length" if last else None, 3, t + 1)
+                    last = t == self.tokens - 1
+                    yield [Delta(rid, i, f"<{i}:{t}>", (t,), "length" if last else None, 3, t + 1) for i in range(n)]
             except (asyncio.CancelledError, GeneratorExit):
                 self.cancelled += 1
                 raise
@@ -67,7 +67,7 @@ async def test_concurrent_identical_requests_generate_once():
 
 
 async def _collect(flights, key, start, model="m"):
-    return [d async for d in flights.stream(key, model, "rid", start)]
+    return [d async for batch in flights.stream(key, model, "rid", start) for d in batch]
 
 
 async def test_unseeded_requests_are_never_shared():

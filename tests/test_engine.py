@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from pathlib import Path
 
 import pytest
@@ -275,7 +277,7 @@ def test_both_matmul_kernels_give_transformers_greedy_output(checkpoint, hf, mon
     (GPUs, other builds): either way the tokens are transformers'."""
     if onednn and not linear_module._onednn_works():
         pytest.skip("this torch build has no working oneDNN linear")
-    monkeypatch.setattr(linear_module, "_onednn_works", lambda: onednn)
+    monkeypatch.setattr(linear_module, "_onednn_works", lambda dtype=torch.float32: onednn)
     engine = make_engine(checkpoint)
     tokens, _, _ = run(engine, [GenerationRequest(p, greedy(10), str(i)) for i, p in enumerate(PROMPTS)])
     for i, p in enumerate(PROMPTS):
@@ -338,6 +340,60 @@ def test_out_of_memory_during_a_prompt_fails_that_prompt_only(checkpoint, hf):
     assert reasons[("new", 0)] == "error" and tokens.get(("new", 0), []) == []
     assert reasons[("old", 0)] == "length"
     assert tokens[("old", 0)] == hf_greedy(hf, PROMPTS[0], 12)
+
+
+async def test_coalesced_stream_delivers_every_token_in_order_first_one_at_once(checkpoint, hf):
+    """With a message budget of 5/s a lone caller hears every 0.2 s: the steps in between
+    arrive together, in order, and the first token is not held back."""
+    aengine = AsyncEngine(make_engine(checkpoint, stream_messages_per_s=5))
+    try:
+        started = time.monotonic()
+        messages, arrived = [], []
+        async for step in aengine.generate_steps(GenerationRequest(PROMPTS[1], greedy(60), "c")):
+            messages.append(step)
+            arrived.append(time.monotonic() - started)
+        tokens = [t for step in messages for d in step for t in d.token_ids]
+        assert tokens == hf_greedy(hf, PROMPTS[1], 60)
+        assert [d.completion_tokens for step in messages for d in step] == list(range(1, 61))
+        assert len(messages[0]) == 1 and arrived[0] < 0.2  # time to first token is not held
+        assert len(messages) < 30 and max(len(m) for m in messages) > 1  # steps went out together
+        assert messages[-1][-1].finish_reason == "length"
+    finally:
+        aengine.shutdown()
+
+
+async def test_a_caller_that_leaves_while_its_tokens_are_held_frees_its_slot(checkpoint):
+    engine = make_engine(checkpoint, stream_messages_per_s=1)  # a second between messages
+    aengine = AsyncEngine(engine)
+    try:
+        stream = aengine.generate_steps(GenerationRequest(PROMPTS[0], greedy(200), "held"))
+        await anext(stream)
+        second = asyncio.ensure_future(anext(stream))  # held: waits out the interval
+        await asyncio.sleep(0.1)
+        second.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await second
+        await stream.aclose()
+        for _ in range(100):
+            if not engine.has_work:
+                break
+            await asyncio.sleep(0.02)
+        assert not engine.has_work and engine.num_running == 0
+    finally:
+        aengine.shutdown()
+
+
+def test_bfloat16_weights_stay_within_tolerance_of_float32(checkpoint):
+    """bf16 linears (the fast path on CPUs with AMX) against float32: the same logits within
+    bf16's precision, the cache kept float32 on a CPU."""
+    ids = [464, 3381, 2714, 326, 262, 1110, 286, 257] * 4
+    logits = {}
+    for dtype in ("float32", "bfloat16"):
+        engine = make_engine(checkpoint, dtype=dtype)
+        logits[dtype] = engine.runner.forward([], [], [PromptChunk(0, 0, ids)])[0]
+        assert engine.runner.k_cache.dtype == torch.float32
+    scale = logits["float32"].abs().max()
+    assert (logits["bfloat16"] - logits["float32"]).abs().max() <= 0.05 * scale
 
 
 async def test_async_engine_streams_and_cancels_when_the_caller_leaves(checkpoint, hf):

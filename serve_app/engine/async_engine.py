@@ -10,12 +10,14 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator
 
 from serve_app.engine.engine import Engine
 from serve_app.engine.types import Delta, GenerationRequest, RequestRejected
 
 log = logging.getLogger("quill.engine")
+MAX_HOLD_S = 1.0  # however many requests stream, each hears from the replica at least this often
 
 
 class AsyncEngine:
@@ -54,12 +56,22 @@ class AsyncEngine:
             raise
         self._wake.set()
         remaining = request.params.n
+        budget = self.engine.config.stream_messages_per_s
+        sent_at: float | None = None  # the first delta goes out at once: time to first token
         try:
             while remaining > 0:
                 step = await queue.get()
-                while not queue.empty():  # fell behind: what is already here goes out together
+                if budget and sent_at is not None and not _ends(step, remaining):
+                    # Hold the tokens until this caller's share of the message budget allows
+                    # the next message, then send what has come by then together. The more
+                    # requests stream, the more steps a message carries; the end of a request
+                    # is never held back.
+                    interval = min(len(self._routes) / budget, MAX_HOLD_S)
+                    await asyncio.sleep(sent_at + interval - time.monotonic())
+                while not queue.empty():  # fell behind, or held: what is here goes out together
                     step = step + queue.get_nowait()
                 remaining -= sum(d.finished for d in step)
+                sent_at = time.monotonic()
                 yield step
         finally:
             self._routes.pop(request.request_id, None)
@@ -115,6 +127,10 @@ class AsyncEngine:
         for loop, items in by_loop.items():
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
                 loop.call_soon_threadsafe(_put_all, items)
+
+
+def _ends(step: list[Delta], remaining: int) -> bool:
+    return sum(d.finished for d in step) >= remaining
 
 
 def _put_all(items: list[tuple[asyncio.Queue, list[Delta]]]) -> None:

@@ -19,3 +19,5 @@ class EngineConfig:
     max_prefill_tokens: int = 256  # prompt tokens per step, so decoders keep moving
     threads: int | None = None  # torch intra-op threads; None leaves torch's choice
     prefix_cache_tokens: int = 0  # prompt-prefix keys/values kept for later requests; 0 = off
+    # AsyncEngine: messages per second to all callers together (0: one per step per caller)
+    stream_messages_per_s: float = 0.0
