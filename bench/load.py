@@ -100,11 +100,25 @@ def start_server(args, workdir: Path):
     }
     registry = workdir / "registry.json"
     registry.write_text(json.dumps({"models": [entry]}))  # JSON is YAML
-    if args.api_key:  # the server reads its keys from its environment
-        os.environ["QUILL_API_KEYS"] = args.api_key
-    server = Server(registry, workdir / "serve.log")
+    server = _with_env(Server, registry, workdir / "serve.log",
+                       env={"QUILL_API_KEYS": args.api_key} if args.api_key else {})
     print(f"quill serve ready in {server.wait_ready():.0f} s at {server.url}", flush=True)
     return server
+
+
+def _with_env(start, *args, env: dict[str, str]):
+    """`start(*args)` with `env` added to this process's environment for the child it spawns
+    (the server reads its keys from its environment), then the environment as it was."""
+    before = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return start(*args)
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 async def find_target(client, args) -> Target:
@@ -370,6 +384,15 @@ def main(argv: list[str] | None = None) -> int:
                 server.stop()
 
 
+def _command(argv: list[str]) -> str:
+    """The command line as the report shows it, with the API key left out."""
+    shown, hide_next = [], False
+    for a in argv:
+        shown.append("KEY" if hide_next else "--api-key=KEY" if a.startswith("--api-key=") else a)
+        hide_next = a == "--api-key"
+    return "quill bench load " + " ".join(shlex.quote(a) for a in shown)
+
+
 def _run(args, argv) -> int:
     import httpx
     import ray
@@ -388,7 +411,7 @@ def _run(args, argv) -> int:
     warmup_s = min(60.0, args.duration * 0.2)
     first, last = samples[0].get("requests", {}), samples[-1].get("requests", {})
     report = {
-        "command": "quill bench load " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+        "command": _command(argv if argv is not None else sys.argv[1:]),
         "machine": machine_info(), "engine": engine_version(), "ray": ray.__version__, "model": tgt.model,
         "args": {k: v for k, v in vars(args).items() if k not in ("headers", "api_key", "think_range")},
         "summary": summary, "server_requests": {k: v - first.get(k, 0.0) for k, v in last.items()},

@@ -18,7 +18,9 @@ def test_thirty_seconds_of_writers_lose_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
     out, raw = tmp_path / "performance.md", tmp_path / "load.json"
     # More misbehaviour than the default mix, so that 30 s surely shows every ending.
-    rc = main(["--start", "--start-model", "tiny", "--duration", "30", "--writers", "6", "--think", "0.5-1.5",
+    # With an API key (the server started with it): HTTP, the WebSocket and /metrics carry it.
+    rc = main(["--start", "--start-model", "tiny", "--api-key", "load-test-key",
+               "--duration", "30", "--writers", "6", "--think", "0.5-1.5",
                "--abandon", "0.15", "--retype", "0.5", "--over-limit", "0.1",
                "--out", str(out), "--section", "load-test", "--raw", str(raw)])
     report = json.loads(raw.read_text())
@@ -35,6 +37,7 @@ def test_thirty_seconds_of_writers_lose_nothing(tmp_path, monkeypatch):
     # The replica's memory was sampled over the run, from /proc and from /metrics.
     assert len(report["samples"]) >= 5 and any(s["rss"] for s in report["samples"])
     assert any(s.get("kv_cache") for s in report["samples"])
+    assert "load-test-key" not in raw.read_text()  # the key is never written into a report
     section = out.read_text()
     assert "<!-- bench:load-test:start -->" in section and "**Nothing lost**" in section
     assert "| all |" in section and "Machine:" in section
