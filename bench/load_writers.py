@@ -153,8 +153,8 @@ async def http_stream(client, target: Target, turn: Turn, channel: str) -> Recor
                 if turn.abandon_after and rec.text_events >= turn.abandon_after and not rec.outcome:
                     return rec.end("abandoned")  # leaving the block drops the connection
             return rec.end("lost", "the stream ended without [DONE]")
-    except httpx.ConnectError as exc:
-        return rec.end("error:connection", repr(exc))  # refused before anything was sent
+    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+        return rec.end("error:connection", repr(exc))  # no connection: nothing was sent
     except httpx.TimeoutException as exc:
         return rec.end("lost", f"no event for {target.stall_s:.0f} s ({type(exc).__name__})")
     except (httpx.HTTPError, ValueError) as exc:
