@@ -12,6 +12,7 @@ field, and echo at most a short piece of what the client sent.
 """
 from __future__ import annotations
 
+import difflib
 import json
 import sys
 import time
@@ -220,7 +221,12 @@ def invalid_fields(errors: list[dict]) -> str:
         for e in errs:
             field = ".".join(str(p) for p in e["loc"] if not _is_union_tag(p))
             if e.get("type") == "extra_forbidden":
-                message = "unknown parameter"
+                name, known = str(e["loc"][-1]), _known_parameters()
+                close = difflib.get_close_matches(name, known, n=1)
+                if name in known:  # e.g. `model` on the native route, which has it in the URL
+                    message = "unknown parameter here"
+                else:
+                    message = "unknown parameter" + (f" (did you mean {close[0]}?)" if close else "")
             elif field in _UNSUPPORTED:
                 message = "not supported by Quill (leave it out, or send its neutral value)"
             else:
@@ -232,6 +238,12 @@ def invalid_fields(errors: list[dict]) -> str:
 
 # OpenAI parameters accepted only at their neutral value (see CompletionRequest).
 _UNSUPPORTED = {"echo", "logprobs", "suffix", "presence_penalty", "frequency_penalty"}
+
+
+def _known_parameters() -> set[str]:
+    """Every parameter of every request shape: what a misspelt one is compared with."""
+    shapes = (CompletionRequest, GenerateRequest, WsGenerate, WsCancel, StreamOptions)
+    return {name for shape in shapes for name in shape.model_fields}
 
 
 def _is_union_tag(part: Any) -> bool:

@@ -105,7 +105,7 @@ HTTP_CASES = [
     Http("empty stop string", C, completion(stop=[""]), fragment="stop"),
     Http("stop is a number", C, completion(stop=[1]), fragment="stop"),
     # --- parameters and types ---
-    Http("unknown parameter", C, completion(max_tokenz=1), fragment="max_tokenz: unknown parameter"),
+    Http("unknown parameter", C, completion(max_tokenz=1), fragment="max_tokenz: unknown parameter (did you mean max_tokens?)"),
     Http("model on the native route", G, {"prompt": "Hi", "model": "tiny-a"}, fragment="model: unknown parameter"),
     Http("stream is text", C, completion(stream="yes"), fragment="stream"),
     Http("unknown stream option", C, completion(stream=True, stream_options={"x": 1}), fragment="stream_options.x"),
