@@ -41,3 +41,75 @@ def test_thirty_seconds_of_writers_lose_nothing(tmp_path, monkeypatch):
     section = out.read_text()
     assert "<!-- bench:load-test:start -->" in section and "**Nothing lost**" in section
     assert "| all |" in section and "Machine:" in section
+
+
+# ---- the outcomes are read right: a fake server that misbehaves on purpose -------------------
+
+
+def _fake_quill():
+    """An app shaped like Quill's API whose answers depend on the prompt: a proper end, an error
+    event, a stream cut without [DONE], a stream that goes silent, a socket closed mid-answer."""
+    import asyncio
+
+    from starlette.applications import Starlette
+    from starlette.responses import StreamingResponse
+    from starlette.routing import Route, WebSocketRoute
+
+    def chunk(text, finish=None):
+        return "data: " + json.dumps({"choices": [{"text": text, "index": 0, "finish_reason": finish}]}) + "\n\n"
+
+    async def completions(request):
+        prompt = (await request.json())["prompt"]
+
+        async def events():
+            yield chunk("Once")
+            if prompt == "done":
+                yield chunk(" upon", "length")
+                yield "data: " + json.dumps({"choices": [], "usage": {"completion_tokens": 2}}) + "\n\n"
+            elif prompt == "error":
+                yield "event: error\ndata: " + json.dumps({"error": {"type": "model_unavailable", "message": "x"}}) + "\n\n"
+            elif prompt == "silent":
+                await asyncio.sleep(30)
+            if prompt != "cut":
+                yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    async def stream(ws):
+        await ws.accept()
+        msg = json.loads(await ws.receive_text())
+        await ws.send_text(json.dumps({"type": "suggestions", "id": msg["id"], "texts": ["Once"], "done": False}))
+        if msg["prompt"] == "done":
+            await ws.send_text(json.dumps({"type": "done", "id": msg["id"], "texts": ["Once"],
+                                           "usage": {"completion_tokens": 1}}))
+            await ws.receive_text()
+        await ws.close(1011)
+
+    return Starlette(routes=[Route("/v1/completions", completions, methods=["POST"]),
+                             WebSocketRoute("/v1/stream", stream)])
+
+
+def test_an_unfinished_stream_or_socket_is_counted_lost():
+    import asyncio
+
+    import httpx
+
+    from bench.load_writers import Target, Turn, WsWriter, http_stream
+    from tests.test_page import Uvicorn
+
+    server = Uvicorn(_fake_quill()).start()
+    target = Target(url=server.url, model="m", headers={}, max_tokens=4, n_native=1, truncate_prompt_tokens=64,
+                    over_limit_n=5, stall_s=1.0)
+
+    async def outcomes():
+        async with httpx.AsyncClient(timeout=httpx.Timeout(1.0)) as client:
+            sse = [(await http_stream(client, target, Turn(p), "sse")).outcome for p in ("done", "error", "cut", "silent")]
+        ws = [(await WsWriter(target).turn(Turn(p)))[0].outcome for p in ("done", "close")]
+        return sse, ws
+
+    try:
+        sse, ws = asyncio.run(outcomes())
+    finally:
+        server.stop()
+    assert sse == ["done", "error:model_unavailable", "lost", "lost"]
+    assert ws == ["done", "lost"]
