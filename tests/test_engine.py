@@ -358,6 +358,35 @@ async def test_coalesced_stream_delivers_every_token_in_order_first_one_at_once(
         aengine.shutdown()
 
 
+async def test_tokenizing_a_huge_prompt_does_not_stall_other_streams(checkpoint):
+    """The event loop keeps delivering a running stream while a megabyte prompt is tokenized
+    (on the loop itself, the running stream got nothing until the tokenizer was done)."""
+    aengine = AsyncEngine(make_engine(checkpoint))
+    try:
+        received: list[int] = []
+        done_tokenizing = asyncio.Event()
+
+        async def run_long():
+            async for step in aengine.generate_steps(GenerationRequest(PROMPTS[1], greedy(230), "long")):
+                if not done_tokenizing.is_set():
+                    received.append(len(step))
+
+        long_stream = asyncio.create_task(run_long())
+        while not received:
+            await asyncio.sleep(0.01)
+        before = len(received)
+        huge = "the court held that the contract was void " * 30_000  # 1.3 MB
+        with pytest.raises(RequestRejected, match="tokens"):
+            await anext(aengine.generate_steps(GenerationRequest(huge, greedy(4), "huge")))
+        done_tokenizing.set()
+        assert len(received) - before >= 3, "the running stream stalled while the prompt was tokenized"
+        long_stream.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await long_stream
+    finally:
+        aengine.shutdown()
+
+
 async def test_a_caller_that_leaves_while_its_tokens_are_held_frees_its_slot(checkpoint):
     engine = make_engine(checkpoint, stream_messages_per_s=1)  # a second between messages
     aengine = AsyncEngine(engine)

@@ -109,13 +109,21 @@ class Engine:
 
     # ---- called from any thread -------------------------------------------------------------
 
-    def add(self, request: GenerationRequest) -> None:
-        """Queue a request; refuse it now if it can never be served or the queue is full."""
+    def prepare(self, request: GenerationRequest) -> list[int]:
+        """The prompt's token ids, refused now if the request can never be served. Touches no
+        engine state, so a caller may run it on another thread (tokenizing is the slow part)."""
         prompt_ids = self._prompt_ids(request.prompt)
         keep = request.params.truncate_prompt_tokens
         if keep is not None:  # the end of a document is what the continuation follows
             prompt_ids = prompt_ids[-keep:]
         self._check_limits(request, prompt_ids)
+        return prompt_ids
+
+    def add(self, request: GenerationRequest, prompt_ids: list[int] | None = None) -> None:
+        """Queue a request (`prompt_ids` from `prepare`, or prepared here); refuse it now if it
+        can never be served or the queue is full."""
+        if prompt_ids is None:
+            prompt_ids = self.prepare(request)
         with self._lock:
             if request.request_id in self._live_ids:
                 raise RequestRejected(f"request id {request.request_id!r} is already running")
