@@ -138,6 +138,10 @@ class Ingress:
     def __serve_build_asgi_app__(self):
         return create_app(self.service)
 
+    async def drain(self, grace_s: float) -> dict:
+        """`quill serve` calls this on SIGTERM, before Serve shuts down (serve_app/drain.py)."""
+        return await self.service.drain.drain(grace_s)
+
     async def __del__(self):
         with contextlib.suppress(Exception):
             await self.service.flights.close()

@@ -117,6 +117,7 @@ def serve_main(argv: list[str]) -> int:
     app_module = _Import("serve_app.app")
 
     stop = threading.Event()
+    deployed = False
 
     def on_signal(signum, _frame):
         if stop.is_set():  # second signal: give up on a clean shutdown
@@ -160,6 +161,7 @@ def serve_main(argv: list[str]) -> int:
         serve.start(proxy_location="HeadOnly", http_options={"host": args.host, "port": args.port, **proxy_http_options()})
         app = app_module.get()
         serve.run(app.build_app(registry), name=app.APP_NAME, route_prefix="/")
+        deployed = True
         url = f"http://{args.host}:{args.port}"
         # The Ray address lets `ray status --address` or `serve.status()` look inside a local run.
         print(f"Quill is serving {', '.join(registry.names)} at {url} "
@@ -176,8 +178,30 @@ def serve_main(argv: list[str]) -> int:
         _shutdown(local)
         return 1
     print("quill serve: shutting down", flush=True)
+    if deployed:
+        _drain()
     _shutdown(local)
     return 0
+
+
+def _drain() -> None:
+    """Let the ingress finish its open requests, or end them readably, before Serve goes down:
+    Serve's shutdown kills the HTTP proxy at once, cutting every connection (serve_app/drain.py)."""
+    from ray import serve
+
+    from serve_app.app import APP_NAME
+    from serve_app.drain import grace_seconds
+
+    grace = grace_seconds()
+    print(f"quill serve: draining (new requests get 503; open ones have {grace:g} s)", flush=True)
+    try:
+        handle = serve.get_deployment_handle("Ingress", app_name=APP_NAME)
+        done = handle.drain.remote(grace).result(timeout_s=grace + 15)
+        print(f"quill serve: drained: {done['finished']} of {done['open']} open requests finished, "
+              f"{done['ended']} ended with an error, {done['websockets_closed']} WebSockets closed "
+              f"({done['seconds']:g} s)", flush=True)
+    except Exception as exc:  # best effort: shutting down goes on
+        print(f"quill serve: drain failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
 
 
 def _local_fit_problem(registry, num_cpus: float) -> str | None:

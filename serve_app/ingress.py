@@ -30,6 +30,7 @@ from serve_app.config import ModelEntry, Registry
 from serve_app.metrics import Metrics
 from serve_app.engine.types import Delta, GenerationRequest, RequestRejected, SamplingParams
 from serve_app.deltas import Accumulator
+from serve_app.drain import Drain
 from serve_app.errors import ApiError, error_body, to_api_error
 from serve_app.model_server import ModelServer
 from serve_app.security import FrontDoor, SecuritySettings
@@ -80,6 +81,7 @@ class Service:
         self.flights = SingleFlight(store, on_outcome=lambda model, outcome: metrics.cache.inc(1, model=model, outcome=outcome))
         self.render_metrics = render_metrics
         self.ready_timeout = ready_timeout
+        self.drain = Drain()  # graceful shutdown (serve_app/drain.py)
 
     def backend(self, name: str) -> Backend:
         b = self.backends.get(name)
@@ -99,6 +101,7 @@ class Service:
 
         The stream yields lists of deltas: what one message from the replica carried (a step's
         deltas, or several steps' when the replica coalesced them), framed and sent together."""
+        self.drain.refuse_if_draining()
         backend = self.backend(model)
         try:
             params: SamplingParams = body.to_sampling(backend.entry)
@@ -121,7 +124,7 @@ class Service:
                 async for batch in stream:
                     yield batch
 
-        return chained()
+        return self.drain.track(chained())
 
     async def readiness(self) -> dict[str, bool]:
         # Asked afresh each time, so a model whose replicas are lost (a dead node) turns unready
@@ -251,6 +254,7 @@ def create_app(service: Service, security: SecuritySettings | None = None) -> Fa
 
     @app.get("/readyz")
     async def readyz():
+        service.drain.refuse_if_draining()  # a load balancer stops sending here
         models = await service.readiness()
         if all(models.values()):
             return {"status": "ready", "models": models}

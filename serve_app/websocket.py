@@ -16,6 +16,7 @@ import logging
 from fastapi import WebSocket, WebSocketDisconnect
 
 from serve_app.deltas import Accumulator
+from serve_app.drain import GOING_AWAY
 from serve_app.errors import ApiError, to_api_error
 from serve_app.protocol import WsCancel, WsGenerate, parse_ws_message
 
@@ -98,6 +99,10 @@ class _Socket:
         self.task = asyncio.create_task(self.run(msg))
 
     async def serve(self) -> None:
+        drain = self.service.drain
+        if not drain.add_socket(self.ws):  # shutting down: refuse the handshake
+            await self.ws.close(code=GOING_AWAY)
+            return
         await self.ws.accept()
         try:
             while True:
@@ -112,6 +117,7 @@ class _Socket:
         except WebSocketDisconnect:
             pass
         finally:
+            drain.remove_socket(self.ws)
             if self.task is not None and not self.task.done():
                 self.task.cancel()  # the client went away: free the engine slot
                 with contextlib.suppress(asyncio.CancelledError, Exception):

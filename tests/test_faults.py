@@ -174,17 +174,21 @@ def test_a_seeded_request_is_served_in_normal_time_while_redis_is_frozen_and_cac
 # --- one real `quill serve` ------------------------------------------------------------------
 
 REPLICA = "ray::ServeReplica:quill:model-tiny"
+DRAIN_S = 3
+LONG = 4000  # max_tokens of a stream that must outlive the test's events
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
-    # n_positions 1024: streams long enough (seconds) to be running when the replica dies.
-    ckpt = save_tiny_gpt2(root / "tiny", n_positions=1024)
+    # n_positions 4096: streams long enough (~20 s here) to be running when the replica dies or
+    # the drain ends them.
+    ckpt = save_tiny_gpt2(root / "tiny", n_positions=4096)
     registry = write_registry(root / "registry.yaml", [registry_entry(
-        "tiny", ckpt, engine="{max_batch_size: 4, max_seq_len: 1024}",
-        limits="{max_prompt_tokens: 64, max_tokens: 900, max_n: 4}")])
-    with quill_serve(registry, root) as server:
+        "tiny", ckpt, engine="{max_batch_size: 4, max_seq_len: 4096}",
+        limits=f"{{max_prompt_tokens: 64, max_tokens: {LONG}, max_n: 4}}")])
+    # A short drain, so that the SIGTERM test (the module's last) sees streams outlive it.
+    with quill_serve(registry, root, env={"QUILL_DRAIN_SECONDS": str(DRAIN_S)}) as server:
         yield server
 
 
@@ -222,7 +226,7 @@ def test_the_local_ray_listens_on_loopback_only(served):
 def _readyz(server) -> tuple[int, dict]:
     r = httpx.get(server.url + "/readyz", timeout=10)
     body = r.json()
-    return r.status_code, body.get("models") or body["error"]["models"]
+    return r.status_code, body.get("models") or body["error"].get("models") or body["error"]
 
 
 class _ReadyzProbes(threading.Thread):
@@ -259,7 +263,7 @@ def _cmd(p: psutil.Process) -> str:
 
 
 def test_a_killed_replica_fails_its_requests_with_503_and_readyz_names_the_model_until_replaced(served):
-    body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 900}
+    body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": LONG}
     # 4 run in the batch; 3 more wait in the engine's queue on the same replica.
     streams = [Completion(served.url, {**body, "stream": True}) for _ in range(5)]
     whole = [Completion(served.url, body) for _ in range(2)]
@@ -306,8 +310,70 @@ def test_a_killed_replica_fails_its_requests_with_503_and_readyz_names_the_model
     unready, recovered = unready - killed, recovered - killed
     r = httpx.post(served.url + "/v1/completions", json={**body, "max_tokens": 5}, timeout=60)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+    print(f"\n/readyz answers after the kill: {sorted(set(str(a) for _, a in probes.answers))}", file=sys.stderr)
     print(f"\nreplica killed: {outcomes}; all ended {ended:.1f} s after, /readyz 503 after {unready:.1f} s, "
           f"200 again after {recovered:.1f} s", file=sys.stderr)
+
+
+async def _websocket(url: str, generate: dict | None, log: list) -> None:
+    """A WebSocket that asks for one generation (or none) and records everything until closed."""
+    import websockets
+
+    async with websockets.connect(url.replace("http://", "ws://") + "/v1/stream") as ws:
+        if generate:
+            await ws.send(json.dumps(generate))
+        try:
+            async for raw in ws:
+                log.append(json.loads(raw))
+        except websockets.ConnectionClosed:
+            pass
+        log.append(("closed", ws.close_code))
+
+
+def test_sigterm_drains_new_requests_get_503_open_ones_finish_or_end_readably(served):
+    """Runs last: it stops the module's server. Before the drain, SIGTERM cut every stream at the
+    TCP level within 0.4 s (no error event, no [DONE]; WebSockets closed with 1006)."""
+    body = {"model": "tiny", "prompt": "Once upon a time", "stream": True}
+    long_streams = [Completion(served.url, {**body, "max_tokens": LONG}) for _ in range(2)]
+    ws_logs: list[list] = [[], []]
+    generate = {"type": "generate", "id": "w", "model": "tiny", "prompt": "Once", "max_tokens": LONG, "every": 1}
+
+    async def two_sockets():
+        await asyncio.gather(_websocket(served.url, generate, ws_logs[0]), _websocket(served.url, None, ws_logs[1]))
+
+    sockets = threading.Thread(target=asyncio.run, args=(two_sockets(),), daemon=True)
+    sockets.start()
+    wait_until("the streams' first tokens", lambda: all(len(s.events) >= 3 for s in long_streams) and ws_logs[0], 60,
+               every=0.05)
+    short = Completion(served.url, {**body, "max_tokens": 40})  # finishes within the grace period
+    wait_until("the short stream's first token", lambda: short.events, 30, every=0.02)
+
+    served.proc.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    wait_until("the drain to begin", lambda: "draining" in served.log_text(), 20, every=0.05)
+    refused = httpx.post(served.url + "/v1/completions", json={**body, "max_tokens": 5}, timeout=30)
+    readyz = httpx.get(served.url + "/readyz", timeout=30)
+
+    for s in long_streams + [short]:
+        s.join(DRAIN_S + 30)
+        assert s.error is None, f"cut at the TCP level: {s.error!r}"
+    sockets.join(DRAIN_S + 30)
+    assert served.proc.wait(60) == 0, served.log_text()[-3000:]
+    took = time.monotonic() - sent
+
+    assert refused.status_code == 503 and refused.json()["error"]["type"] == "shutting_down", refused.text
+    assert refused.headers.get("retry-after") and readyz.status_code == 503
+    assert short.events[-1] == (None, "[DONE]") and '"finish_reason":"length"' in short.events[-2][1], short.events[-3:]
+    for s in long_streams:
+        assert s.events[-1] == (None, "[DONE]"), s.events[-3:]
+        event, data = s.events[-2]
+        assert event == "error" and json.loads(data)["error"]["type"] == "shutting_down", s.events[-3:]
+    running, idle = ws_logs
+    assert running[-1] == ("closed", 1001) and idle == [("closed", 1001)], (running[-3:], idle)
+    assert running[-2]["type"] == "error" and running[-2]["error"]["type"] == "shutting_down", running[-3:]
+    assert DRAIN_S <= took < DRAIN_S + 30, took
+    print(f"\nSIGTERM with 3 streams and 2 WebSockets open: drained and exited in {took:.1f} s "
+          f"(grace {DRAIN_S} s); the long streams had {[len(s.events) for s in long_streams]} events", file=sys.stderr)
 
 
 def test_a_readiness_probe_asks_serve_once_for_all_models():
