@@ -70,6 +70,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prompt-tokens", default=None, help="min-max prompt length (default 16-256; --quick: 16-32)")
     p.add_argument("--max-tokens", default=None, help="min-max of max_tokens (default 16-128; --quick: 4-16)")
     p.add_argument("--seed", type=int, default=0, help="seed of the workload and of the random weights")
+    p.add_argument("--burst", action="store_true",
+                   help="every request arrives at once: the systems are saturated, so tokens/s measures them "
+                   "and not the trace (the Poisson trace, the default, is for latency); section suffix :burst")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="the weights' dtype in every system (bfloat16: fast on CPUs with AMX or AVX512-BF16)")
     p.add_argument("--serial-cap", default="", help="run the one-at-a-time peer on the first K requests only: "
                    "'K' for every model or 'medium=K,small=K'")
     p.add_argument("--max-batch-size", type=int, default=64, help="our engine's batch, the static batch and "
@@ -106,6 +111,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.prompt_tokens = _range(args.prompt_tokens or ("16-32" if args.quick else "16-256"), p)
     args.max_tokens = _range(args.max_tokens or ("4-16" if args.quick else "16-128"), p)
     args.serial_cap = _caps(args.serial_cap, p)
+    if args.burst and not args.section:
+        args.section = "burst" + ("" if args.dtype == "float32" else f"-{args.dtype}")
     suffix = ("-quick" if args.quick else "") + (f"-{args.section}" if args.section else "")
     args.json = args.json or str(RESULTS_DIR / f"engine-cpu{suffix}.json")
     return args
@@ -310,13 +317,14 @@ def render(report: dict) -> str:
         f"Conditions: {report['conditions']}",
         "",
         f"Workload (seed {wl['seed']}, identical for every system of a model): {wl['requests']} requests, "
-        f"Poisson arrivals, prompts of {wl['prompt_tokens'][0]}-{wl['prompt_tokens'][1]} random token ids "
+        f"{'all arriving at once (a burst: every system saturated)' if wl.get('burst') else 'Poisson arrivals'}, "
+        f"weights in {report['settings'].get('dtype', 'float32')}, prompts of {wl['prompt_tokens'][0]}-{wl['prompt_tokens'][1]} random token ids "
         f"(uniform), max_tokens {wl['max_tokens'][0]}-{wl['max_tokens'][1]} (uniform), greedy. "
         f"Our engine: max_batch_size {report['settings']['max_batch_size']}, max_seq_len "
         f"{report['settings']['max_seq_len']}, max_prefill_tokens {report['settings'].get('max_prefill_tokens', 512)}; the static batch takes up to the same number of arrived requests; "
         f"transformers' continuous batching gets a paged cache of the same size.",
         "",
-        f"Machine limits ({lim['threads']} thread(s)): fp32 matmul {lim['matmul_gflops']} GFLOP/s "
+        f"Machine limits ({lim['threads']} thread(s)): {lim.get('matmul_dtype', 'float32')} matmul {lim['matmul_gflops']} GFLOP/s "
         f"({lim['matmul_n']}x{lim['matmul_n']} @ {lim['matmul_n']}x{lim['matmul_n']}, median); copy "
         f"{lim['copy_gbs_read_plus_write']} GB/s ({lim['copy_bytes'] / 2**20:.0f} MiB, read + write counted).",
         "",
@@ -328,7 +336,8 @@ def render(report: dict) -> str:
         lines += [
             f"#### {name} ({c['params'] / 1e6:.0f}M parameters, random weights)",
             "",
-            f"Arrivals: {w['rate_per_s']:g} requests/s on average, spanning {w['arrival_span_s']:.1f} s; "
+            (f"Arrivals: all at t=0; " if report["workload"].get("burst") else
+             f"Arrivals: {w['rate_per_s']:g} requests/s on average, spanning {w['arrival_span_s']:.1f} s; ") +
             f"{w['output_tokens_asked']} output tokens asked for, {w['prompt_tokens']} prompt tokens.",
         ]
         if mr.get("serial_cap"):
@@ -442,9 +451,9 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {
             "threads": args.threads, "max_batch_size": args.max_batch_size, "max_seq_len": 512,
             "max_prompt_tokens": 256, "max_tokens": 128, "hf_max_batch_tokens": args.hf_max_batch_tokens,
-            "max_prefill_tokens": args.prefill_budget,
+            "max_prefill_tokens": args.prefill_budget, "dtype": args.dtype,
         },
-        "workload": {"requests": args.requests, "prompt_tokens": args.prompt_tokens,
+        "workload": {"requests": args.requests, "prompt_tokens": args.prompt_tokens, "burst": args.burst,
                      "max_tokens": args.max_tokens, "seed": args.seed, "greedy": True},
         "json_path": os.path.relpath(args.json, REPO) if args.json.startswith(str(REPO)) else args.json,
         "models": {},
@@ -468,6 +477,9 @@ def main(argv: list[str] | None = None) -> int:
         for size in args.models:
             rate = args.rate or DEFAULT_RATES[size]
             workload = make_workload(args.requests, rate, args.prompt_tokens, args.max_tokens, args.seed)
+            if args.burst:  # saturated: all at once, so nothing waits for an arrival
+                for w in workload:
+                    w["arrival_s"] = 0.0
             checkpoint = make_checkpoint(size, Path(tmp) / size, args.seed)
             costs = model_costs(vocab_size=VOCAB, n_positions=N_POSITIONS, **{
                 k: v for k, v in MODELS[size].items() if k != "n_head"})
@@ -509,11 +521,11 @@ def main(argv: list[str] | None = None) -> int:
 def _limits(args, measure_limits) -> dict:
     """In a child too, so the parent's threads and memory do not colour the numbers."""
     if args.isolation == "inline":
-        return measure_limits(args.threads, args.quick)
+        return measure_limits(args.threads, args.quick, args.dtype)
     import multiprocessing as mp
 
     with mp.get_context("spawn").Pool(1) as pool:
-        return pool.apply(measure_limits, (args.threads, args.quick))
+        return pool.apply(measure_limits, (args.threads, args.quick, args.dtype))
 
 
 def _fractions(mr: dict, limits: dict) -> None:

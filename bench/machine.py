@@ -53,14 +53,15 @@ def machine_info() -> dict:
     }
 
 
-def measure_limits(threads: int, quick: bool = False) -> dict:
-    """Median of a few repetitions of a matmul and of a big copy, with `threads` torch threads."""
+def measure_limits(threads: int, quick: bool = False, dtype: str = "float32") -> dict:
+    """Median of a few repetitions of a matmul (in `dtype`, the weights' dtype of the run: a
+    bf16 run is held to the bf16 rate) and of a big copy, with `threads` torch threads."""
     import torch
 
     torch.set_num_threads(threads)
     n = 1024 if quick else 2048
     reps = 3 if quick else 7
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n).to(getattr(torch, dtype)), torch.randn(n, n).to(getattr(torch, dtype))
     a @ b  # first call pays for thread start-up and page faults
     times = []
     for _ in range(reps):
@@ -83,6 +84,7 @@ def measure_limits(threads: int, quick: bool = False) -> dict:
     copy_gbs = 2 * numel * 4 / statistics.median(times) / 1e9
     return {
         "threads": threads,
+        "matmul_dtype": dtype,
         "matmul_n": n,
         "matmul_gflops": round(gflops, 1),
         "copy_bytes": numel * 4,

@@ -1,0 +1,33 @@
+"""`quill bench serve --workload burst --quick`: a real `quill serve` on a tiny model, driven
+over SSE and the WebSocket, then the same burst in-process and through transformers. Checks
+the run is whole (every phase served every request, ratios computed, the section written), not
+its speed: speed lives in the benchmark's own output."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_burst_bench_measures_every_phase_and_writes_its_section(tmp_path):
+    out = tmp_path / "perf.md"
+    proc = subprocess.run([sys.executable, "-m", "bench.serve", "--workload", "burst", "--quick", "--out", str(out),
+                           "--section", "burst-smoke-test"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((REPO / "bench" / "results" / "burst-smoke-test.json").read_text())
+    (REPO / "bench" / "results" / "burst-smoke-test.json").unlink()
+    phases = [r["phase"] for r in report["rows"]]
+    assert any("SSE" in p for p in phases) and any("WebSocket" in p for p in phases)
+    assert sum("capacity" in p for p in phases) == 2  # the two rates below capacity
+    for row in report["rows"]:
+        assert not row.get("errors") and not row.get("error"), row
+        assert row["output_tokens"] == report["args"]["writers"] * report["args"]["max_tokens"] or "capacity" in row["phase"]
+        assert row["tok_s"] > 0
+    assert all(v is not None for v in report["ratios"].values())
+    # The replica got what a registry that says nothing about CPUs gets on this machine.
+    assert report["replica"]["threads"] >= 1 and report["replica"]["cpus_per_replica"] > 0
+    text = out.read_text()
+    assert "<!-- bench:burst-smoke-test:start -->" in text and "quill serve` / static batch" in text
