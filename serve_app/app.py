@@ -74,6 +74,7 @@ class HandleBackend:
     def __init__(self, handle: DeploymentHandle, entry: ModelEntry, status: ServeStatus | None = None):
         self.handle, self.entry = handle, entry
         self.status = status or ServeStatus()
+        self.not_ready_reason: str | None = None  # why the last ready() was False, for /readyz
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[list[Delta]]:
         responses = self.handle.options(stream=True).generate.remote(request)
@@ -103,14 +104,25 @@ class HandleBackend:
         it: asking the controller, not a replica, never queues behind a busy replica's batch, and
         it turns false when the node holding the replicas dies. A model that may scale to zero is
         ready without replicas: the next request starts one."""
+        self.not_ready_reason = await self._not_ready_reason(timeout)
+        return self.not_ready_reason is None
+
+    async def _not_ready_reason(self, timeout: float) -> str | None:
         if self.entry.autoscaling.min_replicas == 0:
-            return True
+            return None
         try:
             status = await self.status.get(timeout)
-            deployment = status.applications[self.handle.app_name].deployments[self.handle.deployment_name]
-        except Exception:  # controller busy or restarting, app not deployed yet
-            return False
-        return deployment.replica_states.get(ReplicaState.RUNNING, 0) > 0
+        except Exception:  # controller busy or restarting
+            return "Serve's controller did not answer"
+        app = status.applications.get(self.handle.app_name)
+        deployment = app.deployments.get(self.handle.deployment_name) if app else None
+        if deployment is None:
+            return "not deployed yet"
+        if deployment.replica_states.get(ReplicaState.RUNNING, 0) > 0:
+            return None
+        # Replica counts by state only: Serve's own message can carry tracebacks and addresses.
+        states = ", ".join(f"{n} {state.value.lower()}" for state, n in deployment.replica_states.items() if n)
+        return f"no replica running: {states}" if states else "no replica running"
 
 
 @serve.deployment

@@ -259,8 +259,10 @@ def create_app(service: Service, security: SecuritySettings | None = None) -> Fa
         if all(models.values()):
             return {"status": "ready", "models": models}
         loading = [n for n, ok in models.items() if not ok]
-        raise ApiError(503, "not_ready", f"models not ready (loading, or no replica running): {', '.join(loading)}",
-                       models=models)
+        # Why, where the backend knows (HandleBackend: the replica states Serve reports).
+        reasons = {n: getattr(service.backends[n], "not_ready_reason", None) or "loading" for n in loading}
+        raise ApiError(503, "not_ready", "models not ready: " + "; ".join(f"{n} ({r})" for n, r in reasons.items()),
+                       models=models, reasons=reasons)
 
     @app.get("/metrics")
     async def metrics():

@@ -414,11 +414,17 @@ def test_a_readiness_probe_asks_serve_once_for_all_models():
 
     assert asyncio.run(service.readiness()) == {"a": True, "b": False}
     assert len(calls) == 1
-    assert asyncio.run(service.readiness()) == {"a": True, "b": False}
+    with TestClient(create_app(service)) as client:
+        r = client.get("/readyz")
     assert len(calls) == 2  # asked afresh on the next probe
+    error = r.json()["error"]
+    assert r.status_code == 503 and error["models"] == {"a": True, "b": False}, r.text
+    assert error["reasons"] == {"b": "no replica running: 1 starting"}
+    assert error["message"] == "models not ready: b (no replica running: 1 starting)"
 
     def broken():
         raise ConnectionError("controller restarting")
 
     service.backends = {n: HandleBackend(b.handle, b.entry, ServeStatus(broken)) for n, b in backends.items()}
     assert asyncio.run(service.readiness()) == {"a": False, "b": False}
+    assert service.backends["a"].not_ready_reason == "Serve's controller did not answer"
