@@ -121,7 +121,9 @@ class HandleBackend:
         if deployment.replica_states.get(ReplicaState.RUNNING, 0) > 0:
             return None
         # Replica counts by state only: Serve's own message can carry tracebacks and addresses.
-        states = ", ".join(f"{n} {state.value.lower()}" for state, n in deployment.replica_states.items() if n)
+        # (serve.status() keys them by the state's name, a str, not by ReplicaState.)
+        states = ", ".join(f"{n} {getattr(state, 'value', state).lower()}"
+                           for state, n in deployment.replica_states.items() if n)
         return f"no replica running: {states}" if states else "no replica running"
 
 

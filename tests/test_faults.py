@@ -223,9 +223,11 @@ def test_the_local_ray_listens_on_loopback_only(served):
     print(f"\n{len(listening)} listening sockets in {len(names)} processes, all on loopback", file=sys.stderr)
 
 
-def _readyz(server) -> tuple[int, dict]:
+def _readyz(server, reasons: set | None = None) -> tuple[int, dict]:
     r = httpx.get(server.url + "/readyz", timeout=10)
     body = r.json()
+    if reasons is not None and r.status_code == 503:
+        reasons.add(json.dumps(body["error"].get("reasons")))
     return r.status_code, body.get("models") or body["error"].get("models") or body["error"]
 
 
@@ -234,13 +236,18 @@ class _ReadyzProbes(threading.Thread):
 
     def __init__(self, server):
         super().__init__(daemon=True)
-        self.server, self.answers, self.stopped = server, [], threading.Event()
+        self.server, self.answers, self.reasons, self.stopped = server, [], set(), threading.Event()
         self.start()
 
     def run(self):
         while not self.stopped.wait(0.25):
-            with contextlib.suppress(httpx.HTTPError):
-                self.answers.append((time.monotonic(), _readyz(self.server)))
+            try:
+                self.answers.append((time.monotonic(), _readyz(self.server, self.reasons)))
+            except Exception as exc:  # noqa: BLE001 - kept, for the failure message
+                self.answers.append((time.monotonic(), repr(exc)))
+
+    def __repr__(self) -> str:
+        return repr(sorted({str(a) for _, a in list(self.answers)}))
 
     def first(self, answer, after: float = 0.0) -> float | None:
         return next((t for t, a in list(self.answers) if a == answer and t > after), None)
@@ -312,14 +319,17 @@ def test_a_killed_replica_fails_its_requests_with_503_and_readyz_names_the_model
     # Running streams: the error event; queued or non-streaming: the 503.
     assert outcomes[:4] == ["error event"] * 4 and outcomes[4:7] == ["503"] * 3, outcomes
 
-    unready = wait_until("/readyz to name the model as down", lambda: probes.first((503, {"tiny": False})), 60)
+    unready = wait_until(f"/readyz to name the model as down (it said {probes}, since the kill)",
+                         lambda: probes.first((503, {"tiny": False})), 60)
     recovered = wait_until("/readyz to be ready once Serve has replaced the replica",
                            lambda: probes.first((200, {"tiny": True}), after=unready), 180)
     probes.stop()
     unready, recovered = unready - killed, recovered - killed
+    # Why: the replica states Serve reports, e.g. {"tiny": "no replica running: 1 starting"}.
+    assert all(json.loads(r)["tiny"].startswith("no replica running") for r in probes.reasons), probes.reasons
     r = httpx.post(served.url + "/v1/completions", json={**body, "max_tokens": 5}, timeout=60)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
-    print(f"\n/readyz answers after the kill: {sorted(set(str(a) for _, a in probes.answers))}", file=sys.stderr)
+    print(f"\n/readyz answers after the kill: {probes}; reasons: {sorted(probes.reasons)}", file=sys.stderr)
     print(f"\nreplica killed: {outcomes}; all ended {ended:.1f} s after, /readyz 503 after {unready:.1f} s, "
           f"200 again after {recovered:.1f} s", file=sys.stderr)
 
@@ -393,8 +403,6 @@ def test_sigterm_drains_new_requests_get_503_open_ones_finish_or_end_readably(se
 def test_a_readiness_probe_asks_serve_once_for_all_models():
     from types import SimpleNamespace
 
-    from ray.serve.schema import ReplicaState
-
     from serve_app.app import HandleBackend, ServeStatus
 
     calls = []
@@ -402,8 +410,9 @@ def test_a_readiness_probe_asks_serve_once_for_all_models():
     def fetch():
         calls.append(1)
         time.sleep(0.05)  # a round trip to Serve's controller: the askers overlap
-        deployments = {"model-a": SimpleNamespace(replica_states={ReplicaState.RUNNING: 1}),
-                       "model-b": SimpleNamespace(replica_states={ReplicaState.STARTING: 1})}
+        # Keyed by the state's name, as serve.status() gives them.
+        deployments = {"model-a": SimpleNamespace(replica_states={"RUNNING": 1}),
+                       "model-b": SimpleNamespace(replica_states={"STARTING": 1, "RUNNING": 0})}
         return SimpleNamespace(applications={"quill": SimpleNamespace(deployments=deployments)})
 
     registry = parse_registry({"models": [{"name": n, "source": "hf://gpt2"} for n in ("a", "b")]}, None)
