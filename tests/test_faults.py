@@ -437,3 +437,43 @@ def test_a_readiness_probe_asks_serve_once_for_all_models():
     service.backends = {n: HandleBackend(b.handle, b.entry, ServeStatus(broken)) for n, b in backends.items()}
     assert asyncio.run(service.readiness()) == {"a": False, "b": False}
     assert service.backends["a"].not_ready_reason == "Serve's controller did not answer"
+
+
+async def test_the_drain_lets_short_streams_finish_and_ends_the_rest_without_cancelling_their_consumers():
+    from serve_app.drain import Drain
+    from serve_app.errors import ApiError
+
+    drain = Drain()
+
+    async def endless():  # a generation the grace period cannot wait for
+        yield 1
+        await asyncio.sleep(3600)
+
+    async def short():
+        yield 1
+        await asyncio.sleep(0.05)
+        yield 2
+
+    got: dict[str, list] = {"endless": [], "short": [], "busy": []}
+
+    async def consume(name, stream, pause=0.0):
+        try:
+            async for x in drain.track(stream):
+                got[name].append(x)
+                await asyncio.sleep(pause)  # `busy`: writing to a slow client when the drain ends it
+            got[name].append("done")
+        except ApiError as exc:
+            got[name].append(exc.type)
+        got[name].append("went on")  # the task itself was not cancelled: it can still answer
+
+    tasks = [asyncio.create_task(consume("endless", endless())), asyncio.create_task(consume("short", short())),
+             asyncio.create_task(consume("busy", endless(), pause=0.6))]
+    await asyncio.sleep(0.01)
+    done = await drain.drain(0.3)
+    await asyncio.gather(*tasks)
+    assert got == {"endless": [1, "shutting_down", "went on"], "short": [1, 2, "done", "went on"],
+                   "busy": [1, "shutting_down", "went on"]}
+    assert (done["open"], done["finished"], done["ended"]) == (3, 1, 2)
+    with pytest.raises(ApiError, match="shutting down"):
+        drain.refuse_if_draining()
+    assert not drain.add_socket(object())  # a WebSocket handshake is refused too
