@@ -38,11 +38,11 @@ from serve_app.model_server import ModelServer
 APP_NAME = "quill"
 log = logging.getLogger("quill.app")
 
-# What a call through a handle raises when the replica running it dies. Observed: ActorDiedError
-# for every call the replica held, streamed or not, running or queued in its engine (kill -9 of
-# its process, tests/test_faults.py; its node's raylet, tests/test_cluster.py). RayActorError
-# also covers ActorUnavailableError (a replica unreachable for a while). A call not yet sent
-# to a replica is held by Serve until a new one runs, and completes.
+# What a call through a handle raises when the replica running it dies, both RayActorErrors
+# (observed): ActorDiedError for every call a replica killed with -9 held, streamed or not,
+# running or queued in its engine (tests/test_faults.py); ActorUnavailableError when its node's
+# raylet died (tests/test_cluster.py). A call not yet sent to a replica is held by Serve until a
+# new one runs, and completes.
 REPLICA_LOST = (RayActorError,)
 
 
