@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import threading
 import time
 from typing import Any, AsyncIterator, Callable
@@ -24,6 +25,7 @@ from serve_app.engine.types import Delta, EngineOverloaded, GenerationRequest, R
 from serve_app.metrics import MemoryMetrics, Metrics
 
 log = logging.getLogger("quill.model_server")
+SWITCH_INTERVAL_S = 0.0005
 
 
 def _default_engine(entry: ModelEntry):
@@ -38,6 +40,10 @@ class ModelServer:
     def __init__(self, entry: ModelEntry | dict[str, Any], engine_factory: Callable[[ModelEntry], Any] | None = None):
         self.entry = entry if isinstance(entry, ModelEntry) else ModelEntry.model_validate(entry)
         self.name = self.entry.name
+        # The engine thread lets go of the GIL inside every torch op and must take it back
+        # after each, a few hundred times a step; while the replica's event loop and Ray's
+        # threads hold it, Python's default 5 ms switch interval is how long it may wait.
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         self.metrics = Metrics()
         self.memory = MemoryMetrics()
         t0 = time.perf_counter()
