@@ -93,7 +93,8 @@ def summarize(name: str, records: list[dict]) -> dict:
             errors[kind] = errors.get(kind, 0) + 1
     tokens = sum(r["tokens"] for r in ok)
     wall = max(r["sent"] + r["times"][-1] for r in ok) - min(r["sent"] for r in records) if ok else 0.0
-    tpot = [(r["times"][-1] - r["times"][0]) / (len(r["times"]) - 1) for r in ok if len(r["times"]) > 1]
+    # Per token, from the usage: a WebSocket message (or an SSE chunk) may carry several.
+    tpot = [(r["times"][-1] - r["times"][0]) / (r["tokens"] - 1) for r in ok if r["tokens"] > 1 and len(r["times"]) > 1]
     return {
         "phase": name, "requests": len(records), "errors": errors, "output_tokens": tokens,
         "wall_s": round(wall, 3), "tok_s": round(tokens / wall, 1) if wall else 0.0,

@@ -351,6 +351,34 @@ def test_out_of_memory_during_a_prompt_fails_that_prompt_only(checkpoint, hf):
     assert tokens[("old", 0)] == hf_greedy(hf, PROMPTS[0], 12)
 
 
+@pytest.mark.parametrize("after", [0, 3], ids=["first-token", "mid-stream"])
+def test_out_of_memory_while_sampling_fails_only_the_request_that_needs_it(checkpoint, hf, monkeypatch, after):
+    """A FAKE out-of-memory error (no device here runs out): sampling raises it whenever the
+    poisoned request's row is in the call, from its `after`-th token on. Only that request
+    ends in error, the rest stream on to the same tokens as transformers, the engine goes on."""
+    from serve_app.engine import engine as engine_module
+
+    real = engine_module.sample
+
+    def sample(logits, rows):
+        if any(r.temperature == 0.77 and r.counter >= after for r in rows):
+            raise torch.OutOfMemoryError("fake: out of memory")
+        return real(logits, rows)
+
+    monkeypatch.setattr(engine_module, "sample", sample)
+    engine = make_engine(checkpoint)
+    poisoned = GenerationRequest(PROMPTS[3], SamplingParams(max_tokens=12, temperature=0.77, n=2, seed=1), "poisoned")
+    tokens, _, reasons = run(engine, [GenerationRequest(PROMPTS[0], greedy(12), "a"), poisoned,
+                                      GenerationRequest(PROMPTS[1], greedy(12), "b")])
+    assert reasons[("poisoned", 0)] == reasons[("poisoned", 1)] == "error"
+    assert len(tokens.get(("poisoned", 0), [])) == after
+    for rid, prompt in (("a", PROMPTS[0]), ("b", PROMPTS[1])):
+        assert reasons[(rid, 0)] == "length" and tokens[(rid, 0)] == hf_greedy(hf, prompt, 12)
+    assert not engine.has_work and engine.num_running == 0
+    tokens, _, _ = run(engine, [GenerationRequest(PROMPTS[2], greedy(6), "next")])
+    assert tokens[("next", 0)] == hf_greedy(hf, PROMPTS[2], 6)
+
+
 async def test_coalesced_stream_delivers_every_token_in_order_first_one_at_once(checkpoint, hf):
     """With a message budget of 5/s a lone caller hears every 0.2 s: the steps in between
     arrive together, in order, and the first token is not held back."""

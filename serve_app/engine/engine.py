@@ -241,9 +241,10 @@ class Engine:
         for seq in running:
             seq.length += 1
         if running:
-            tokens = sample(logits[: len(running)], [s.row() for s in running])
+            tokens = self._sample_rows(logits[: len(running)], running, deltas)
             for seq, token in zip(running, tokens):
-                deltas.append(self._advance(seq, token))
+                if token is not None and seq.finish_reason is None:
+                    deltas.append(self._advance(seq, token))
         for j, (req, take) in enumerate(planned, start=len(running)):
             if req is not self._prefilling:
                 self._waiting.popleft()  # planned in queue order, so it is the head
@@ -252,9 +253,30 @@ class Engine:
                 self._prefilling = req
             else:
                 self._prefilling = None
-                if self.prefix_cache is not None:
-                    self.prefix_cache.store(req.prompt_ids, req.slot)
-                self._start(req, logits[j], deltas)
+                try:
+                    if self.prefix_cache is not None:
+                        self.prefix_cache.store(req.prompt_ids, req.slot)
+                    self._start(req, logits[j], deltas)
+                except torch.OutOfMemoryError as exc:  # its first tokens or its slot copies
+                    self._fail([req], exc, deltas)  # slots it took free at the next step
+
+    def _sample_rows(self, logits: torch.Tensor, seqs: list[_Sequence], deltas: list[Delta]) -> list[int | None]:
+        """One token per row. Out of memory on the whole batch: row by row, and a row that still
+        runs out fails its own request alone (None for it); the others go on."""
+        try:
+            return sample(logits, [s.row() for s in seqs])
+        except torch.OutOfMemoryError:
+            log.warning("out of memory sampling %d rows at once; sampling row by row", len(seqs))
+        tokens: list[int | None] = []
+        for i, seq in enumerate(seqs):
+            token = None
+            if seq.finish_reason is None:  # not failed with an earlier row of its request
+                try:
+                    token = sample(logits[i : i + 1], [seq.row()])[0]
+                except torch.OutOfMemoryError as exc:
+                    self._fail([seq.owner], exc, deltas)
+            tokens.append(token)
+        return tokens
 
     def _advance(self, seq: _Sequence, token: int) -> Delta:
         """Account for one sampled token: text, stop conditions, the delta to send."""
