@@ -160,7 +160,10 @@ def local_replicas(url: str) -> dict[str, int]:
             # Ray titles a replica's process "ray::ServeReplica:<app>:<deployment>"; the
             # ingress is a replica too, the models' deployments are the others.
             if "ServeReplica" in title and "Ingress" not in title:
-                replicas[f"{title.split(':')[-1].split()[0]} (pid {proc.pid})"] = proc.pid
+                # Ray appends the task running at the moment (".check_health", ...): not part
+                # of the replica's name, or one replica would show as several columns.
+                deployment = title.split(":")[-1].split()[0].split(".")[0]
+                replicas[f"{deployment} (pid {proc.pid})"] = proc.pid
         return replicas
     except (StopIteration, psutil.Error):
         return {}
