@@ -33,7 +33,15 @@ def server(tiny_checkpoints, tmp_path_factory):
     registry = write_registry(root / "registry.yaml", [registry_entry(
         "tiny", tiny_checkpoints["tiny-a"], autoscaling=AUTOSCALING,
         limits=f"{{max_prompt_tokens: 32, max_tokens: {MAX_TOKENS}, max_n: 1}}")])
+    from ray._private import ray_constants
+
     quill = start_quill_serve(registry, root)
+    # quill serve's Ray keeps its node IP on loopback (serve_app/local_ray.py); a driver joining
+    # it must too, or Ray swaps 127.0.0.1 for the machine's address and waits forever for a GCS
+    # that is not there. What RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 does, for a process that has
+    # imported Ray already.
+    clusters = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
     try:
         address = re.search(r"Ray at (\S+);", quill.log_text()).group(1)
         ray.init(address=address, logging_level="ERROR", log_to_driver=False)
@@ -41,6 +49,7 @@ def server(tiny_checkpoints, tmp_path_factory):
     finally:
         # Leave the server's Ray before it stops: a driver whose cluster vanishes ends its process.
         ray.shutdown()
+        ray_constants.ENABLE_RAY_CLUSTER = clusters
         kill_group(quill.proc)
 
 
