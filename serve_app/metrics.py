@@ -147,18 +147,12 @@ class MemoryMetrics:
         import torch
 
         device = str(runner.device)
-        caches = (runner.k_cache, runner.v_cache)
         if self._weights_bytes is None:
             tensors = (t for name, v in vars(runner).items() if name not in ("k_cache", "v_cache")
                        for t in _reachable_tensors(v))
             self._weights_bytes = _tensor_bytes(tensors)
         self.weights.set(self._weights_bytes, model=model, device=device)
-        kv = sum(c.numel() * c.element_size() for c in caches)
-        zeroed = getattr(runner, "_zeroed", None)
-        if runner.device.type == "cpu" and zeroed:
-            # The CPU cache is torch.empty: pages become resident only when a slot is first used.
-            kv = kv * sum(zeroed) // len(zeroed)
-        self.kv_cache.set(kv, model=model, device=device)
+        self.kv_cache.set(runner.kv_resident_bytes(), model=model, device=device)
         if runner.device.type == "cuda":
             self.cuda_allocated.set(torch.cuda.memory_allocated(runner.device), model=model, device=device)
             self.cuda_reserved.set(torch.cuda.memory_reserved(runner.device), model=model, device=device)

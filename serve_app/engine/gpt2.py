@@ -209,6 +209,14 @@ class GPT2Runner:
         self.v_cache[:, dst, :, :length] = self.v_cache[:, src, :, :length]
         self.mark_written(dst, 0, length)
 
+    def kv_resident_bytes(self) -> int:
+        """Bytes of the KV cache in use. On a CPU only what a pass has zeroed or written has been
+        touched (`torch.empty` pages stay unmapped until then); on a GPU all of it is allocated."""
+        total = 2 * self.k_cache.numel() * self.k_cache.element_size()
+        if self.device.type != "cpu":
+            return total
+        return total * sum(self._finite) // (self.max_batch_size * self.max_seq_len)
+
     def mark_written(self, slot: int, start: int, end: int) -> None:
         """Positions start..end-1 of `slot` now hold keys and values (finite numbers)."""
         if start <= self._finite[slot]:
