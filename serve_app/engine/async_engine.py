@@ -45,8 +45,6 @@ class AsyncEngine:
     async def generate_steps(self, request: GenerationRequest) -> AsyncIterator[list[Delta]]:
         """Like `generate`, but one list per engine step: the `n` choices of a step together,
         so a caller that forwards them (over Ray, a socket) sends one message per step."""
-        if request.request_id in self._routes:  # before touching routes: the live one keeps its own
-            raise RequestRejected(f"request id {request.request_id!r} is already running")
         if self._stopping:
             raise RequestRejected("the engine is shutting down")
         loop = asyncio.get_running_loop()
@@ -54,7 +52,7 @@ class AsyncEngine:
         # event loop, and stalled every other stream of that model meanwhile. One thread,
         # because a fast tokenizer may refuse two calls at once ("Already borrowed").
         prompt_ids = await loop.run_in_executor(self._tokenizing, self.engine.prepare, request)
-        if request.request_id in self._routes:  # it may have started while this one tokenized
+        if request.request_id in self._routes:  # before touching routes: the live one keeps its own
             raise RequestRejected(f"request id {request.request_id!r} is already running")
         queue: asyncio.Queue[list[Delta]] = asyncio.Queue()
         self._routes[request.request_id] = (loop, queue, request.params.n)
