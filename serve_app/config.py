@@ -21,6 +21,9 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, ValidationError, ValidationInfo,
                       field_validator, model_validator)
 
+# The request types only: the engine's torch half is imported late (`engine_config`).
+from serve_app.engine.types import MAX_OPENAI_PENALTY, MAX_REPETITION_PENALTY
+
 DEFAULT_REGISTRY = "models/registry.yaml"
 
 # `hf://gpt2`, `s3://bucket/x`, `gs://...`: remote, fetched by the replica that loads it
@@ -102,10 +105,17 @@ class EngineSection(_Section):
 
 
 class Defaults(_Section):
+    """Sampling values a request takes when it leaves them out; every field is a request
+    parameter of the same name (serve_app/protocol.py)."""
+
     max_tokens: int = Field(64, ge=1)
     temperature: float = Field(0.8, ge=0)
     top_k: int = Field(0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
+    # Repetition guards, off by default; a model that loops can ship with one on.
+    frequency_penalty: float = Field(0.0, ge=-MAX_OPENAI_PENALTY, le=MAX_OPENAI_PENALTY)
+    presence_penalty: float = Field(0.0, ge=-MAX_OPENAI_PENALTY, le=MAX_OPENAI_PENALTY)
+    repetition_penalty: float = Field(1.0, gt=0, le=MAX_REPETITION_PENALTY)
 
 
 class Limits(_Section):

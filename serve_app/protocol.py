@@ -22,7 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from serve_app.config import ModelEntry
-from serve_app.engine.types import RequestRejected, SamplingParams
+from serve_app.engine.types import MAX_OPENAI_PENALTY, MAX_REPETITION_PENALTY, RequestRejected, SamplingParams
 from serve_app.errors import ApiError
 
 MAX_STOP = 4  # as OpenAI
@@ -45,6 +45,11 @@ class _Request(BaseModel):
     # vLLM's name: keep only the last K prompt tokens (the engine cuts after tokenizing), so a
     # client that sends a whole document need not count tokens to stay within the model's limit.
     truncate_prompt_tokens: int | None = Field(None, ge=1)
+    # Repetition guards (docs/api.md): OpenAI's two penalties, over the tokens generated so far,
+    # and HF's / vLLM's repetition_penalty, over the prompt's tokens and the generated ones.
+    frequency_penalty: float | None = Field(None, ge=-MAX_OPENAI_PENALTY, le=MAX_OPENAI_PENALTY)
+    presence_penalty: float | None = Field(None, ge=-MAX_OPENAI_PENALTY, le=MAX_OPENAI_PENALTY)
+    repetition_penalty: float | None = Field(None, gt=0, le=MAX_REPETITION_PENALTY)
 
     @field_validator("prompt", check_fields=False)
     @classmethod
@@ -73,8 +78,11 @@ class _Request(BaseModel):
 
     def to_sampling(self, entry: ModelEntry) -> SamplingParams:
         """Fill unset values from the model's defaults and enforce its limits."""
-        d, lim = entry.defaults, entry.limits
-        max_tokens = self.max_tokens if self.max_tokens is not None else d.max_tokens
+        lim = entry.limits
+        # Every registry default is a parameter of the same name that the request may set.
+        chosen = {name: default if getattr(self, name) is None else getattr(self, name)
+                  for name, default in entry.defaults.model_dump().items()}
+        max_tokens = chosen["max_tokens"]
         if max_tokens > lim.max_tokens:
             raise RequestRejected(f"max_tokens {shown(max_tokens)} exceeds this model's limit of {lim.max_tokens}")
         if self.n > lim.max_n:
@@ -84,10 +92,7 @@ class _Request(BaseModel):
             raise RequestRejected(f"truncate_prompt_tokens {shown(truncate)} exceeds this model's "
                                   f"max_prompt_tokens of {lim.max_prompt_tokens}")
         return SamplingParams(
-            max_tokens=max_tokens,
-            temperature=self.temperature if self.temperature is not None else d.temperature,
-            top_k=self.top_k if self.top_k is not None else d.top_k,
-            top_p=self.top_p if self.top_p is not None else d.top_p,
+            **chosen,
             n=self.n,
             stop=tuple(self.stop or ()),
             seed=self.seed,
@@ -117,8 +122,6 @@ class CompletionRequest(_Request):
     logprobs: None = None
     best_of: int | None = None
     suffix: None = None
-    presence_penalty: Literal[0, 0.0] = 0
-    frequency_penalty: Literal[0, 0.0] = 0
     logit_bias: dict[str, float] | None = None
 
     @field_validator("prompt")
@@ -237,7 +240,7 @@ def invalid_fields(errors: list[dict]) -> str:
 
 
 # OpenAI parameters accepted only at their neutral value (see CompletionRequest).
-_UNSUPPORTED = {"echo", "logprobs", "suffix", "presence_penalty", "frequency_penalty"}
+_UNSUPPORTED = {"echo", "logprobs", "suffix"}
 
 
 def _known_parameters() -> set[str]:

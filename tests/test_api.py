@@ -395,6 +395,68 @@ def test_a_replica_lost_mid_stream_is_the_same_error_on_sse_and_websocket():
             "type": "model_unavailable", "message": "model 'lost' lost the replica serving this request; retry"}}
 
 
+# ---- repetition guards ----------------------------------------------------------------------
+
+GUARD = {"frequency_penalty": 2.0, "presence_penalty": 0.5, "repetition_penalty": 1.2}
+LOOPING = {"prompt": "The court held that", "max_tokens": 24, "temperature": 0}  # tiny-a repeats tokens here
+
+
+def test_repetition_guards_change_the_text_the_same_way_on_every_channel(app_client):
+    """Seeded, so cached: a guarded request is never answered with the unguarded one's text."""
+    seeded = {**LOOPING, "seed": 9}
+    first = lambda body: app_client.post("/v1/completions", json={"model": "tiny-a", **body}).json()["choices"][0]["text"]  # noqa: E731
+    unguarded, guarded = first(seeded), first({**seeded, **GUARD})
+    native = app_client.post("/v1/models/tiny-a/generate", json={**seeded, **GUARD},
+                             headers={"Cache-Control": "no-cache"}).json()["texts"]
+    with app_client.websocket_connect("/v1/stream") as ws:
+        ws.send_text(json.dumps({"type": "generate", "id": "g", "model": "tiny-a", **seeded, **GUARD}))
+        while (msg := json.loads(ws.receive_text()))["type"] != "done":
+            pass
+    assert guarded != unguarded
+    assert native == msg["texts"] == [guarded]
+
+
+def test_the_openai_client_sends_frequency_and_presence_penalties(app_client):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{app_client.base_url}/v1", api_key="unused", http_client=app_client, max_retries=0)
+    plain = client.completions.create(model="tiny-a", **LOOPING).choices[0].text
+    guarded = client.completions.create(model="tiny-a", **LOOPING, frequency_penalty=2.0, presence_penalty=0.5,
+                                        extra_body={"repetition_penalty": 1.2}).choices[0].text
+    raw = app_client.post("/v1/completions", json={"model": "tiny-a", **LOOPING, **GUARD}).json()["choices"][0]["text"]
+    assert guarded == raw != plain
+    with pytest.raises(openai.BadRequestError, match="frequency_penalty"):
+        client.completions.create(model="tiny-a", **LOOPING, frequency_penalty=2.5)
+
+
+def test_the_openapi_schema_lists_the_repetition_guards_with_their_ranges(app_client):
+    schemas = app_client.get("/openapi.json").json()["components"]["schemas"]
+    for shape in ("CompletionRequest", "GenerateRequest"):
+        properties = schemas[shape]["properties"]
+        number = lambda name: next(s for s in properties[name]["anyOf"] if s["type"] == "number")  # noqa: E731
+        assert number("frequency_penalty") == number("presence_penalty") == {"type": "number", "minimum": -2.0, "maximum": 2.0}
+        assert number("repetition_penalty") == {"type": "number", "exclusiveMinimum": 0.0, "maximum": 10.0}
+
+
+def test_a_models_registry_defaults_can_turn_a_guard_on(tiny_checkpoints):
+    registry = parse_registry({"models": [{
+        "name": "guarded", "source": str(tiny_checkpoints["tiny-a"]), "cpus_per_replica": 0.5,
+        "engine": {"max_batch_size": 2, "max_seq_len": 128}, "limits": {"max_prompt_tokens": 64, "max_n": 2},
+        "defaults": {"frequency_penalty": 2.0}}]}, None)
+    server = ModelServer(registry.models[0])
+    try:
+        client = TestClient(create_app(Service(registry, {"guarded": LocalBackend(server)})))
+        defaults = client.get("/v1/models/guarded").json()["defaults"]
+        assert (defaults["frequency_penalty"], defaults["presence_penalty"], defaults["repetition_penalty"]) == (2.0, 0.0, 1.0)
+        text = lambda **extra: client.post("/v1/completions", json={  # noqa: E731
+            "model": "guarded", **LOOPING, **extra}).json()["choices"][0]["text"]
+        by_default = text()
+        assert by_default == text(frequency_penalty=2.0)
+        assert by_default != text(frequency_penalty=0)  # a request can still turn it off
+    finally:
+        server.shutdown()
+
+
 @pytest.mark.parametrize("route,body,fragment", [
     ("/v1/completions", '{"model": "tiny-a", "prompt": "Hi", "temperature": Infinity}', "temperature"),
     ("/v1/completions", '{"model": "tiny-a", "prompt": "Hi", "temperature": 1e999}', "temperature"),

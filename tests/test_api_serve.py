@@ -162,6 +162,19 @@ def test_seeded_requests_reproduce_whatever_else_runs(client):
     assert other_seed != first
 
 
+def test_the_openai_client_turns_a_repetition_guard_on(client):
+    """The SDK sends frequency_penalty and presence_penalty as top-level fields; Quill's own
+    repetition_penalty goes in extra_body. Greedy and unseeded: generated afresh each time."""
+    looping = {"model": "tiny-a", "prompt": "The court held that", "max_tokens": 24, "temperature": 0}
+    plain = client.completions.create(**looping).choices[0].text
+    guarded = client.completions.create(**looping, frequency_penalty=2.0, presence_penalty=0.5,
+                                        extra_body={"repetition_penalty": 1.2}).choices[0].text
+    assert guarded != plain
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(**looping, presence_penalty=-2.5)
+    assert "presence_penalty" in info.value.body["message"]
+
+
 def test_errors_are_json_with_the_right_status(server, client):
     with pytest.raises(openai.NotFoundError) as info:
         client.completions.create(model="no-such-model", prompt="x")

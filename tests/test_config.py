@@ -23,7 +23,7 @@ models:
     cpus_per_replica: 0.5
     autoscaling: {min_replicas: 1, max_replicas: 2, target_ongoing_requests: 8}
     engine: {max_batch_size: 8, max_seq_len: 256}
-    defaults: {max_tokens: 16, temperature: 0.7, top_k: 40, top_p: 0.9}
+    defaults: {max_tokens: 16, temperature: 0.7, top_k: 40, top_p: 0.9, frequency_penalty: 0.5, repetition_penalty: 1.1}
     limits: {max_prompt_tokens: 128, max_tokens: 64, max_n: 4}
   - name: remote
     source: hf://gpt2
@@ -39,6 +39,8 @@ def test_good_registry_resolves_relative_paths(tmp_path):
     assert tiny.threads == 1  # half a CPU still gets one thread
     cfg = tiny.engine_config()
     assert (cfg.max_batch_size, cfg.max_prompt_tokens, cfg.max_n, cfg.threads) == (8, 128, 4, 1)
+    guards = tiny.defaults.frequency_penalty, tiny.defaults.presence_penalty, tiny.defaults.repetition_penalty
+    assert guards == (0.5, 0.0, 1.1)  # a model can ship with a repetition guard on
 
 
 def test_bucket_uris_are_accepted_without_loading_their_clients(tmp_path):
@@ -117,6 +119,12 @@ BAD = [
     pytest.param(ENTRY + "    defaults: {max_tokens: 100}\n    limits: {max_tokens: 50}\n",
                  ["defaults.max_tokens (100) is greater than limits.max_tokens (50)"], id="default-over-limit"),
     pytest.param(ENTRY + "    device: cuda\n", ["device is cuda but gpus_per_replica is 0"], id="cuda-without-gpu"),
+    pytest.param(ENTRY + "    defaults: {frequency_penalty: 3}\n",
+                 ["model 'tiny'", "defaults.frequency_penalty", "less than or equal to 2"], id="penalty-out-of-range"),
+    pytest.param(ENTRY + "    defaults: {repetition_penalty: 0}\n",
+                 ["model 'tiny'", "defaults.repetition_penalty", "greater than 0"], id="repetition-penalty-zero"),
+    pytest.param(ENTRY + "    defaults: {presence_penality: 1}\n",
+                 ["defaults.presence_penality", "did you mean 'presence_penalty'"], id="penalty-typo"),
     pytest.param(ENTRY + "    limits: {max_n: 32}\n    engine: {max_batch_size: 16}\n",
                  ["limits.max_n (32) is greater than engine.max_batch_size (16)"], id="n-over-batch"),
 ]

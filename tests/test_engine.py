@@ -49,12 +49,26 @@ def make_engine(checkpoint, **overrides) -> Engine:
     return Engine(EngineConfig(source=str(checkpoint), **{"max_batch_size": 8, "max_seq_len": 256, **overrides}))
 
 
-def hf_greedy(hf, prompt: str, max_tokens: int) -> list[int]:
+def hf_greedy(hf, prompt: str, max_tokens: int, **generate_options) -> list[int]:
     model, tok = hf
     ids = tok(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
-        out = model.generate(ids, do_sample=False, max_new_tokens=max_tokens, pad_token_id=tok.eos_token_id)
+        out = model.generate(ids, do_sample=False, max_new_tokens=max_tokens, pad_token_id=tok.eos_token_id,
+                             **generate_options)
     return out[0, ids.shape[1]:].tolist()
+
+
+def openai_greedy(hf, prompt: str, max_tokens: int, frequency: float, presence: float) -> list[int]:
+    """Greedy decoding under OpenAI's penalties, written out plainly over transformers' logits
+    (transformers has no frequency or presence penalty of its own)."""
+    model, tok = hf
+    prompt_ids, out = tok(prompt).input_ids, []
+    with torch.no_grad():
+        for _ in range(max_tokens):
+            logits = model(torch.tensor([prompt_ids + out])).logits[0, -1]
+            counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=logits.shape[0])
+            out.append(int((logits - counts * frequency - (counts > 0) * presence).argmax()))
+    return out
 
 
 def run(engine: Engine, requests, add_later=None):
@@ -197,6 +211,16 @@ def test_sampled_tokens_lie_in_the_allowed_set(top_k, top_p):
         assert len(seen[b]) > 1  # it does sample, not just pick the top token
 
 
+def test_a_rows_top_k_holds_beside_rows_without_one():
+    """A top-k request batched with requests that set no top-k (nor top_p) keeps its cut."""
+    logits = torch.randn(2, 1000, generator=torch.Generator().manual_seed(1))
+    top5 = set(logits[0].topk(5).indices.tolist())
+    seen = {t for counter in range(200)
+            for t in sample(logits, [RowParams(1.0, 5, 1.0, seed=1, counter=counter),
+                                     RowParams(1.0, 0, 1.0, seed=2, counter=counter)])[:1]}
+    assert 1 < len(seen) and seen <= top5
+
+
 def test_stop_string_across_token_boundary_is_cut_and_not_returned(checkpoint):
     probe, texts, _ = run(make_engine(checkpoint), [GenerationRequest(PROMPTS[0], greedy(20), "p")])
     engine = make_engine(checkpoint)
@@ -265,6 +289,111 @@ def test_bad_sampling_values_are_refused():
         SamplingParams(temperature=-1)
     with pytest.raises(RequestRejected, match="top_p"):
         SamplingParams(top_p=0)
+    for bad in ({"frequency_penalty": 2.5}, {"presence_penalty": -3}, {"frequency_penalty": float("nan")},
+                {"repetition_penalty": 0}, {"repetition_penalty": 11}, {"repetition_penalty": float("inf")}):
+        with pytest.raises(RequestRejected, match=next(iter(bad))):
+            SamplingParams(**bad)
+
+
+# ---- repetition guards --------------------------------------------------------------------
+
+
+def test_greedy_honours_openais_penalties_and_transformers_repetition_penalty_beside_unguarded_requests(checkpoint, hf):
+    """Guarded and unguarded requests share a batch: each gets its own rule's tokens, and the
+    guarded one keeps its counts when the batch is re-packed under it (the short request ahead
+    of it finishes first and it moves into that slot)."""
+    engine = make_engine(checkpoint)
+    first = [GenerationRequest(PROMPTS[2], greedy(6), "plain"),
+             GenerationRequest(PROMPTS[0], greedy(24, frequency_penalty=1.5, presence_penalty=0.5), "openai")]
+    later = {3: [GenerationRequest(PROMPTS[1], greedy(20, repetition_penalty=1.3), "hf")]}
+    tokens, _, _ = run(engine, first, add_later=later)
+    assert tokens[("plain", 0)] == hf_greedy(hf, PROMPTS[2], 6)
+    assert tokens[("openai", 0)] == openai_greedy(hf, PROMPTS[0], 24, frequency=1.5, presence=0.5)
+    assert tokens[("hf", 0)] == hf_greedy(hf, PROMPTS[1], 20, repetition_penalty=1.3)
+    assert tokens[("openai", 0)] != hf_greedy(hf, PROMPTS[0], 24)  # the guard did change the text
+
+
+def test_a_strong_frequency_penalty_keeps_greedy_text_from_repeating_a_token(checkpoint):
+    engine = make_engine(checkpoint)
+    for i, prompt in enumerate(PROMPTS[:2]):
+        plain, _, _ = run(engine, [GenerationRequest(prompt, greedy(40), "plain")])
+        guarded, _, _ = run(engine, [GenerationRequest(prompt, greedy(40, frequency_penalty=2.0), "guarded")])
+        assert len(set(plain[("plain", 0)])) < 40, "the unguarded text repeats itself"
+        assert len(set(guarded[("guarded", 0)])) == 40, f"prompt {i}: a token came back despite the penalty"
+
+
+def test_repetition_penalty_counts_the_prompt_and_openais_penalties_do_not(checkpoint):
+    """A prompt made of the model's own loop: left alone it goes on reusing the prompt's tokens;
+    OpenAI's penalties count generated tokens only, so they still do; repetition_penalty counts
+    the prompt too, and no prompt token comes back."""
+    engine = make_engine(checkpoint)
+    loop, _, _ = run(engine, [GenerationRequest(PROMPTS[2], greedy(40), "loop")])
+    prompt = engine.tokenizer.encode(PROMPTS[2]) + loop[("loop", 0)]
+    got, _, _ = run(engine, [GenerationRequest(prompt, greedy(12), "plain"),
+                             GenerationRequest(prompt, greedy(12, frequency_penalty=2.0, presence_penalty=2.0), "openai"),
+                             GenerationRequest(prompt, greedy(12, repetition_penalty=10.0), "hf")])
+    reused = {name: set(got[(name, 0)]) & set(prompt) for name in ("plain", "openai", "hf")}
+    assert reused["plain"] and reused["openai"]
+    assert reused["hf"] == set()
+
+
+def test_n_guarded_choices_each_count_their_own_tokens(checkpoint, hf):
+    tokens, _, _ = run(make_engine(checkpoint), [GenerationRequest(PROMPTS[3], greedy(16, n=3, frequency_penalty=1.0), "n")])
+    expected = openai_greedy(hf, PROMPTS[3], 16, frequency=1.0, presence=0.0)
+    assert [tokens[("n", i)] for i in range(3)] == [expected] * 3
+
+
+def test_guarded_seeded_sampling_is_the_same_in_any_batch_mix(checkpoint):
+    params = SamplingParams(max_tokens=24, temperature=1.0, top_k=50, seed=1234, frequency_penalty=0.8,
+                            presence_penalty=0.4, repetition_penalty=1.2)
+    alone, _, _ = run(make_engine(checkpoint), [GenerationRequest(PROMPTS[0], params, "x")])
+    crowd = [GenerationRequest(p, SamplingParams(max_tokens=8 + 4 * i, temperature=1.2, seed=i,
+                                                 presence_penalty=0.5 * (i % 2)), f"o{i}")
+             for i, p in enumerate(PROMPTS)]
+    mixed, _, _ = run(make_engine(checkpoint), crowd, add_later={2: [GenerationRequest(PROMPTS[0], params, "x")]})
+    assert mixed[("x", 0)] == alone[("x", 0)]
+    unguarded, _, _ = run(make_engine(checkpoint), [GenerationRequest(PROMPTS[0], SamplingParams(
+        max_tokens=24, temperature=1.0, top_k=50, seed=1234), "y")])
+    assert unguarded[("y", 0)] != alone[("x", 0)]
+
+
+def test_guards_change_only_seen_tokens_by_the_documented_formulas():
+    """Rows of different lengths, tokens repeated and shared between prompt and output, logits
+    of both signs, one row unguarded: each row against the formulas written out densely."""
+    from serve_app.engine.penalties import TokenHistory
+
+    V = 40
+    logits = torch.randn(3, V, generator=torch.Generator().manual_seed(0)) * 5
+    history = TokenHistory(slots=4, max_seq_len=32, vocab_size=V, device=torch.device("cpu"))
+    prompts = {1: [3, 4, 4, 9], 3: [7]}  # slot -> prompt; slot 1 is row 0, slot 3 row 2
+    generated = {1: [4, 5, 5, 5, 11], 3: [3, 7, 7]}
+    for slot, prompt in prompts.items():
+        history.start(slot, 1, prompt)
+    for step in range(5):
+        slots = [s for s in generated if step < len(generated[s])]
+        history.record(slots, [generated[s][step] for s in slots])
+    guards = {1: SamplingParams(frequency_penalty=0.7, presence_penalty=-0.3, repetition_penalty=1.5),
+              3: SamplingParams(frequency_penalty=-1.0, presence_penalty=2.0, repetition_penalty=0.8)}
+    got = history.apply(logits, [0, 2], [1, 3], [guards[1], guards[3]])
+
+    def dense(row: torch.Tensor, slot: int) -> torch.Tensor:
+        p = guards[slot]
+        counts = torch.bincount(torch.tensor(generated[slot]), minlength=V).float()
+        seen = (counts > 0) | torch.isin(torch.arange(V), torch.tensor(prompts[slot]))
+        row = torch.where(seen, torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty), row)
+        return row - counts * p.frequency_penalty - (counts > 0) * p.presence_penalty
+
+    torch.testing.assert_close(got[0], dense(logits[0], 1))
+    torch.testing.assert_close(got[2], dense(logits[2], 3))
+    assert torch.equal(got[1], logits[1])
+
+
+def test_requests_without_a_guard_cost_no_token_history(checkpoint):
+    engine = make_engine(checkpoint)
+    run(engine, [GenerationRequest(p, SamplingParams(max_tokens=4, seed=i), str(i)) for i, p in enumerate(PROMPTS)])
+    assert not engine.token_history.allocated
+    run(engine, [GenerationRequest(PROMPTS[0], greedy(4, presence_penalty=0.1), "guarded")])
+    assert engine.token_history.allocated
 
 
 def test_full_queue_is_refused_not_dropped(checkpoint):

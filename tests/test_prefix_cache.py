@@ -124,3 +124,15 @@ def test_the_cache_is_off_at_zero(checkpoint, document):
     assert engine.prefix_cache is None
     run(engine, [GenerationRequest(prefix, greedy(2), "a")])
     assert cached_tokens(engine, GenerationRequest(prefix + " and so on", greedy(2), "b"))["cached"] == 0
+
+
+def test_repetition_guards_see_the_whole_prompt_when_part_of_it_came_from_the_cache(checkpoint, document):
+    prefix, versions = document
+    guarded = greedy(16, repetition_penalty=1.5, frequency_penalty=0.5)
+    engine = make_engine(checkpoint, prefix_cache_tokens=1024)
+    run(engine, [GenerationRequest(prefix, greedy(2), "warm")])
+    warm, _, _ = run(engine, [GenerationRequest(versions[2], guarded, "g")])
+    cold, _, _ = run(make_engine(checkpoint), [GenerationRequest(versions[2], guarded, "g")])
+    assert warm == cold and engine.prefix_cache.hit_tokens > 0
+    unguarded, _, _ = run(make_engine(checkpoint), [GenerationRequest(versions[2], greedy(16), "g")])
+    assert unguarded != cold

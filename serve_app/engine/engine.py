@@ -8,9 +8,10 @@ A step (`Engine.step`) does, in order:
    steps and no step stalls the running batch for more than one budget's worth of prompt;
 3. one forward pass for every running sequence (one new token each) and those prompt chunks
    together;
-4. sample, turn tokens into text, check stop conditions, and hand back the deltas. A prompt
-   whose last chunk ran starts its `n` choices: they share that one prefill (the cache slot is
-   copied) and each samples its first token; they decode from the next step on.
+4. sample (after the repetition guards of the requests that ask for one), turn tokens into
+   text, check stop conditions, and hand back the deltas. A prompt whose last chunk ran starts
+   its `n` choices: they share that one prefill (the cache slot is copied) and each samples its
+   first token; they decode from the next step on.
 
 Why chunks of prompt inside the decode pass: on a CPU a weight matmul over a decode batch of
 8-64 rows runs at a third to two thirds of the rate of one with a hundred rows more, so the
@@ -32,6 +33,7 @@ from serve_app.engine.config import EngineConfig
 from serve_app.engine.detokenize import TextStream, token_bytes_table
 from serve_app.engine.gpt2 import GPT2Runner, PromptChunk
 from serve_app.engine.loader import load_model, load_tokenizer, resolve_device, resolve_dtype
+from serve_app.engine.penalties import TokenHistory
 from serve_app.engine.prefix_cache import PrefixCache
 from serve_app.engine.sampling import RowParams, choice_seed, sample
 from serve_app.engine.types import (
@@ -40,6 +42,7 @@ from serve_app.engine.types import (
     FinishReason,
     GenerationRequest,
     RequestRejected,
+    SamplingParams,
 )
 
 log = logging.getLogger("quill.engine")
@@ -74,8 +77,12 @@ class _Sequence:
     generated: int = 0
     finish_reason: FinishReason | None = None
 
+    @property
+    def params(self) -> SamplingParams:
+        return self.owner.request.params
+
     def row(self) -> RowParams:
-        p = self.owner.request.params
+        p = self.params
         return RowParams(p.temperature, p.top_k, p.top_p, self.seed, self.generated)
 
 
@@ -98,6 +105,9 @@ class Engine:
         self.eos_token_id = self.tokenizer.eos_token_id
         self._token_bytes = token_bytes_table(self.tokenizer)
         self.vocab_size = model.config.vocab_size
+        # The repetition guards' memory of each slot's tokens: allocated by the first request
+        # that asks for a guard, never touched for the others.
+        self.token_history = TokenHistory(config.max_batch_size, self.max_seq_len, self.vocab_size, self.runner.device)
 
         self._lock = threading.Lock()  # guards the inbox: add/cancel come from other threads
         self._inbox: list[_Request] = []
@@ -224,8 +234,10 @@ class Engine:
         ]
         for seq in req.sequences[1:]:
             self.runner.copy_slot(req.slot, seq.slot, seq.length)
+        if params.penalised:
+            self.token_history.start(req.slot, params.n, req.prompt_ids)
         self._running.extend(req.sequences)
-        tokens = sample(logits.expand(params.n, -1), [s.row() for s in req.sequences])
+        tokens = self._pick(logits.expand(params.n, -1), req.sequences)
         for seq, token in zip(req.sequences, tokens):
             deltas.append(self._advance(seq, token))
 
@@ -264,7 +276,7 @@ class Engine:
         """One token per row. Out of memory on the whole batch: row by row, and a row that still
         runs out fails its own request alone (None for it); the others go on."""
         try:
-            return sample(logits, [s.row() for s in seqs])
+            return self._pick(logits, seqs)
         except torch.OutOfMemoryError:
             log.warning("out of memory sampling %d rows at once; sampling row by row", len(seqs))
         tokens: list[int | None] = []
@@ -272,15 +284,27 @@ class Engine:
             token = None
             if seq.finish_reason is None:  # not failed with an earlier row of its request
                 try:
-                    token = sample(logits[i : i + 1], [seq.row()])[0]
+                    token = self._pick(logits[i : i + 1], [seq])[0]
                 except torch.OutOfMemoryError as exc:
                     self._fail([seq.owner], exc, deltas)
             tokens.append(token)
         return tokens
 
+    def _pick(self, logits: torch.Tensor, seqs: list[_Sequence]) -> list[int]:
+        """One token per row of `logits`, after the repetition guards of the rows that have one;
+        each guarded row's token is counted for its next step."""
+        guarded = [i for i, s in enumerate(seqs) if s.params.penalised]
+        if guarded:
+            slots = [seqs[i].slot for i in guarded]
+            logits = self.token_history.apply(logits, guarded, slots, [seqs[i].params for i in guarded])
+        tokens = sample(logits, [s.row() for s in seqs])
+        if guarded:
+            self.token_history.record(slots, [tokens[i] for i in guarded])
+        return tokens
+
     def _advance(self, seq: _Sequence, token: int) -> Delta:
         """Account for one sampled token: text, stop conditions, the delta to send."""
-        params = seq.owner.request.params
+        params = seq.params
         seq.generated += 1
         seq.next_token = token
         if token == self.eos_token_id:
@@ -312,6 +336,8 @@ class Engine:
         movers = [s for s in self._running[len(alive):] if s.finish_reason is None]
         for hole, seq in zip(holes, movers):
             self.runner.copy_slot(seq.slot, hole, seq.length)
+            if seq.params.penalised:
+                self.token_history.move(seq.slot, hole)
             seq.slot = hole
         self._running = sorted(alive, key=lambda s: s.slot)
 

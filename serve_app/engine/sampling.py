@@ -57,7 +57,9 @@ def sample(logits: torch.Tensor, rows: list[RowParams]) -> list[int]:
     k_max = int(top_k.max())
     if k_max < V:
         values, index = logits.topk(k_max, dim=-1)  # sorted, largest first
-    elif bool((top_p < 1).any()):
+    elif bool((top_k < V).any() | (top_p < 1).any()):
+        # A row without a top-k cut keeps the whole vocabulary, but the rows beside it with
+        # a cut (or a nucleus) still need the ranks.
         values, index = logits.sort(dim=-1, descending=True)
     else:
         # Plain sampling: inverse-CDF sampling needs no particular order, so skip the sort.

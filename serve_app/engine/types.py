@@ -13,6 +13,12 @@ from typing import Literal
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 
+# The repetition guards' ranges: OpenAI's for its two penalties; for repetition_penalty (HF's and
+# vLLM's, which take any positive number) a bound far past any useful value (1.1-1.5 is usual),
+# so that a typo such as 120 for 1.2 is refused rather than served as a wall against every seen token.
+MAX_OPENAI_PENALTY = 2.0
+MAX_REPETITION_PENALTY = 10.0
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -24,6 +30,14 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # the stop text itself is never returned
     seed: int | None = None  # same seed, same text, whatever else is in the batch
     truncate_prompt_tokens: int | None = None  # keep only the prompt's last K tokens (vLLM's name)
+    # Repetition guards (serve_app/engine/penalties.py). OpenAI's, over the tokens generated so
+    # far: a token's logit loses frequency_penalty per time it was generated, and
+    # presence_penalty once it has been.
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    # HF's and vLLM's, over the prompt's tokens and the generated ones: a seen token's logit is
+    # divided by it when positive, multiplied by it when negative. 1 turns it off.
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         # Values the engine cannot act on are refused here, so every caller gets the same
@@ -47,10 +61,20 @@ class SamplingParams:
             raise RequestRejected("stop strings must not be empty")
         if self.truncate_prompt_tokens is not None and self.truncate_prompt_tokens < 1:
             raise RequestRejected("truncate_prompt_tokens must be at least 1")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -MAX_OPENAI_PENALTY <= getattr(self, name) <= MAX_OPENAI_PENALTY:  # NaN fails too
+                raise RequestRejected(f"{name} must be in [-{MAX_OPENAI_PENALTY:g}, {MAX_OPENAI_PENALTY:g}]")
+        if not 0 < self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            raise RequestRejected(f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}] (1 turns it off)")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def penalised(self) -> bool:
+        """Whether a repetition guard is on (the engine counts tokens only for such requests)."""
+        return bool(self.frequency_penalty or self.presence_penalty or self.repetition_penalty != 1)
 
 
 @dataclass(frozen=True)
