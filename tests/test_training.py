@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -171,6 +172,34 @@ def test_a_few_steps_lower_the_loss_and_export_loads_with_safetensors(tiny_base,
     assert registry["models"][0]["source"] == "tiny-base"  # relative to the registry's folder
 
 
+def test_own_tokenizer_is_fitted_on_the_train_split_and_loads_like_gpt2s(tmp_path, corpora):
+    """The shipped models' BPE: GPT-2's format, so the serving loader takes it as it is; every
+    byte still encodes."""
+    from serve_app.engine.loader import load_tokenizer as serving_tokenizer
+    from training.tokenizer import EOS, fit
+
+    fit(corpora, vocab_size=300, genres=("legal", "abstracts")).save_pretrained(str(tmp_path / "tok"))
+    tok = serving_tokenizer(str(tmp_path / "tok"))
+    assert len(tok) == 300 and tok.eos_token == EOS and tok.convert_tokens_to_ids(EOS) == tok.eos_token_id
+    text = "Section 7. The party shall deliver\n\nCafé, naïve, 日本語, 🙂"
+    assert tok.decode(tok.encode(text)) == text
+    assert len(tok.encode("The party of the first part")) < len("The party of the first part") / 2
+    assert data.load_tokenizer(tmp_path / "tok") is not None  # training's loader accepts it too
+    # A model trained on it is sized to it, and its token streams are cached apart from GPT-2's.
+    from training.train import train
+
+    recipe = _tiny_recipe(tmp_path, corpora, steps=3)
+    recipe["data"]["tokenizer"] = str(tmp_path / "tok")
+    summary = train(recipe, run_root=tmp_path / "runs")
+    assert json.loads((Path(recipe["export"]["dir"]) / "config.json").read_text())["vocab_size"] == 300
+    assert summary["held_out_bpb"]["legal"] > 0
+    gpt2 = data.genre_tokens("legal", "val", corpora, data.SplitSettings(0.2, 500), data.load_tokenizer(),
+                             tmp_path / "cache")
+    own = data.genre_tokens("legal", "val", corpora, data.SplitSettings(0.2, 500),
+                            data.load_tokenizer(tmp_path / "tok"), tmp_path / "cache")
+    assert own.max() < 300 < gpt2.max()
+
+
 def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path, corpora):
     from safetensors.torch import load_file
 
@@ -253,6 +282,7 @@ def test_lora_adapter_trains_exports_small_and_merges(tiny_base, corpora):
     assert rc == 0
     assert "| `tiny-legal` | - | " not in text and "| `tiny-legal` | **" in text
     assert "### tiny-legal" in text and "quill evaluate --registry" in text
+    assert "| `tiny-legal` | **" in text.split("Bits per byte:")[1]  # bits per byte beside perplexity
 
 
 def test_recipe_refuses_typos_and_lora_from_scratch(tmp_path):
@@ -287,3 +317,183 @@ def test_gradient_checkpointing_option_still_trains_a_lora(tiny_base, corpora):
     weights = load_file(str(tmp_path / "runs" / "tiny-ckpt" / "checkpoint" / "weights.safetensors"))
     lora_b = [v for k, v in weights.items() if "lora_B" in k]
     assert lora_b and all(v.abs().max() > 0 for v in lora_b)  # B starts at zero: it moved
+
+
+# ----------------------------------------------------------------------------- scoring
+
+def _direct_nll(model, ids: list[int]) -> float:
+    """Total next-token loss in nats of one block, computed without training/metrics.py."""
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=x).logits[0, :-1].double(), -1)
+    return -logp.gather(1, x[0, 1:, None]).sum().item()
+
+
+def _small_byte_level_bpe(texts: list[str]):
+    """A 300-odd-token byte-level BPE in GPT-2's format (trained here, in milliseconds)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+
+
+# Characters that byte-level BPEs split over several tokens, each of which alone decodes to U+FFFD.
+MIXED_TEXT = ["The café in Zoë's Straße sold 日本茶 for £5 🙂 to the party of the first part.",
+              "Naïve dragons 🐉 guard the goods; the court held that ½ of them were lost."]
+
+
+def _tiny_lm(vocab_size: int, seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=128,
+                                      vocab_size=vocab_size, initializer_range=0.3)).eval()
+
+
+@pytest.mark.parametrize("which", ["gpt2", "small-bpe"])
+def test_bits_per_byte_is_loss_in_bits_over_the_bytes_of_the_predicted_text(which):
+    """score_stream on one block: total NLL / ln 2 / UTF-8 bytes of what the predicted tokens
+    decode to (<|endoftext|> counts no bytes but its loss counts), for GPT-2's 50,257-token BPE
+    and for a 320-token byte-level BPE alike."""
+    from training.metrics import perplexity, score_stream, token_byte_lengths
+
+    tok = data.load_tokenizer() if which == "gpt2" else _small_byte_level_bpe(MIXED_TEXT * 20)
+    stream = data.tokenize_pieces(MIXED_TEXT, tok)  # piece, <|endoftext|>, piece, <|endoftext|>
+    assert len(stream) < 128
+    model = _tiny_lm(len(tok))
+    got = score_stream(model, stream, block_size=128, tokenizer=tok)  # one (short) block
+
+    predicted = stream[1:].tolist()
+    text = tok.decode(predicted, skip_special_tokens=True)
+    assert "\ufffd" not in text and text.count("🙂") == 1
+    n_bytes = len(text.encode("utf-8"))
+    nll = _direct_nll(model, stream.tolist())
+    assert got.tokens == len(predicted) and got.bytes == n_bytes
+    assert got.bits_per_byte == pytest.approx(nll / math.log(2) / n_bytes, rel=1e-5)
+    assert got.perplexity == pytest.approx(math.exp(nll / len(predicted)), rel=1e-5)
+    assert perplexity(model, stream, 128) == pytest.approx(got.perplexity, rel=1e-9)
+    # the byte table counts the whole text once, whichever tokenizer cut it
+    table = token_byte_lengths(tok)
+    assert table[stream].sum() == len("".join(MIXED_TEXT).encode("utf-8"))
+    assert table[tok.eos_token_id] == 0
+
+
+def test_scoring_in_blocks_adds_up_block_by_block():
+    """Several blocks (and a ragged tail dropped): the loss and the bytes are the sums over the
+    blocks, each scored from its own start; perplexity() is the same loop's other number."""
+    from training.metrics import perplexity, score_stream
+
+    tok = data.load_tokenizer()
+    stream = data.tokenize_pieces(["The party of the first part shall deliver the goods. " * 12,
+                                   "We study problem seven and prove a bound. " * 8], tok)
+    model = _tiny_lm(len(tok), seed=1)
+    block = 16
+    got = score_stream(model, stream, block, max_tokens=100, batch_size=2, tokenizer=tok)
+    blocks = [stream[i:i + block].tolist() for i in range(0, 96, block)]  # 100 tokens -> 6 blocks
+    nll = sum(_direct_nll(model, b) for b in blocks)
+    n_bytes = sum(len(tok.decode(b[1:], skip_special_tokens=True).encode()) for b in blocks)
+    assert (got.tokens, got.bytes) == (6 * (block - 1), n_bytes)
+    assert got.nll == pytest.approx(nll, rel=1e-5)
+    assert got.bits_per_byte == pytest.approx(nll / math.log(2) / n_bytes, rel=1e-5)
+    assert perplexity(model, stream, block, 100, 2) == pytest.approx(got.perplexity, rel=1e-9)
+    assert score_stream(model, stream, block, 100, tokenizer=None).bits_per_byte is None
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+def test_evaluate_loads_an_adapter_through_the_engine_loader_and_reports_bits_per_byte(
+        tmp_path, corpora, monkeypatch):
+    """quill evaluate reads the registry with the server's schema and loads each model with the
+    engine's loader (adapter merged, the tokenizer the engine serves it with); its bits per byte
+    is that model's on the held-out text in that tokenizer's tokens, and the docs say which text."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2LMHeadModel
+
+    from serve_app.config import load_registry
+    from serve_app.engine import loader
+    from tests.conftest import save_tiny_gpt2
+    from training import evaluate as ev
+    from training.export import export_adapter, registry_entry, update_registry
+    from training.metrics import score_stream
+
+    models = tmp_path / "models"
+    save_tiny_gpt2(models / "tiny-base", n_positions=64)
+    tok = data.load_tokenizer()
+    lora = get_peft_model(GPT2LMHeadModel.from_pretrained(models / "tiny-base"),
+                          LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, fan_in_fan_out=True,
+                                     target_modules=["c_attn", "c_proj", "c_fc"]))
+    with torch.no_grad():  # a fresh adapter is a no-op (B = 0): make it count
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    export_adapter(lora, tok, models / "tiny-legal", "tiny-base", max_len=64)
+    registry = models / "registry.yaml"
+    update_registry(registry, registry_entry("tiny-base", "tiny-base", None, {}))
+    update_registry(registry, registry_entry("tiny-legal", "tiny-base", "tiny-legal", {}))
+
+    calls = []
+    real_load_model = loader.load_model
+    monkeypatch.setattr(loader, "load_model", lambda *a: calls.append(a[:2]) or real_load_model(*a))
+    results = ev.evaluate(registry, None, ["legal", "abstracts"], max_tokens=256, block_size=32,
+                          seed=0, corpora=corpora, cache_dir=tmp_path / "cache")
+    entries = {e.name: e for e in load_registry(registry).models}
+    assert calls == [(entries["tiny-base"].source, None),
+                     (entries["tiny-base"].source, entries["tiny-legal"].adapter)]
+
+    served = real_load_model(entries["tiny-legal"].source, entries["tiny-legal"].adapter,
+                             torch.device("cpu"), torch.float32)
+    served_tok = loader.load_tokenizer(entries["tiny-legal"].source)
+    val = data.genre_tokens("legal", "val", corpora, data.SplitSettings(), served_tok, tmp_path / "cache")
+    want = score_stream(served, val, 32, 256, tokenizer=served_tok)
+    assert results["bpb"]["tiny-legal"] == {"legal": pytest.approx(want.bits_per_byte, rel=1e-6)}
+    assert results["ppl"]["tiny-legal"] == {"legal": pytest.approx(want.perplexity, rel=1e-6)}
+    assert set(results["bpb"]["tiny-base"]) == {"legal", "abstracts"}
+    assert results["bpb"]["tiny-base"]["legal"] != pytest.approx(want.bits_per_byte)  # merged in
+    assert results["text"]["tiny-base"]["genres"]["legal"] == (want.tokens, want.bytes)
+    assert [p for p, _ in results["samples"]["tiny-legal"]] == [ev.PROMPTS["legal"]] * 2
+    assert results["defaults"]["tiny-legal"]["top_k"] == 40  # the registry entry's defaults
+
+    doc = ev.render(results, ["legal", "abstracts"], "quill evaluate ...", 256, 32)
+    assert f"| legal | held-out split of `{corpora.resolve()}/legal` | {want.tokens:,} | {want.bytes:,} |" in doc
+    assert f"| `tiny-legal` | **{want.bits_per_byte:.3f}** | - |" in doc
+    assert "## Held-out perplexity and bits per byte" in doc
+    assert "Registry defaults: max_tokens 48, temperature 0.8, top_k 40, top_p 0.95" in doc
+
+
+# ----------------------------------------------------------------------------- model card
+
+def _card_summary(**extra) -> dict:
+    return {"train_tokens": {"legal": 1000}, "val_tokens": {"legal": 50}, "steps": 3, "tokens": 96,
+            "train_seconds": 6.0, "device": "cpu", "tokens_per_second": 16.0, "precision": "no",
+            "params": 1000, "trainable_params": 100, "final_loss_ema": 5.0,
+            "held_out_ppl": {"legal": 700.5}, **extra}
+
+
+def test_model_card_shows_bits_per_byte_beside_perplexity_when_the_summary_has_it():
+    from training.card import model_card
+    from training.recipe import parse_recipe
+
+    recipe = parse_recipe({"name": "tiny-legal", "method": "lora", "model": {"init": "models/tiny-base"},
+                           "data": {"genres": ["legal"]}})
+    recipe["_path"] = "training/recipes/tiny-legal.yaml"
+    entry = {"name": "tiny-legal", "source": "tiny-base", "adapter": "tiny-legal"}
+
+    old = model_card(recipe, _card_summary(base_held_out_ppl={"legal": 720.0}), entry)
+    assert "| genre | tiny-legal | tiny-base alone |" in old and "| legal | 700.5 | 720.0 |" in old
+    assert "bits" not in old  # a summary from before bits per byte renders as it did
+
+    new = model_card(recipe, _card_summary(base_held_out_ppl={"legal": 720.0}, held_out_bpb={"legal": 2.345},
+                                           base_held_out_bpb={"legal": 2.4}), entry)
+    assert "## Held-out perplexity and bits per byte" in new
+    assert ("| genre | tiny-legal | tiny-legal, bits/byte | tiny-base alone | tiny-base alone, bits/byte |"
+            in new)
+    assert "| legal | 700.5 | 2.345 | 720.0 | 2.4 |" in new
+
+    base = model_card({**recipe, "method": "full"}, _card_summary(held_out_bpb={"legal": 2.345}), entry)
+    assert "| genre | perplexity | bits per byte |" in base and "| legal | 700.5 | 2.345 |" in base

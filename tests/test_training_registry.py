@@ -70,23 +70,26 @@ def test_shipped_registry_serves_the_six_models_within_budget():
 @pytest.mark.skipif(not (REPO_ROOT / "models" / "quill-copywriting").exists(),
                     reason="genre models not built yet")
 def test_shipped_genre_model_served_is_the_one_evaluated():
-    """The engine's loader and training/evaluate.py build the same merged model from the registry."""
+    """training/evaluate.py loads a registry entry through the engine's own loader: the same
+    merged model and the same tokenizer the server serves."""
     import torch
 
-    from serve_app.engine.loader import load_model
-    from training.evaluate import load_entry_model
+    from serve_app.engine.loader import load_model, load_tokenizer
+    from training.evaluate import load_served
 
-    registry = load_registry(shipped_registry)
-    entry = registry.get("quill-copywriting")
+    entry = load_registry(shipped_registry).get("quill-copywriting")
     served = load_model(entry.source, entry.adapter, torch.device("cpu"), torch.float32)
-    raw = {m["name"]: m for m in yaml.safe_load(shipped_registry.read_text())["models"]}
-    evaluated = load_entry_model(raw["quill-copywriting"], shipped_registry.parent)
+    config, evaluated, tokenizer = load_served(entry)
+    assert (config.source, config.adapter) == (entry.source, entry.adapter)
     base = load_model(entry.source, None, torch.device("cpu"), torch.float32)
-    x = torch.tensor([[15496, 995, 13, 383, 1266]])
+    text = "The court held that the goods were lost."
+    x = torch.tensor([tokenizer.encode(text)])  # the shipped models' own tokenizer, not GPT-2's
     with torch.no_grad():
-        got, want, plain = served(input_ids=x).logits, evaluated(input_ids=x).logits, base(input_ids=x).logits
+        got, want = evaluated(input_ids=x.to(evaluated.device)).logits.cpu(), served(input_ids=x).logits
+        plain = base(input_ids=x).logits
     torch.testing.assert_close(got, want)
     assert (got - plain).abs().max() > 1e-2  # the adapter is really merged in
+    assert tokenizer.encode(text) == load_tokenizer(entry.source).encode(text)
 
 
 def test_shipped_registry_survives_being_copied_elsewhere(tmp_path):

@@ -3,23 +3,29 @@
 #
 #   sh training/build_all.sh            # from the repository root
 #
-# quill-base trains from scratch (30-60 min on one CPU core), then each genre LoRA adapter
-# trains on top of the exported base (5-10 min each). Every step resumes from runs/<name>/ if it
-# was interrupted; pass --fresh to start over. Logs: runs/<name>/log.jsonl.
+# 1. fits Quill's 8,192-token byte-level BPE on the corpora's train split (seconds),
+# 2. trains quill-base from scratch (about an hour on two cores with bf16; docs/models.md has
+#    the time each step took on the build box),
+# 3. trains each genre's LoRA adapter on top of the exported base (minutes each),
+# 4. scores every model on the held-out split and writes docs/models.md.
+# Every training step resumes from runs/<name>/ if it was interrupted; pass --fresh to start
+# over. Logs: runs/<name>/log.jsonl. Extra arguments go to every `training.train` call.
 set -eu
 cd "$(dirname "$0")/.."
 [ -f .venv/bin/activate ] && . .venv/bin/activate
 
-# One thread: the build box is shared, and two torch threads collapse when anything else wants
-# a core (docs/registry.md, "CPUs, threads and replicas"). jemalloc, when installed, keeps freed memory instead of handing
-# the ~200 MB logits buffers back to the kernel every step (a third less system time here).
-export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
+# Every core this box has (training is the only thing the build does). jemalloc, when
+# installed, keeps freed memory instead of handing the logits buffers back to the kernel every
+# step (a third less system time here).
+THREADS="${QUILL_TRAIN_THREADS:-$(nproc)}"
+export OMP_NUM_THREADS="$THREADS" TOKENIZERS_PARALLELISM=false
 JEMALLOC=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2
 if [ -f "$JEMALLOC" ]; then
   export LD_PRELOAD="$JEMALLOC" MALLOC_CONF="dirty_decay_ms:-1,muzzy_decay_ms:-1"
 fi
 
+[ -f models/quill-tokenizer/tokenizer.json ] || python -m training.tokenizer --out models/quill-tokenizer
 for name in base legal copywriting lyrics fantasy abstracts; do
-  python -m training.train --recipe "training/recipes/quill-$name.yaml" "$@"
+  python -m training.train --recipe "training/recipes/quill-$name.yaml" --threads "$THREADS" "$@"
 done
 python -m training.evaluate --matrix full --out docs/models.md

@@ -83,21 +83,29 @@ def model_card(recipe: dict, summary: dict, entry: dict) -> str:
     lines += ["Recipe (defaults filled in):", "", "```yaml",
               yaml.safe_dump(shown, sort_keys=False, width=100).rstrip(), "```", ""]
 
-    lines += ["## Held-out perplexity", "",
+    # Bits per byte (train.py's held_out_bpb / base_held_out_bpb) where the summary has it:
+    # summaries written before it was measured have perplexity only.
+    bpb = summary.get("held_out_bpb") or {}
+    lines += ["## Held-out perplexity" + (" and bits per byte" if bpb else ""), "",
               f"First {recipe['export']['eval_tokens']:,} held-out tokens of each genre, "
               f"{recipe['data']['block_size']}-token blocks, as exported"
-              + (" (adapter merged into the base)" if is_lora else "") + ". Lower is better; "
-              "`docs/models.md` compares every model.", "",
+              + (" (adapter merged into the base)" if is_lora else "") + ". Lower is better"
+              + ("; bits per byte is the loss in bits per UTF-8 byte of the predicted text, "
+                 "comparable across tokenizers" if bpb else "")
+              + "; `docs/models.md` compares every model.", "",
               ]
     base_ppl = summary.get("base_held_out_ppl") or {}
+    columns = [(name if base_ppl else "perplexity", summary["held_out_ppl"])]
+    if bpb:
+        columns.append((f"{name}, bits/byte" if base_ppl else "bits per byte", bpb))
     if base_ppl:
-        lines += [f"| genre | {name} | {entry['source']} alone |", "| --- | --- | --- |"]
-        for g, ppl in summary["held_out_ppl"].items():
-            lines.append(f"| {g} | {ppl} | {base_ppl.get(g, '')} |")
-    else:
-        lines += ["| genre | perplexity |", "| --- | --- |"]
-        for g, ppl in summary["held_out_ppl"].items():
-            lines.append(f"| {g} | {ppl} |")
+        columns.append((f"{entry['source']} alone", base_ppl))
+        if summary.get("base_held_out_bpb"):
+            columns.append((f"{entry['source']} alone, bits/byte", summary["base_held_out_bpb"]))
+    lines += ["| genre | " + " | ".join(h for h, _ in columns) + " |",
+              "| --- | " + " | ".join("---" for _ in columns) + " |"]
+    for g in summary["held_out_ppl"]:
+        lines.append(f"| {g} | " + " | ".join(str(col.get(g, "")) for _, col in columns) + " |")
     lines += ["", "## Limitations", "",
               "A tiny model trained for under an hour on a 2-core CPU: it imitates the voice and "
               "vocabulary of its genre, not facts. Text reflects the attitudes of its (mostly "

@@ -1,4 +1,4 @@
-"""Corpora -> clean text -> train / held-out split -> GPT-2 token ids -> fixed-size blocks.
+"""Corpora -> clean text -> train / held-out split -> token ids -> fixed-size blocks.
 
 The raw files under training/corpora/ are read-only inputs: nothing here writes to them.
 Tokenised splits are cached under runs/cache/ (git-ignored) as plain .npy arrays, keyed by a
@@ -141,21 +141,27 @@ def split_documents(docs: list[str], val_fraction: float = 0.05, chunk_chars: in
 
 @functools.lru_cache(maxsize=4)
 def load_tokenizer(path: Path | str = TOKENIZER_DIR):
-    """GPT-2's byte-level BPE from a folder holding vocab.json and merges.txt.
+    """A byte-level BPE in GPT-2's format from a folder (GPT-2's own, or models/quill-tokenizer).
 
     Loaded with from_pretrained on the folder: in transformers 5.x, passing
     vocab_file=/merges_file= to GPT2TokenizerFast silently yields a tokenizer that encodes
-    everything to []. (AutoTokenizer can't be used on the bare folder: it has no config naming
-    the class.) The check below makes any such failure loud instead of silent.
-    Cached: building the BPE from vocab.json/merges.txt takes seconds.
+    everything to []. The round trip below makes any such failure loud instead of silent, and
+    the id bound keeps token streams in uint16. Cached: building a BPE takes seconds.
     """
     from transformers import GPT2TokenizerFast
 
     tok = GPT2TokenizerFast.from_pretrained(str(path))
     ids = tok("Hello world")["input_ids"]
-    if ids != [15496, 995]:
-        raise RuntimeError(f"tokenizer at {path} is broken: 'Hello world' -> {ids}, want [15496, 995]")
+    if not ids or tok.decode(ids) != "Hello world" or tok.eos_token_id is None:
+        raise RuntimeError(f"tokenizer at {path} is broken: 'Hello world' -> {ids}")
+    if len(tok) > 65536:
+        raise RuntimeError(f"tokenizer at {path} has {len(tok)} tokens; token streams are uint16")
     return tok
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """What identifies a tokenizer's output, for cache keys: its vocabulary and merges."""
+    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]
 
 
 def tokenize_pieces(pieces: list[str], tokenizer) -> np.ndarray:
@@ -167,7 +173,7 @@ def tokenize_pieces(pieces: list[str], tokenizer) -> np.ndarray:
         for ids in tokenizer(pieces[start:start + 256])["input_ids"]:
             out.extend(ids)
             out.append(eos)
-    return np.asarray(out, dtype=np.uint16)  # vocab 50257 < 65536
+    return np.asarray(out, dtype=np.uint16)  # load_tokenizer checks the vocabulary fits
 
 
 def pack_blocks(stream: np.ndarray, block_size: int) -> np.ndarray:
@@ -182,8 +188,8 @@ class SplitSettings:
     chunk_chars: int = 4000
 
 
-def _cache_key(genre: str, corpora_dir: Path, settings: SplitSettings) -> str:
-    h = hashlib.sha256(f"v{CLEAN_VERSION}|{settings}|{genre}".encode())
+def _cache_key(genre: str, corpora_dir: Path, settings: SplitSettings, tokenizer) -> str:
+    h = hashlib.sha256(f"v{CLEAN_VERSION}|{settings}|{genre}|{tokenizer_fingerprint(tokenizer)}".encode())
     for path in sorted((Path(corpora_dir) / genre).iterdir()):
         if path.suffix in (".txt", ".jsonl"):
             h.update(path.name.encode())
@@ -197,12 +203,12 @@ def genre_tokens(genre: str, split: str, corpora_dir: Path = CORPORA_DIR,
     """The token stream of one genre's "train" or "val" split (cached as .npy under runs/cache)."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', not {split!r}")
-    key = _cache_key(genre, corpora_dir, settings)
+    tokenizer = tokenizer or load_tokenizer()
+    key = _cache_key(genre, corpora_dir, settings, tokenizer)
     if cache_dir is not None:
         cached = Path(cache_dir) / f"{genre}-{split}-{key}.npy"
         if cached.exists():
             return np.load(cached, allow_pickle=False)
-    tokenizer = tokenizer or load_tokenizer()
     train, val = split_documents(read_documents(genre, corpora_dir), settings.val_fraction,
                                  settings.chunk_chars)
     streams = {"train": tokenize_pieces(train, tokenizer), "val": tokenize_pieces(val, tokenizer)}

@@ -1,15 +1,21 @@
-"""Held-out perplexity of every registry model on every genre, plus sample text -> docs/models.md.
+"""Held-out perplexity and bits per byte of every registry model on every genre, plus sample
+text -> docs/models.md.
 
     quill evaluate                               # all models in models/registry.yaml
     python -m training.evaluate --models quill-base quill-legal --max-tokens 8192
 
-Models are loaded the way the server loads them: the entry's `source` (safetensors only) and,
-for a genre model, its LoRA `adapter` merged into the base with peft's merge_and_unload.
-Relative paths resolve against the registry's folder, as in serve_app/config.py.
+Models are loaded by the serving code itself: the registry is read by serve_app/config.py's
+`load_registry` (paths resolve against its folder), a remote checkpoint is synced as a replica
+syncs it (serve_app/weights.py), and the engine's loader (serve_app/engine/loader.py) loads the
+entry's `source` (safetensors only), merges its LoRA `adapter`, and loads the tokenizer the
+engine serves it with. Each model's held-out text is tokenised with that tokenizer, so a model
+that ships its own tokenizer is scored on its own tokens; bits per byte compares across them.
+Samples come from the serving engine at the entry's registry defaults.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import shlex
@@ -19,10 +25,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-import yaml
 
-from training.data import GENRES, SplitSettings, genre_tokens, load_tokenizer
-from training.metrics import perplexity
+from training.data import GENRES, REPO_ROOT, SplitSettings, genre_tokens
+from training.metrics import score_stream
 from training.recipe import repo_path
 
 # One prompt per genre for the sample continuations (the writer's text so far).
@@ -35,21 +40,17 @@ PROMPTS = {
 }
 
 
-def load_entry_model(entry: dict, registry_dir: Path):
-    """A registry entry -> a plain causal LM in eval mode (adapter merged), fp32 on the CPU."""
-    from transformers import AutoModelForCausalLM
+def load_served(entry):
+    """A validated registry entry (serve_app.config.ModelEntry) -> (engine config, model,
+    tokenizer), loaded exactly as a model replica loads them before serving."""
+    from serve_app.engine.loader import load_model, load_tokenizer, resolve_device, resolve_dtype
+    from serve_app.weights import local_entry
 
-    def local(p: str) -> str:
-        path = Path(p)
-        return str(path if path.is_absolute() else (registry_dir / path).resolve())
-
-    model = AutoModelForCausalLM.from_pretrained(local(entry["source"]), dtype=torch.float32,
-                                                 use_safetensors=True)
-    if entry.get("adapter"):
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, local(entry["adapter"])).merge_and_unload()
-    return model.eval()
+    config = local_entry(entry).engine_config()
+    device = resolve_device(config.device)
+    tokenizer = load_tokenizer(config.source)
+    model = load_model(config.source, config.adapter, device, resolve_dtype(config.dtype, device))
+    return config, model, tokenizer
 
 
 def genre_of(name: str) -> str | None:
@@ -58,49 +59,74 @@ def genre_of(name: str) -> str | None:
     return g if g in GENRES else None
 
 
-@torch.no_grad()
-def sample(model, tokenizer, prompt: str, seed: int, max_new_tokens: int = 48) -> str:
-    torch.manual_seed(seed)
-    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-    # min_new_tokens: a small model often samples <|endoftext|> at once; a sample of nothing
-    # shows nothing about its voice.
-    out = model.generate(ids, do_sample=True, temperature=0.8, top_k=40, top_p=0.95,
-                         max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens // 2,
-                         pad_token_id=tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+def samples(config, model, tokenizer, defaults: dict, prompts: list[tuple[str, int]]) -> list[str]:
+    """What the serving engine writes after each (prompt, seed) at the registry's defaults: the
+    text a writer gets for a request that sets nothing but the seed."""
+    from serve_app.engine import Engine, GenerationRequest, SamplingParams
+
+    # threads=None: the engine keeps this process's torch threads (evaluate's --threads)
+    engine = Engine(dataclasses.replace(config, threads=None), model=model, tokenizer=tokenizer)
+    requests = [GenerationRequest(p, SamplingParams(**defaults, seed=s)) for p, s in prompts]
+    for r in requests:
+        engine.add(r)
+    texts = {r.request_id: "" for r in requests}
+    while engine.has_work:
+        for delta in engine.step():
+            if delta.finish_reason == "error":
+                raise RuntimeError(f"sampling failed: {delta.error}")
+            texts[delta.request_id] += delta.text
+    return [texts[r.request_id] for r in requests]
+
+
+def _shown(path: str, registry_dir: Path) -> str:
+    """A tokenizer's folder as the docs name it: relative to the registry (hf:// ids as they are)."""
+    p = Path(path)
+    return p.relative_to(registry_dir).as_posix() if p.is_relative_to(registry_dir) else path
 
 
 def evaluate(registry: Path, names: list[str] | None, genres: list[str], max_tokens: int,
              block_size: int, seed: int, matrix: str = "own", corpora: Path | None = None,
              cache_dir: Path | None = None) -> dict:
-    data = yaml.safe_load(registry.read_text())
-    entries = [m for m in data["models"] if not names or m["name"] in names]
-    tokenizer = load_tokenizer()
-    streams = {g: genre_tokens(g, "val", corpora or repo_path("training/corpora"), SplitSettings(),
-                               tokenizer, cache_dir or repo_path("runs/cache")) for g in genres}
-    results = {"ppl": {}, "samples": {}, "sizes": {}, "seconds": {}}
+    from serve_app.config import load_registry
+
+    entries = [m for m in load_registry(registry).models if not names or m.name in names]
+    registry_dir = registry.resolve().parent
+    corpora = corpora or repo_path("training/corpora")
+    streams: dict[str, dict] = {}  # tokenizer folder -> genre -> held-out tokens
+    results = {"ppl": {}, "bpb": {}, "samples": {}, "sizes": {}, "seconds": {}, "defaults": {},
+               "text": {}, "corpora": corpora}
     for entry in entries:
-        name, t0 = entry["name"], time.time()
-        model = load_entry_model(entry, registry.parent)
+        name, t0 = entry.name, time.time()
+        config, model, tokenizer = load_served(entry)
+        tok_name = _shown(config.source, registry_dir)  # the engine's tokenizer comes from there
+        if tok_name not in streams:  # the held-out split, in this tokenizer's tokens
+            streams[tok_name] = {g: genre_tokens(g, "val", corpora, SplitSettings(), tokenizer,
+                                                 cache_dir or repo_path("runs/cache")) for g in genres}
+            results["text"][tok_name] = {"vocab": len(tokenizer), "genres": {}}
         own = genre_of(name)
         # "own": a genre model is scored on its own genre only (the base on all of them);
         # "full": every model on every genre (6 x 5 evaluations: minutes on a CPU).
-        scored = [g for g in streams if matrix == "full" or own is None or g == own]
-        results["ppl"][name] = {g: perplexity(model, streams[g], block_size, max_tokens) for g in scored}
+        scored = {g: score_stream(model, s, block_size, max_tokens, tokenizer=tokenizer)
+                  for g, s in streams[tok_name].items() if matrix == "full" or own is None or g == own}
+        results["ppl"][name] = {g: s.perplexity for g, s in scored.items()}
+        results["bpb"][name] = {g: s.bits_per_byte for g, s in scored.items()}
+        results["text"][tok_name]["genres"].update({g: (s.tokens, s.bytes) for g, s in scored.items()})
         prompt_genres = [own] if own else list(PROMPTS)
         # two samples for a genre model, one per genre for the base
         seeds = [seed] if own is None else [seed, seed + 1]
-        results["samples"][name] = [(PROMPTS[g], sample(model, tokenizer, PROMPTS[g], s))
-                                    for g in prompt_genres for s in seeds]
+        prompts = [(PROMPTS[g], s) for g in prompt_genres for s in seeds]
+        results["defaults"][name] = entry.defaults.model_dump()
+        texts = samples(config, model, tokenizer, results["defaults"][name], prompts)
+        results["samples"][name] = [(p, text) for (p, _), text in zip(prompts, texts)]
         results["seconds"][name] = time.time() - t0
-        print(f"{name}: " + ", ".join(f"{g} {v:.1f}" for g, v in results["ppl"][name].items())
+        print(f"{name}: " + ", ".join(f"{g} ppl {s.perplexity:.1f} bpb {s.bits_per_byte:.3f}"
+                                      for g, s in scored.items())
               + f"  ({results['seconds'][name]:.0f} s)", flush=True)
         summary = repo_path("runs") / name / "summary.json"  # present where the model was trained
         if summary.exists():
             results.setdefault("training", {})[name] = json.loads(summary.read_text())
-        folder = [entry.get("adapter") or entry["source"]]
-        results["sizes"][name] = sum(p.stat().st_size for f in folder
-                                     for p in (registry.parent / f).glob("*.safetensors"))
+        folder = Path(config.adapter or config.source)
+        results["sizes"][name] = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     return results
 
 
@@ -108,16 +134,23 @@ def render(results: dict, genres: list[str], command: str, max_tokens: int, bloc
     import peft
     import transformers
 
-    ppl = results["ppl"]
+    ppl, bpb = results["ppl"], results["bpb"]
     base_name = next((n for n in ppl if genre_of(n) is None), None)
     base = ppl.get(base_name)
+    vocabs = {t["vocab"] for t in results["text"].values()}
+    if vocabs == {50257}:
+        tokenizer = ("All use GPT-2's own BPE tokenizer, so real `gpt2` / `gpt2-medium` checkpoints "
+                     "can be swapped in through `models/registry.yaml` (`source: hf://gpt2`) and "
+                     "fine-tuned with the same recipes.")
+    else:
+        tokenizer = ("Each is served with the tokenizer in its base folder ("
+                     + ", ".join(f"`{t}`: {v['vocab']:,} tokens" for t, v in results["text"].items())
+                     + "); bits per byte below compares models across tokenizers.")
     lines = [
         "# Quill's shipped models",
         "",
         "Quill ships a small GPT-2-architecture base model trained from scratch and five genre "
-        "models, each a LoRA adapter merged into that base when it is served. All use GPT-2's own "
-        "BPE tokenizer, so real `gpt2` / `gpt2-medium` checkpoints can be swapped in through "
-        "`models/registry.yaml` (`source: hf://gpt2`) and fine-tuned with the same recipes. "
+        f"models, each a LoRA adapter merged into that base when it is served. {tokenizer} "
         "Each model folder holds a model card (README.md) with its data, licence, recipe and metrics.",
         "",
         "| model | what | shipped weights |",
@@ -149,25 +182,48 @@ def render(results: dict, genres: list[str], command: str, max_tokens: int, bloc
                   "faster per token (no gradients for the 50,257-row embedding), and is merged into "
                   "the base at load, so it costs nothing per generated token.", ""]
 
-    lines += ["## Held-out perplexity", "",
-              "Perplexity on each genre's held-out split (about 5% of the corpus, chosen by hash of "
-              "~4 KB pieces in `training/data.py`, never trained on): the first "
-              f"{max_tokens:,} tokens of each split, scored in {block_size}-token blocks. Lower is "
-              "better; **bold** is a genre model on its own genre.", "",
-              "| model | " + " | ".join(genres) + " |",
-              "| --- | " + " | ".join("---:" for _ in genres) + " |"]
-    for name, row in ppl.items():
-        cells = ["-" if g not in row else f"**{row[g]:.1f}**" if genre_of(name) == g
-                 else f"{row[g]:.1f}" for g in genres]
-        lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    corpora = Path(results["corpora"]).resolve()
+    shown = corpora.relative_to(REPO_ROOT).as_posix() if corpora.is_relative_to(REPO_ROOT) else str(corpora)
+    several = len(results["text"]) > 1
+    lines += ["## Held-out perplexity and bits per byte", "",
+              f"Every number below is on the held-out split of `{shown}/<genre>` (about 5% of the "
+              "corpus, chosen by hash of ~4 KB pieces in `training/data.py`, never trained on), "
+              "cut into tokens by the tokenizer the model is served with: the first "
+              f"{max_tokens:,} tokens of each split, scored in {block_size}-token blocks, each from "
+              "its own start (a block's first token is context; the others are predicted). "
+              + ("The same number of tokens covers a different length of text in each tokenizer: "
+                 "the bytes say how much. " if several else "")
+              + "The text scored:", "",
+              "| genre | text | " + ("tokenizer | " if several else "")
+              + "tokens predicted | UTF-8 bytes of those tokens |",
+              "| --- | --- | " + ("--- | " if several else "") + "---: | ---: |"]
+    for tok_name, text in results["text"].items():
+        for g in genres:
+            if g in text["genres"]:
+                tokens, n_bytes = text["genres"][g]
+                lines.append(f"| {g} | held-out split of `{shown}/{g}` | "
+                             + (f"`{tok_name}` ({text['vocab']:,} tokens) | " if several else "")
+                             + f"{tokens:,} | {n_bytes:,} |")
+    lines += ["", "Perplexity, exp(mean next-token loss). Lower is better; **bold** is a genre "
+              "model on its own genre. It depends on how the tokenizer cuts the text, so it "
+              "compares only models that share a tokenizer.", ""]
+    lines += _matrix(ppl, genres, "{:.1f}")
+    lines += ["", "Bits per byte: the same loss in bits, over the UTF-8 bytes of the predicted text "
+              "(`<|endoftext|>` between pieces counts no bytes; predicting it still costs loss). "
+              "The text is the same whatever tokenizer cuts it, so this compares models across "
+              "tokenizers too. Lower is better.", ""]
+    lines += _matrix(bpb, genres, "{:.3f}")
     if base:
-        lines += ["", f"| genre model | own genre | {base_name} on that genre | change |",
-                  "| --- | ---: | ---: | ---: |"]
+        base_bpb = bpb[base_name]
+        lines += ["", f"| genre model | own genre | {base_name} on that genre | change | "
+                  f"own genre, bits/byte | {base_name}, bits/byte |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
         for name, row in ppl.items():
             g = genre_of(name)
             if g and g in row and g in base:
                 change = 100 * (row[g] / base[g] - 1)
-                lines.append(f"| `{name}` | {row[g]:.1f} | {base[g]:.1f} | {change:+.0f}% |")
+                lines.append(f"| `{name}` | {row[g]:.1f} | {base[g]:.1f} | {change:+.0f}% | "
+                             f"{bpb[name][g]:.3f} | {base_bpb[g]:.3f} |")
     lines += ["", "Made by:", "", "```", command, "```", "",
               f"on {platform.machine()} / {platform.system()}, {torch.get_num_threads()} torch thread(s), "
               f"torch {torch.__version__}, transformers {transformers.__version__}, peft "
@@ -184,14 +240,16 @@ def render(results: dict, genres: list[str], command: str, max_tokens: int, bloc
               "accelerate turns on mixed precision by itself; `train.gradient_checkpointing: true` "
               "trades compute for memory on the larger models.", ""]
     lines += ["## Sample continuations", "",
-              "Sampled with temperature 0.8, top-k 40, top-p 0.95, 24-48 new tokens, fixed seeds; "
-              "the prompt is in bold. These are small models: expect the voice of the genre, "
-              "not sense.", ""]
+              "Written by the serving engine for a request that sets nothing but a seed, so at "
+              "each model's registry defaults (under its name); the prompt is in bold. These are "
+              "small models: expect the voice of the genre, not sense.", ""]
     for name, pairs in results["samples"].items():
-        lines += [f"### {name}", ""]
+        defaults = ", ".join(f"{k} {v}" for k, v in results["defaults"][name].items())
+        lines += [f"### {name}", "", f"Registry defaults: {defaults}.", ""]
         for prompt, text in pairs:
+            text = text.strip() or "*(nothing: the model ended the text at once)*"
             quoted = ("**" + prompt.strip() + "**" + (" " if not prompt.endswith("\n") else "\n")
-                      + text.strip()).replace("\n", "\n> ")
+                      + text).replace("\n", "\n> ")
             lines += ["> " + quoted, ""]
     lines += ["## Reproduce", "",
               "```sh",
@@ -204,9 +262,20 @@ def render(results: dict, genres: list[str], command: str, max_tokens: int, bloc
     return "\n".join(lines)
 
 
+def _matrix(table: dict[str, dict[str, float]], genres: list[str], fmt: str) -> list[str]:
+    """A model x genre table; a genre model's own genre in bold, '-' where not scored."""
+    lines = ["| model | " + " | ".join(genres) + " |", "| --- | " + " | ".join("---:" for _ in genres) + " |"]
+    for name, row in table.items():
+        cells = ["-" if g not in row else f"**{fmt.format(row[g])}**" if genre_of(name) == g
+                 else fmt.format(row[g]) for g in genres]
+        lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="quill evaluate",
-                                 description="Held-out perplexity per genre and samples -> docs/models.md")
+                                 description="Held-out perplexity and bits per byte per genre, "
+                                             "and samples -> docs/models.md")
     ap.add_argument("--registry", default="models/registry.yaml")
     ap.add_argument("--models", nargs="*", help="names from the registry (default: all)")
     ap.add_argument("--genres", nargs="*", default=list(GENRES))

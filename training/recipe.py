@@ -1,69 +1,156 @@
 """The YAML recipe: everything that decides a model, in one file per model (training/recipes/).
 
-A recipe is plain YAML merged over DEFAULTS below. Keeping it a dict (not a class tree) means a
-recipe file reads exactly like the defaults it overrides. Paths in a recipe are relative to the
-repository root, so `quill train --recipe ...` works from any directory.
+A recipe file overrides the defaults of the schema below (`Recipe`; the same values as a plain
+dict in DEFAULTS). Every section forbids unknown keys, as the registry does
+(serve_app/config.py): a typo that is silently ignored (`train.lr_rate`) would train a model
+with a default nobody asked for. A bad file is refused with one line per problem naming the file
+and the field:
+
+    training/recipes/quill-legal.yaml: train.lr_rate: unknown field (did you mean 'lr'?)
+
+`load_recipe` still hands back a plain dict (the file merged over DEFAULTS, values exactly as
+written), so the rest of training indexes it like `recipe["train"]["steps"]` and `recipe_hash`
+sees the same content it always did. Paths in a recipe are relative to the repository root, so
+`quill train --recipe ...` works from any directory.
 """
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import json
 from pathlib import Path
+from typing import Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from training.data import GENRES, REPO_ROOT
 
-DEFAULTS: dict = {
-    "name": None,  # also the export folder (models/<name>) and the registry name
-    "seed": 1234,
-    "model": {
-        # "scratch": a new GPT-2 from `config`; otherwise a checkpoint folder to start from
-        "init": "scratch",
-        "config": {"n_embd": 256, "n_layer": 4, "n_head": 4, "n_positions": 512},
-    },
-    "method": "full",  # full | lora
-    "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": ["c_attn", "c_proj", "c_fc"],
-             # small modules trained in full and saved with the adapter (peft modules_to_save);
-             # merge_and_unload swaps them in. ln_f's bias, multiplied by the tied embedding,
-             # shifts every logit: the cheapest lever toward a genre's own vocabulary.
-             "modules_to_save": []},
-    "data": {
-        "genres": list(GENRES),
-        "genre_weights": None,  # None = each genre equally often, whatever its size
-        "block_size": 512,
-        "val_fraction": 0.05,
-        "chunk_chars": 4000,
-        "corpora_dir": "training/corpora",
-        "tokenizer": "models/gpt2-tokenizer",
-        "cache_dir": "runs/cache",  # tokenised splits (git-ignored)
-    },
-    "train": {
-        "steps": 1000,
-        "batch_size": 4,
-        "grad_accum": 1,
-        "lr": 1.0e-3,
-        "min_lr_ratio": 0.1,  # cosine decay ends at lr * this
-        "warmup_steps": 50,
-        "weight_decay": 0.1,
-        "grad_clip": 1.0,
-        "eval_every": 200,
-        "eval_tokens": 8192,  # held-out tokens per genre for the quick eval during training
-        "save_every": 100,  # resumable checkpoint under runs/<name>/ every this many steps
-        "gradient_checkpointing": False,
-        "mixed_precision": "auto",  # auto = bf16 (or fp16) on a GPU, fp32 on a CPU; or no|fp16|bf16
-        "threads": 1,  # torch CPU threads; the build box is shared, so one by default
-    },
-    "export": {
-        "dir": None,  # default models/<name>
-        "dtype": "float32",  # dtype the weights are saved in (float16 halves a base model)
-        "eval_tokens": 8192,  # held-out tokens per genre measured for the model card
-        "registry": "models/registry.yaml",
-        "entry": {},  # registry fields for this model (name/source/adapter are filled in)
-    },
-    "card": {"summary": "", "notes": ""},
-}
+
+class RecipeError(ValueError):
+    """The recipe file cannot be trained. `problems` holds one message per fault."""
+
+    def __init__(self, path: str, problems: list[str]):
+        self.path = path
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class _Section(BaseModel):
+    # strict: a value is taken as written, never converted ("100" is not a step count), so the
+    # dict handed back (the file's own values) is exactly what was validated.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+def _known_genres(genres: list[str]) -> list[str]:
+    for g in genres:
+        if g not in GENRES:
+            close = difflib.get_close_matches(g, GENRES, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(GENRES)}"
+            raise ValueError(f"unknown genre {g!r} ({hint})")
+    return genres
+
+
+class ModelSection(_Section):
+    # "scratch": a new GPT-2 from `config`; otherwise a checkpoint folder (or hf://name) to start from
+    init: str = Field("scratch", min_length=1)
+    # GPT2Config keyword arguments, passed through as they are (a recipe's `config` replaces
+    # this one whole, it is not merged into it).
+    config: dict[str, Any] = Field(
+        default_factory=lambda: {"n_embd": 256, "n_layer": 4, "n_head": 4, "n_positions": 512})
+
+
+class LoraSection(_Section):
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["c_attn", "c_proj", "c_fc"],
+                                      min_length=1)
+    # small modules trained in full and saved with the adapter (peft modules_to_save);
+    # merge_and_unload swaps them in. ln_f's bias, multiplied by the tied embedding,
+    # shifts every logit: the cheapest lever toward a genre's own vocabulary.
+    modules_to_save: list[str] | None = Field(default_factory=list)
+
+
+class DataSection(_Section):
+    genres: list[str] = Field(default_factory=lambda: list(GENRES), min_length=1)
+    # None = each genre equally often, whatever its size
+    genre_weights: dict[str, float] | None = None
+    block_size: int = Field(512, ge=2)
+    val_fraction: float = Field(0.05, gt=0, lt=1)
+    chunk_chars: int = Field(4000, ge=1)
+    corpora_dir: str = "training/corpora"
+    tokenizer: str = "models/gpt2-tokenizer"  # a folder with the tokenizer's files
+    cache_dir: str = "runs/cache"  # tokenised splits (git-ignored)
+
+    check_genres = field_validator("genres")(_known_genres)
+
+    @field_validator("genre_weights")
+    @classmethod
+    def _weights(cls, weights: dict[str, float] | None) -> dict[str, float] | None:
+        if weights is not None:
+            _known_genres(list(weights))
+            if any(w < 0 for w in weights.values()) or not any(w > 0 for w in weights.values()):
+                raise ValueError("weights must be >= 0, and one of them > 0")
+        return weights
+
+
+class TrainSection(_Section):
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1.0e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine decay ends at lr * this
+    warmup_steps: int = Field(50, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    grad_clip: float = Field(1.0, ge=0)  # 0 = no clipping
+    eval_every: int = Field(200, ge=0)  # 0 = no held-out evals during training
+    eval_tokens: int = Field(8192, ge=0)  # held-out tokens per genre for the quick eval (0 = all)
+    save_every: int = Field(100, ge=0)  # resumable checkpoint under runs/<name>/ every this many steps
+    gradient_checkpointing: bool = False
+    # auto = bf16 (or fp16) on a GPU; bf16 on a CPU with oneDNN bf16 kernels, else fp32; or no|fp16|bf16
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    threads: int = Field(1, ge=1)  # torch CPU threads (build_all.sh passes --threads $(nproc))
+
+
+class ExportSection(_Section):
+    dir: str | None = None  # default models/<name>
+    # dtype the weights are saved in (float16 halves a base model)
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    eval_tokens: int = Field(8192, ge=0)  # held-out tokens per genre measured for the model card
+    registry: str = "models/registry.yaml"
+    # registry fields for this model (name/source/adapter are filled in); checked by the
+    # registry's own schema when the model is served
+    entry: dict[str, Any] = Field(default_factory=dict)
+
+
+class CardSection(_Section):
+    summary: str | None = ""
+    notes: str | None = ""
+
+
+class Recipe(_Section):
+    # also the export folder (models/<name>) and the registry name, so the registry's rule
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    seed: int = Field(1234, ge=0)
+    model: ModelSection = Field(default_factory=ModelSection)
+    method: Literal["full", "lora"] = "full"
+    lora: LoraSection = Field(default_factory=LoraSection)
+    data: DataSection = Field(default_factory=DataSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    export: ExportSection = Field(default_factory=ExportSection)
+    card: CardSection = Field(default_factory=CardSection)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Recipe:
+        if self.method == "lora" and self.model.init == "scratch":
+            raise ValueError("a LoRA recipe needs model.init = a base checkpoint folder, not 'scratch'")
+        return self
+
+
+# The defaults as a plain dict, in the schema's order ("name" has none: a recipe must give it).
+DEFAULTS: dict = Recipe.model_construct(name=None).model_dump()
 
 
 def _merge(base: dict, override: dict) -> dict:
@@ -76,31 +163,68 @@ def _merge(base: dict, override: dict) -> dict:
     return out
 
 
-def load_recipe(path: str | Path) -> dict:
-    """Read a recipe file and fill in defaults; refuse unknown top-level keys and bad values."""
-    path = Path(path)
-    raw = yaml.safe_load(path.read_text()) or {}
-    unknown = set(raw) - set(DEFAULTS)
-    if unknown:
-        raise ValueError(f"{path}: unknown recipe keys {sorted(unknown)}; known: {sorted(DEFAULTS)}")
-    recipe = _merge(DEFAULTS, raw)
-    if not recipe["name"]:
-        raise ValueError(f"{path}: recipe needs a 'name'")
-    if recipe["method"] not in ("full", "lora"):
-        raise ValueError(f"{path}: method must be 'full' or 'lora', not {recipe['method']!r}")
-    if recipe["method"] == "lora" and recipe["model"]["init"] == "scratch":
-        raise ValueError(f"{path}: a LoRA recipe needs model.init = a base checkpoint folder")
-    bad = set(recipe["data"]["genres"]) - set(GENRES)
-    if bad:
-        raise ValueError(f"{path}: unknown genres {sorted(bad)}; known: {list(GENRES)}")
+def _section(loc: list) -> type[BaseModel] | None:
+    """The schema class holding the last field of `loc` (for "did you mean" hints)."""
+    cls: Any = Recipe
+    for part in loc[:-1]:
+        field = cls.model_fields.get(str(part))
+        cls = field.annotation if field else None
+        if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
+            return None
+    return cls
+
+
+def _describe(err: dict[str, Any], label: str) -> str:
+    loc = list(err["loc"])
+    field = ".".join(str(p) for p in loc)
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        section = _section(loc)
+        known = list(section.model_fields) if section else []
+        key = str(loc[-1])
+        # `lr_rate` is `lr` with a word added: difflib alone would offer only `min_lr_ratio`
+        close = [k for k in known if key.startswith(k + "_")] + difflib.get_close_matches(key, known, n=2)
+        close = list(dict.fromkeys(close))[:2]
+        msg = "unknown field" + (f" (did you mean {' or '.join(map(repr, close))}?)" if close
+                                 else f" (known: {', '.join(known)})")
+    elif err["type"] == "missing":
+        msg = "required field is missing"
+    elif err["type"] == "float_type" and isinstance(err.get("input"), str):
+        msg += " (YAML reads 1e-3 as text: write 1.0e-3)"
+    return f"{label}: {field}: {msg}" if field else f"{label}: {msg}"
+
+
+def parse_recipe(data: Any, label: str = "<recipe>") -> dict:
+    """Validate an already-parsed recipe and fill in the defaults; RecipeError names the field."""
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise RecipeError(label, [f"{label}: expected a mapping of recipe sections ({', '.join(DEFAULTS)})"])
+    try:
+        Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(label, [_describe(e, label) for e in exc.errors()]) from None
+    recipe = _merge(DEFAULTS, data)
     recipe["export"]["dir"] = recipe["export"]["dir"] or f"models/{recipe['name']}"
+    return recipe
+
+
+def load_recipe(path: str | Path) -> dict:
+    """Read a recipe file and fill in defaults; refuse unknown keys and bad values at any level
+    (RecipeError, a ValueError, naming the file and the dotted field)."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise RecipeError(str(path), [f"{path}: not valid YAML: {exc}"]) from None
+    recipe = parse_recipe(data, str(path))
     recipe["_path"] = str(path)
     return recipe
 
 
 def recipe_hash(recipe: dict) -> str:
     """Hash of what decides the trained weights (not where they are exported, not the step count:
-    a run may be resumed with more steps)."""
+    a run may be resumed with more steps). Checkpoints under runs/ are keyed by it: the same
+    recipe content must keep its hash."""
     keep = {k: recipe[k] for k in ("seed", "model", "method", "lora", "data")}
     keep["train"] = {k: v for k, v in recipe["train"].items() if k not in ("steps", "eval_every",
                                                                           "save_every", "threads")}

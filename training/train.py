@@ -37,23 +37,22 @@ import yaml
 from training import export
 from training.card import model_card
 from training.data import GENRES, SplitSettings, genre_tokens, load_tokenizer
-from training.metrics import perplexity
+from training.metrics import perplexity, score_stream
 from training.recipe import load_recipe, recipe_hash, repo_path
-
-VOCAB_SIZE = 50257  # GPT-2's BPE; id 50256 is <|endoftext|>
-EOS_ID = 50256
 
 
 # ----------------------------------------------------------------------------- model
 
-def build_model(recipe: dict):
-    """A new GPT-2 (seeded init) or a checkpoint folder, plus a peft LoRA wrapper if asked."""
+def build_model(recipe: dict, tokenizer):
+    """A new GPT-2 (seeded init) sized to the tokenizer, or a checkpoint folder, plus a peft
+    LoRA wrapper if asked."""
     from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
     init = recipe["model"]["init"]
     if init == "scratch":
         torch.manual_seed(recipe["seed"])
-        cfg = GPT2Config(vocab_size=VOCAB_SIZE, bos_token_id=EOS_ID, eos_token_id=EOS_ID,
+        eos = tokenizer.eos_token_id
+        cfg = GPT2Config(vocab_size=len(tokenizer), bos_token_id=eos, eos_token_id=eos,
                          tie_word_embeddings=True, **recipe["model"]["config"])
         model = GPT2LMHeadModel(cfg)
     else:
@@ -177,10 +176,12 @@ def load_checkpoint(ckpt_dir: Path, model, optimizer) -> dict:
 # ----------------------------------------------------------------------------- training
 
 def _mixed_precision(setting: str) -> str:
+    """auto: bf16 (or fp16) on a GPU; bf16 on a CPU whose oneDNN has bf16 kernels (AMX or
+    AVX512-BF16: 1.5-2x the fp32 tokens/s on the build box, docs/models.md); fp32 elsewhere."""
     if setting != "auto":
         return setting
     if not torch.cuda.is_available():
-        return "no"
+        return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no"
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
@@ -216,7 +217,7 @@ def train(recipe: dict, fresh: bool = False, export_model: bool = True, log_to_s
                       recipe["seed"])
 
     # --- model, optimizer
-    model = build_model(recipe)
+    model = build_model(recipe, tokenizer)
     n_total, n_train = count_params(model)
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
@@ -338,9 +339,20 @@ def rewrite_card(recipe: dict, run_root: Path | None = None) -> Path:
     return out_dir / "README.md"
 
 
+def _held_out_scores(model, recipe: dict, tokenizer, genres) -> tuple[dict, dict]:
+    """({genre: perplexity}, {genre: bits per byte}) on the held-out split, for the model card."""
+    d, e = recipe["data"], recipe["export"]
+    settings, corpora = SplitSettings(d["val_fraction"], d["chunk_chars"]), repo_path(d["corpora_dir"])
+    scores = {g: score_stream(model, genre_tokens(g, "val", corpora, settings, tokenizer,
+                                                  repo_path(d["cache_dir"])),
+                              d["block_size"], e["eval_tokens"], tokenizer=tokenizer) for g in genres}
+    return ({g: round(s.perplexity, 2) for g, s in scores.items()},
+            {g: round(s.bits_per_byte, 3) for g, s in scores.items()})
+
+
 def export_recipe_model(recipe: dict, model, tokenizer, summary: dict) -> str:
-    """Export weights + tokenizer + card, measure the card's held-out perplexity, and write
-    the registry entry."""
+    """Export weights + tokenizer + card, measure the card's held-out perplexity and bits per
+    byte, and write the registry entry."""
     e, d = recipe["export"], recipe["data"]
     out_dir = repo_path(e["dir"])
     registry_path = repo_path(e["registry"])
@@ -352,11 +364,8 @@ def export_recipe_model(recipe: dict, model, tokenizer, summary: dict) -> str:
                                       os.path.relpath(out_dir, registry_path.parent), e["entry"])
         # The base alone on the same text, for the card's comparison (adapter switched off).
         with model.disable_adapter():
-            summary["base_held_out_ppl"] = {
-                g: round(perplexity(model, genre_tokens(g, "val", repo_path(d["corpora_dir"]),
-                                                        SplitSettings(d["val_fraction"], d["chunk_chars"]),
-                                                        tokenizer, repo_path(d["cache_dir"])),
-                                    d["block_size"], e["eval_tokens"]), 2) for g in d["genres"]}
+            summary["base_held_out_ppl"], summary["base_held_out_bpb"] = _held_out_scores(
+                model, recipe, tokenizer, d["genres"])
         # Measure what will be served: the adapter merged into the exported base.
         scored = model.merge_and_unload()
     else:
@@ -366,17 +375,14 @@ def export_recipe_model(recipe: dict, model, tokenizer, summary: dict) -> str:
         scored = model.float()  # weights already rounded to the export dtype by export_full
     # A base is scored on every genre that has a corpus folder; an adapter on its own genre(s)
     # (docs/models.md compares it with the base there; scoring all genres costs minutes on a CPU).
-    settings = SplitSettings(d["val_fraction"], d["chunk_chars"])
     corpora = repo_path(d["corpora_dir"])
     genres = (d["genres"] if recipe["method"] == "lora"
               else [g for g in GENRES if (corpora / g).is_dir()])
-    val_ppl = {g: round(perplexity(scored, genre_tokens(g, "val", corpora, settings, tokenizer,
-                                                        repo_path(d["cache_dir"])),
-                                   d["block_size"], e["eval_tokens"]), 2) for g in genres}
-    summary["held_out_ppl"] = val_ppl
+    summary["held_out_ppl"], summary["held_out_bpb"] = _held_out_scores(scored, recipe, tokenizer, genres)
     export.write_card(out_dir, model_card(recipe, summary, entry))
     export.update_registry(registry_path, entry)
-    print(f"[{recipe['name']}] exported to {out_dir}; held-out ppl {val_ppl}", flush=True)
+    print(f"[{recipe['name']}] exported to {out_dir}; held-out ppl {summary['held_out_ppl']}, "
+          f"bits/byte {summary['held_out_bpb']}", flush=True)
     return str(out_dir)
 
 
