@@ -456,7 +456,7 @@ def test_evaluate_loads_an_adapter_through_the_engine_loader_and_reports_bits_pe
     assert set(results["bpb"]["tiny-base"]) == {"legal", "abstracts"}
     assert results["bpb"]["tiny-base"]["legal"] != pytest.approx(want.bits_per_byte)  # merged in
     assert results["text"]["tiny-base"]["genres"]["legal"] == (want.tokens, want.bytes)
-    assert [p for p, _ in results["samples"]["tiny-legal"]] == [ev.PROMPTS["legal"]] * 2
+    assert [p for p, _ in results["samples"]["tiny-legal"]] == [ev.PROMPTS["legal"]] * 3
     assert results["defaults"]["tiny-legal"]["top_k"] == 40  # the registry entry's defaults
 
     doc = ev.render(results, ["legal", "abstracts"], "quill evaluate ...", 256, 32)
@@ -464,6 +464,12 @@ def test_evaluate_loads_an_adapter_through_the_engine_loader_and_reports_bits_pe
     assert f"| `tiny-legal` | **{want.bits_per_byte:.3f}** | - |" in doc
     assert "## Held-out perplexity and bits per byte" in doc
     assert "Registry defaults: max_tokens 48, temperature 0.8, top_k 40, top_p 0.95" in doc
+    # each genre model's continuations, then the base's continuation of the same prompt
+    samples = doc[doc.index("## Sample continuations"):]
+    assert "### tiny-base" not in samples
+    assert samples.index("`tiny-legal`:") < samples.index("`tiny-base`:")
+    base_text = dict(results["samples"]["tiny-base"])[ev.PROMPTS["legal"]].strip()
+    assert base_text.split("\n")[0] in samples
 
 
 # ----------------------------------------------------------------------------- model card

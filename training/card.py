@@ -12,11 +12,24 @@ LICENCE_TEXT = """\
 - Training text: public domain (pre-1929 publications and US federal government works; the
   arXiv titles/abstracts are CC0 1.0). Every file's origin, commit and licence basis is listed
   in `training/corpora/SOURCES.md`.
-- Tokenizer: GPT-2's byte-level BPE (vocab.json/merges.txt from OpenAI's GPT-2 release,
-  MIT-style licence; see `models/gpt2-tokenizer/`).
+- Tokenizer: {tokenizer}
 - Weights: trained by the Quill project from the text above; released under the project's
   licence (Apache-2.0).
 """
+
+GPT2_TOKENIZER = ("GPT-2's byte-level BPE (vocab.json/merges.txt from OpenAI's GPT-2 release, "
+                  "MIT-style licence; see `models/gpt2-tokenizer/`).")
+OWN_TOKENIZER = ("Quill's own byte-level BPE in GPT-2's format (`{path}`, {vocab:,} tokens), fitted "
+                 "by `training/tokenizer.py` on the train split of the corpora above; released "
+                 "under the project's licence (Apache-2.0).")
+
+
+def tokenizer_text(recipe: dict, summary: dict) -> str:
+    path = recipe["data"]["tokenizer"]
+    if Path(path).name == "gpt2-tokenizer":
+        return GPT2_TOKENIZER
+    return OWN_TOKENIZER.format(path=path, vocab=summary.get("vocab_size", 0))
+
 
 GENRE_DATA = {
     "legal": "legal and governmental prose: Holmes' *The Common Law* (1881), the US Constitution "
@@ -54,10 +67,11 @@ def model_card(recipe: dict, summary: dict, entry: dict) -> str:
                   "(peft `merge_and_unload`), so it is served as a plain GPT-2.", ""]
     else:
         cfg = recipe["model"]["config"] if recipe["model"]["init"] == "scratch" else {}
-        lines += ["A small GPT-2-architecture model trained from scratch with GPT-2's own BPE "
-                  f"tokenizer (vocab 50,257, tied embeddings; {cfg}), saved in "
-                  f"{recipe['export']['dtype']} safetensors. Real `gpt2` / `gpt2-medium` "
-                  "checkpoints can be swapped in and fine-tuned with the same recipes.", ""]
+        lines += ["A small GPT-2-architecture model (`GPT2LMHeadModel`; tied embeddings; "
+                  f"{cfg}) trained from scratch, with a vocabulary of {summary.get('vocab_size', 50257):,} "
+                  f"tokens, saved in {recipe['export']['dtype']} safetensors. It carries its "
+                  "tokenizer in this folder; real `gpt2` / `gpt2-medium` checkpoints (with their own "
+                  "tokenizer) can be swapped in and fine-tuned with the same recipes.", ""]
     if recipe["card"].get("notes"):
         lines += [recipe["card"]["notes"].strip(), ""]
 
@@ -67,13 +81,15 @@ def model_card(recipe: dict, summary: dict, entry: dict) -> str:
                      f"{summary['val_tokens'][g]:,} held out): {GENRE_DATA[g]}.")
     lines += ["", "Cleaning and the held-out split are in `training/data.py` (about 5% of each "
               "genre, chosen by a hash of ~4 KB pieces, never trained on).", ""]
-    lines += ["## Licence", "", LICENCE_TEXT]
+    lines += ["## Licence", "", LICENCE_TEXT.format(tokenizer=tokenizer_text(recipe, summary))]
 
     lines += ["## Training", "",
               f"- command: `quill train --recipe {_recipe_path(recipe)}` "
               "(or `python -m training.train --recipe ...`)",
               f"- {summary['steps']:,} steps, {summary['tokens']:,} tokens, "
-              f"{summary['train_seconds']/60:.1f} min on {summary['device']} "
+              f"{summary['train_seconds']/60:.1f} min on {summary['device']}"
+              + (f" ({summary['cpu']}, {summary['threads']} torch thread(s))" if "cpu" in summary else "")
+              + " "
               f"({summary['tokens_per_second']:.0f} tokens/s, "
               f"{'fp32' if summary['precision'] == 'no' else summary['precision']})",
               f"- parameters: {summary['params']/1e6:.2f}M, trained: {summary['trainable_params']/1e6:.3f}M",
@@ -87,7 +103,9 @@ def model_card(recipe: dict, summary: dict, entry: dict) -> str:
     # summaries written before it was measured have perplexity only.
     bpb = summary.get("held_out_bpb") or {}
     lines += ["## Held-out perplexity" + (" and bits per byte" if bpb else ""), "",
-              f"First {recipe['export']['eval_tokens']:,} held-out tokens of each genre, "
+              (f"First {recipe['export']['eval_tokens']:,} held-out tokens of each genre, "
+               if recipe["export"]["eval_tokens"] else "Each genre's whole held-out split, ")
+              + 
               f"{recipe['data']['block_size']}-token blocks, as exported"
               + (" (adapter merged into the base)" if is_lora else "") + ". Lower is better"
               + ("; bits per byte is the loss in bits per UTF-8 byte of the predicted text, "
@@ -107,7 +125,7 @@ def model_card(recipe: dict, summary: dict, entry: dict) -> str:
     for g in summary["held_out_ppl"]:
         lines.append(f"| {g} | " + " | ".join(str(col.get(g, "")) for _, col in columns) + " |")
     lines += ["", "## Limitations", "",
-              "A tiny model trained for under an hour on a 2-core CPU: it imitates the voice and "
+              "A small model trained for about an hour on a 2-core CPU: it imitates the voice and "
               "vocabulary of its genre, not facts. Text reflects the attitudes of its (mostly "
               "19th- and early 20th-century) sources. Not for legal, medical or factual advice.", ""]
     return "\n".join(lines)

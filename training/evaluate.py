@@ -112,8 +112,9 @@ def evaluate(registry: Path, names: list[str] | None, genres: list[str], max_tok
         results["bpb"][name] = {g: s.bits_per_byte for g, s in scored.items()}
         results["text"][tok_name]["genres"].update({g: (s.tokens, s.bytes) for g, s in scored.items()})
         prompt_genres = [own] if own else list(PROMPTS)
-        # two samples for a genre model, one per genre for the base
-        seeds = [seed] if own is None else [seed, seed + 1]
+        # three samples for a genre model; the base writes one after each genre's prompt, to
+        # be read beside that genre's model
+        seeds = [seed] if own is None else [seed, seed + 1, seed + 2]
         prompts = [(PROMPTS[g], s) for g in prompt_genres for s in seeds]
         results["defaults"][name] = entry.defaults.model_dump()
         texts = samples(config, model, tokenizer, results["defaults"][name], prompts)
@@ -166,9 +167,11 @@ def render(results: dict, genres: list[str], command: str, max_tokens: int, bloc
 
     training = results.get("training") or {}
     if training:
+        where = sorted({f"{t.get('cpu', 'an unrecorded CPU')}, {t.get('threads', 1)} torch thread(s), "
+                        f"{'fp32' if t['precision'] == 'no' else t['precision']}" for t in training.values()})
         lines += ["## Training runs", "",
-                  "One CPU thread each on the shared 2-core build box (AMD EPYC Zen 1), so "
-                  "tokens/s depend on what else ran beside it. From `runs/<name>/summary.json`:", "",
+                  f"On the build box ({'; '.join(where)}); tokens/s depend on what else ran "
+                  "beside it. From `runs/<name>/summary.json`:", "",
                   "| model | method | steps | tokens | minutes | tokens/s | trainable params |",
                   "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
         for name, t in training.items():
@@ -177,10 +180,11 @@ def render(results: dict, genres: list[str], command: str, max_tokens: int, bloc
                          f"{t['train_seconds'] / 60:.1f} | {t['tokens_per_second']:.0f} | "
                          f"{t['trainable_params'] / 1e6:.2f}M of {t['params'] / 1e6:.1f}M |")
         lines += ["", "Why LoRA for the genre models: five full copies of the base would not fit "
-                  "the 60 MB budget for shipped weights; an adapter (rank-16 LoRA plus the final layer norm) "
-                  "is about 1 MB, trains "
-                  "faster per token (no gradients for the 50,257-row embedding), and is merged into "
-                  "the base at load, so it costs nothing per generated token.", ""]
+                  "the 60 MB budget for shipped weights; an adapter (LoRA on every block's "
+                  "matmuls plus the final layer norm) is a few MB, trains faster per token (no "
+                  "gradients for the embedding), and is merged into the base at load, so it costs "
+                  "nothing per generated token. How the base's shape and tokenizer were chosen: "
+                  "[training.md](training.md).", ""]
 
     corpora = Path(results["corpora"]).resolve()
     shown = corpora.relative_to(REPO_ROOT).as_posix() if corpora.is_relative_to(REPO_ROOT) else str(corpora)
@@ -188,8 +192,9 @@ def render(results: dict, genres: list[str], command: str, max_tokens: int, bloc
     lines += ["## Held-out perplexity and bits per byte", "",
               f"Every number below is on the held-out split of `{shown}/<genre>` (about 5% of the "
               "corpus, chosen by hash of ~4 KB pieces in `training/data.py`, never trained on), "
-              "cut into tokens by the tokenizer the model is served with: the first "
-              f"{max_tokens:,} tokens of each split, scored in {block_size}-token blocks, each from "
+              "cut into tokens by the tokenizer the model is served with: the "
+              + (f"{max_tokens:,} tokens of each split" if max_tokens else "whole split")
+              + f", scored in {block_size}-token blocks, each from "
               "its own start (a block's first token is context; the others are predicted). "
               + ("The same number of tokens covers a different length of text in each tokenizer: "
                  "the bytes say how much. " if several else "")
@@ -230,30 +235,38 @@ def render(results: dict, genres: list[str], command: str, max_tokens: int, bloc
               f"{peft.__version__}, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.", ""]
 
     lines += ["## What to expect", "",
-              "These are tiny models trained for well under an hour on one CPU core: the base saw "
-              "about 410k tokens, a tenth of the corpora, and its perplexities are in the hundreds "
-              "(roughly the level of word-frequency statistics plus short phrases). They produce "
-              "the vocabulary and rhythm of a genre, not coherent text; the point of shipping them "
+              "These are small models trained for about an hour and a quarter on a 2-core CPU "
+              "(docs/training.md): the base saw about 10M tokens, two and a half passes over the "
+              "corpora. They write the phrases, line shapes and vocabulary of a genre, often "
+              "grammatical for a clause or two, but not coherent text. The point of shipping them "
               "is a complete, servable pipeline with honest numbers. For useful suggestions, point "
               "a registry entry at `hf://gpt2` or `hf://gpt2-medium` and fine-tune it with the "
-              "same recipes (`model.init: hf://gpt2`, `method: lora`) on a GPU, where "
-              "accelerate turns on mixed precision by itself; `train.gradient_checkpointing: true` "
-              "trades compute for memory on the larger models.", ""]
+              "same recipes (`model.init: hf://gpt2`, `method: lora`, `data.tokenizer: "
+              "models/gpt2-tokenizer`) on a GPU, where accelerate turns on mixed precision by "
+              "itself; `train.gradient_checkpointing: true` trades compute for memory on the "
+              "larger models.", ""]
     lines += ["## Sample continuations", "",
               "Written by the serving engine for a request that sets nothing but a seed, so at "
-              "each model's registry defaults (under its name); the prompt is in bold. These are "
-              "small models: expect the voice of the genre, not sense.", ""]
+              "each model's registry defaults (listed under its name); the prompt is in bold. "
+              "For each genre: the genre model's three continuations of its genre's prompt "
+              "(seeds 0, 1, 2), then the base's continuation of the same prompt (seed 0).", ""]
+    by_prompt = {p: t for p, t in results["samples"].get(base_name, [])} if base_name else {}
     for name, pairs in results["samples"].items():
+        if name == base_name and any(genre_of(n) for n in results["samples"]):
+            continue  # shown beside each genre model below
         defaults = ", ".join(f"{k} {v}" for k, v in results["defaults"][name].items())
         lines += [f"### {name}", "", f"Registry defaults: {defaults}.", ""]
-        for prompt, text in pairs:
+        shown_pairs = [(name, p, t) for p, t in pairs]
+        if genre_of(name) and pairs[0][0] in by_prompt:
+            shown_pairs.append((base_name, pairs[0][0], by_prompt[pairs[0][0]]))
+        for who, prompt, text in shown_pairs:
             text = text.strip() or "*(nothing: the model ended the text at once)*"
             quoted = ("**" + prompt.strip() + "**" + (" " if not prompt.endswith("\n") else "\n")
                       + text).replace("\n", "\n> ")
-            lines += ["> " + quoted, ""]
+            lines += [f"`{who}`:", "", "> " + quoted, ""]
     lines += ["## Reproduce", "",
               "```sh",
-              "sh training/build_all.sh          # quill-base (30-60 min) then the five adapters (5-10 min each), one CPU thread",
+              "sh training/build_all.sh          # tokenizer, quill-base, the five adapters, this page (times above)",
               command,
               "```", "",
               "Each recipe is one YAML file in `training/recipes/`; `quill train --recipe <file>` "
@@ -279,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--registry", default="models/registry.yaml")
     ap.add_argument("--models", nargs="*", help="names from the registry (default: all)")
     ap.add_argument("--genres", nargs="*", default=list(GENRES))
-    ap.add_argument("--max-tokens", type=int, default=8192, help="held-out tokens per genre")
+    ap.add_argument("--max-tokens", type=int, default=0,
+                    help="held-out tokens per genre (default 0: the whole held-out split)")
     ap.add_argument("--block-size", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--matrix", choices=["own", "full"], default="own",

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import yaml
 
+from bench.machine import machine_info
 from training import export
 from training.card import model_card
 from training.data import GENRES, SplitSettings, genre_tokens, load_tokenizer
@@ -302,10 +303,11 @@ def train(recipe: dict, fresh: bool = False, export_model: bool = True, log_to_s
                "train_seconds": round(elapsed, 1),
                "tokens_per_second": round(t["steps"] * tokens_per_step / max(elapsed, 1e-9), 1),
                "final_loss_ema": None if loss_ema is None else round(loss_ema, 4),
-               "params": n_total, "trainable_params": n_train,
+               "params": n_total, "trainable_params": n_train, "vocab_size": len(tokenizer),
                "train_tokens": {g: int(len(s)) for g, s in train_streams.items()},
                "val_tokens": {g: int(len(s)) for g, s in val_streams.items()},
-               "device": str(accelerator.device), "precision": accelerator.mixed_precision}
+               "device": str(accelerator.device), "precision": accelerator.mixed_precision,
+               "threads": torch.get_num_threads(), "cpu": machine_info()["cpu"]}
     model = accelerator.unwrap_model(model)
     if end_step < t["steps"]:
         print(f"[{name}] stopped at step {end_step} of {t['steps']}; run again to resume", flush=True)
