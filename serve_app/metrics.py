@@ -42,7 +42,7 @@ SPECS: dict[str, tuple[str, str, tuple[str, ...], tuple[float, ...] | None]] = {
     "quill_cache_requests_total": ("counter", "Seeded requests by cache outcome: hit, joined (single-flight) or miss.", ("model", "outcome"), None),
     # A replica's own view of its memory (the GPU exporter sees the whole GPU, not the model).
     "quill_model_weights_bytes": ("gauge", "Bytes of the model's weights held by a replica.", ("model", "device"), None),
-    "quill_model_kv_cache_bytes": ("gauge", "Resident bytes of a replica's KV cache (on a CPU: the slots used so far).", ("model", "device"), None),
+    "quill_model_kv_cache_bytes": ("gauge", "Bytes of a replica's KV cache (allocated and zeroed at start).", ("model", "device"), None),
     "quill_model_cuda_allocated_bytes": ("gauge", "torch.cuda.memory_allocated of a replica's GPU.", ("model", "device"), None),
     "quill_model_cuda_reserved_bytes": ("gauge", "torch.cuda.memory_reserved (caching allocator) of a replica's GPU.", ("model", "device"), None),
 }
@@ -152,7 +152,7 @@ class MemoryMetrics:
                        for t in _reachable_tensors(v))
             self._weights_bytes = _tensor_bytes(tensors)
         self.weights.set(self._weights_bytes, model=model, device=device)
-        self.kv_cache.set(runner.kv_resident_bytes(), model=model, device=device)
+        self.kv_cache.set(runner.kv_cache_bytes(), model=model, device=device)
         if runner.device.type == "cuda":
             self.cuda_allocated.set(torch.cuda.memory_allocated(runner.device), model=model, device=device)
             self.cuda_reserved.set(torch.cuda.memory_reserved(runner.device), model=model, device=device)

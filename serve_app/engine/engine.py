@@ -97,7 +97,8 @@ class Engine:
             config.source, config.adapter, device, resolve_dtype(config.dtype, device)
         )
         self.max_seq_len = min(config.max_seq_len, model.config.n_positions)
-        self.runner = GPT2Runner(model, config.max_batch_size, self.max_seq_len)
+        self.runner = GPT2Runner(model, config.max_batch_size, self.max_seq_len,
+                                 max_rows=config.max_batch_size + config.max_prefill_tokens)
         self.prefix_cache = (
             PrefixCache(self.runner.k_cache, self.runner.v_cache, config.prefix_cache_tokens)
             if config.prefix_cache_tokens > 0 else None
@@ -216,7 +217,6 @@ class Engine:
                 # Cached prompt blocks cost no budget: they are copied, not computed.
                 req.looked_up = True
                 req.prefilled = req.cached = self.prefix_cache.load(req.prompt_ids, slot)
-                self.runner.mark_written(slot, 0, req.cached)
             take = min(budget, len(req.prompt_ids) - req.prefilled)
             budget -= take
             slot += n

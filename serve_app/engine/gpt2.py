@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from transformers import GPT2LMHeadModel
 from transformers.activations import ACT2FN
 
-from serve_app.engine.linear import Linear, linear
+from serve_app.engine.linear import Linear, linear, warm_up
 
 
 @dataclass
@@ -50,7 +50,10 @@ def _conv1d(conv) -> Linear:
 
 
 class GPT2Runner:
-    def __init__(self, model: GPT2LMHeadModel, max_batch_size: int, max_seq_len: int):
+    def __init__(self, model: GPT2LMHeadModel, max_batch_size: int, max_seq_len: int,
+                 max_rows: int | None = None):
+        """`max_rows`: the most rows one pass carries (decode rows plus prompt-chunk tokens);
+        the matmul kernels for every row count up to it are built here (engine/linear.py)."""
         cfg = model.config
         if getattr(cfg, "add_cross_attention", False):
             raise ValueError("cross-attention GPT-2 variants are not supported")
@@ -96,15 +99,22 @@ class GPT2Runner:
         # copy cost more than the bf16 matmuls saved); float32 reads them in place.
         self.cache_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
         shape = (cfg.n_layer, max_batch_size, cfg.n_head, max_seq_len, self.head_dim)
-        # Allocated once, never cleared whole. Masked positions are still multiplied (by a
-        # probability of 0), so every position a pass reads must hold a finite number:
-        # `_finite[slot]` says how far that is true, and a pass zeroes past it, a block at a time,
-        # only as far as it reads. Zeroing whole slots on first use cost a gpt2-small replica
-        # (batch 32, 1024 positions) 2.4 GB of page faults in its first full batch, the kernel's
-        # time showing as system time; now resident memory grows with the lengths in use.
-        self.k_cache = torch.empty(shape, device=self.device, dtype=self.cache_dtype)
-        self.v_cache = torch.empty(shape, device=self.device, dtype=self.cache_dtype)
-        self._finite = [0] * max_batch_size
+        # Allocated and zeroed once, at start. Masked positions are still multiplied (by a
+        # probability of 0), so every position a pass reads must hold a finite number; zeroing
+        # it all up front also means a replica holds every byte it will use from its first
+        # second. The cache used to be zeroed lazily, 64 positions at a time: resident memory
+        # then crept up under load for minutes (+72 MiB of the +250 MiB a 24-writer load run
+        # gained in its first 4 minutes, docs/performance.md), looked like a leak, and would
+        # meet a container's memory limit at the busiest moment instead of at start. On a CPU
+        # zeroing gpt2-small's 16 x 1024 positions (1.2 GB) adds well under a second to a start.
+        self.k_cache = torch.zeros(shape, device=self.device, dtype=self.cache_dtype)
+        self.v_cache = torch.zeros(shape, device=self.device, dtype=self.cache_dtype)
+        # Every layer's matmuls have the same shapes: warming the first layer's builds them all.
+        max_rows = max_rows or max_batch_size
+        first = self.layers[0]
+        for fn in (first.attn, first.proj, first.fc, first.out):
+            warm_up(fn, max_rows)
+        warm_up(self.lm_head, max_batch_size)  # logits: a row per sequence or chunk, each in a slot
 
     def _layer_norm(self, x: torch.Tensor, wb: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         return F.layer_norm(x, (self.embed,), wb[0], wb[1], self.eps)
@@ -149,9 +159,7 @@ class GPT2Runner:
 
     def _decode_attention(self, B: int, pos: torch.Tensor):
         """Attention of rows 0..B-1 (one query each, sequence b in slot b) over their caches."""
-        L = int(pos.max()) + 1
-        for b in range(B):  # row b reads positions 0..L-1 of slot b, its own and beyond
-            self.ensure_finite(b, L)
+        L = int(pos.max()) + 1  # row b reads positions 0..L-1 of slot b, its own and beyond
         H, D = self.n_head, self.head_dim
         # Where row b's new key goes for each head, as a row of the layer's cache seen as
         # [slot * head * position, D]: one `index_copy_` writes them all (the advanced-index
@@ -180,8 +188,6 @@ class GPT2Runner:
     def _chunk_attention(self, c: PromptChunk, offset: int):
         """Attention of a prompt chunk (rows offset..offset+T-1) over its slot's cache."""
         T, start, slot = len(c.token_ids), c.start, c.slot
-        self.ensure_finite(slot, start)  # what earlier chunks or the prefix cache wrote
-        self.mark_written(slot, start, start + T)
         # Query j (position start+j) sees cached positions 0..start+j; for a first chunk that is
         # plain causal attention, which SDPA runs without a mask.
         mask = None
@@ -207,28 +213,7 @@ class GPT2Runner:
         moving a half-prefilled prompt)."""
         self.k_cache[:, dst, :, :length] = self.k_cache[:, src, :, :length]
         self.v_cache[:, dst, :, :length] = self.v_cache[:, src, :, :length]
-        self.mark_written(dst, 0, length)
 
-    def kv_resident_bytes(self) -> int:
-        """Bytes of the KV cache in use. On a CPU only what a pass has zeroed or written has been
-        touched (`torch.empty` pages stay unmapped until then); on a GPU all of it is allocated."""
-        total = 2 * self.k_cache.numel() * self.k_cache.element_size()
-        if self.device.type != "cpu":
-            return total
-        return total * sum(self._finite) // (self.max_batch_size * self.max_seq_len)
-
-    def mark_written(self, slot: int, start: int, end: int) -> None:
-        """Positions start..end-1 of `slot` now hold keys and values (finite numbers)."""
-        if start <= self._finite[slot]:
-            self._finite[slot] = max(self._finite[slot], end)
-
-    def ensure_finite(self, slot: int, upto: int) -> None:
-        """Make positions 0..upto-1 of `slot` safe to read, zeroing a block (64 positions) at a
-        time so that a decode step, one position longer each time, rarely zeroes anything."""
-        done = self._finite[slot]
-        if done >= upto:
-            return
-        end = min(self.max_seq_len, -(-upto // 64) * 64)
-        self.k_cache[:, slot, :, done:end].zero_()
-        self.v_cache[:, slot, :, done:end].zero_()
-        self._finite[slot] = end
+    def kv_cache_bytes(self) -> int:
+        """Bytes of the KV cache: all of it resident from the start (zeroed at allocation)."""
+        return 2 * self.k_cache.numel() * self.k_cache.element_size()

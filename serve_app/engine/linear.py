@@ -15,6 +15,14 @@ The oneDNN ops are the ones PyTorch's own compiler uses for frozen CPU linears
 (`torch.ops.mkldnn._reorder_linear_weight` / `_linear_pointwise`). They are internal, so they
 are probed once against `F.linear`; anywhere they are missing or disagree, and on GPUs (where
 cuBLAS needs no help), the plain `F.linear` is used.
+
+oneDNN builds (JIT-compiles) a kernel for each input shape it meets and keeps it in its primitive
+cache (1024 entries): about 0.8 MiB and a compile per new row count. A replica's row count is
+its decode rows plus the prompt tokens of the step, nearly every number up to a few hundred, so
+under varied traffic its memory crept up for minutes (+430 MiB in the first 4 minutes of a
+24-writer load run, docs/performance.md). So rows are padded up to one of a few sizes (8 per
+doubling, multiples of 8: at most 7 rows or 12.5% more, which cost little on a skinny matmul), and
+`warm_up` builds every size a runner can meet when it starts.
 """
 from __future__ import annotations
 
@@ -31,8 +39,35 @@ def linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
     """A function `x -> x @ weight.T + bias` for `weight` [out, in] (nn.Linear's layout)."""
     if weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16) and _onednn_works(weight.dtype):
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None)
-        return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+        def packed_linear(x: torch.Tensor) -> torch.Tensor:
+            rows = x.shape[0]
+            padded = padded_rows(rows)
+            if padded != rows and x.dim() == 2:
+                x = F.pad(x, (0, 0, 0, padded - rows))
+            return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")[:rows]
+
+        packed_linear.input_like = weight.new_zeros(1, weight.shape[1])  # for warm_up
+        return packed_linear
     return lambda x: F.linear(x, weight, bias)
+
+
+def padded_rows(rows: int) -> int:
+    """`rows` rounded up to a multiple of max(8, an eighth of the power of two below it)."""
+    step = max(8, (1 << (max(rows, 1).bit_length() - 1)) // 8)
+    return -(-rows // step) * step
+
+
+def warm_up(fn: Linear, max_rows: int) -> None:
+    """Build oneDNN's kernel for every padded row count up to `max_rows` now, so that neither the
+    compile time nor the memory arrives later with traffic (no-op for the plain `F.linear`)."""
+    like = getattr(fn, "input_like", None)
+    if like is None:
+        return
+    rows = 1
+    while rows <= max_rows:
+        fn(like.new_zeros(padded_rows(rows), like.shape[1]))
+        rows = padded_rows(rows) + 1
 
 
 @lru_cache(maxsize=2)

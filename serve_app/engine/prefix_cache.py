@@ -48,9 +48,10 @@ class PrefixCache:
         self.capacity_blocks = capacity_tokens // block_tokens
         layers, _, heads, _, dim = k_cache.shape
         shape = (layers, self.capacity_blocks, heads, block_tokens, dim)
-        # torch.empty: on a CPU the budget costs no resident memory until blocks are written.
-        self.k = torch.empty(shape, device=k_cache.device, dtype=k_cache.dtype)
-        self.v = torch.empty(shape, device=v_cache.device, dtype=v_cache.dtype)
+        # Zeroed at start, like the runner's cache: the budget is resident from the first second
+        # rather than creeping up as blocks are first written (which looked like a leak).
+        self.k = torch.zeros(shape, device=k_cache.device, dtype=k_cache.dtype)
+        self.v = torch.zeros(shape, device=v_cache.device, dtype=v_cache.dtype)
         self._k_cache, self._v_cache = k_cache, v_cache
         self._blocks: OrderedDict[tuple[int, tuple[int, ...]], _Block] = OrderedDict()  # LRU first
         self._free = list(range(self.capacity_blocks - 1, -1, -1))
