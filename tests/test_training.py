@@ -503,3 +503,47 @@ def test_model_card_shows_bits_per_byte_beside_perplexity_when_the_summary_has_i
 
     base = model_card({**recipe, "method": "full"}, _card_summary(held_out_bpb={"legal": 2.345}), entry)
     assert "| genre | perplexity | bits per byte |" in base and "| legal | 700.5 | 2.345 |" in base
+
+
+def test_a_wsd_schedule_holds_then_decays_and_extending_keeps_the_stable_part():
+    from training.train import lr_at
+
+    t = {"lr": 1e-3, "min_lr_ratio": 0.1, "warmup_steps": 10, "steps": 100, "decay_steps": 20,
+         "schedule": "wsd"}
+    lrs = [lr_at(s, t) for s in range(100)]
+    assert lrs[9] == lrs[10] == lrs[79] == 1e-3  # warmed up, then held
+    assert all(a > b for a, b in zip(lrs[80:], lrs[81:]))  # then a strictly falling decay
+    assert lrs[99] == pytest.approx(1e-4)  # to lr * min_lr_ratio at the last step
+    longer = {**t, "steps": 300}
+    assert [lr_at(s, longer) for s in range(80)] == lrs[:80]  # extending changes no earlier step
+
+
+def test_extending_a_finished_wsd_run_matches_a_straight_longer_run(tmp_path, corpora):
+    """A finished wsd run, its `steps` raised, goes on from the weights where its decay began,
+    as if it had been the longer run all along: the decayed steps are replaced, not built on."""
+    from safetensors.torch import load_file
+
+    from training.train import train
+
+    straight = _tiny_recipe(tmp_path / "a", corpora, steps=12, save_every=4, schedule="wsd", decay_steps=3)
+    train(straight, run_root=tmp_path / "a" / "runs", export_model=False)
+
+    short = _tiny_recipe(tmp_path / "b", corpora, steps=8, save_every=4, schedule="wsd", decay_steps=3)
+    train(short, run_root=tmp_path / "b" / "runs", export_model=False)
+    run = tmp_path / "b" / "runs" / "tiny-base"
+    assert json.loads((run / "checkpoint-stable" / "state.json").read_text())["step"] == 5
+    extended = _tiny_recipe(tmp_path / "b", corpora, steps=12, save_every=4, schedule="wsd", decay_steps=3)
+    train(extended, run_root=tmp_path / "b" / "runs", export_model=False)
+
+    wa = load_file(str(tmp_path / "a" / "runs" / "tiny-base" / "checkpoint" / "weights.safetensors"))
+    wb = load_file(str(run / "checkpoint" / "weights.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
+    assert len(_losses(run)) == 12  # the log keeps steps 1-5, then the extension's 6-12
+
+
+def test_a_wsd_recipe_without_a_decay_is_refused(tmp_path):
+    from training.recipe import RecipeError, parse_recipe
+
+    with pytest.raises(RecipeError, match="decay_steps"):
+        parse_recipe({"name": "x", "train": {"steps": 100, "schedule": "wsd"}}, "training/recipes/x.yaml")

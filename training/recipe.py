@@ -101,8 +101,14 @@ class TrainSection(_Section):
     batch_size: int = Field(4, ge=1)
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(1.0e-3, gt=0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine decay ends at lr * this
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # the decay ends at lr * this
     warmup_steps: int = Field(50, ge=0)
+    # cosine: warm up, then decay to lr * min_lr_ratio at `steps` (raising `steps` later bends
+    # the whole curve). wsd (warm-up, stable, decay): warm up, hold lr, decay over the last
+    # `decay_steps`; raising `steps` extends the run, which goes on from the checkpoint kept
+    # where its decay began (runs/<name>/checkpoint-stable).
+    schedule: Literal["cosine", "wsd"] = "cosine"
+    decay_steps: int = Field(0, ge=0)  # wsd only
     weight_decay: float = Field(0.1, ge=0)
     grad_clip: float = Field(1.0, ge=0)  # 0 = no clipping
     eval_every: int = Field(200, ge=0)  # 0 = no held-out evals during training
@@ -112,6 +118,15 @@ class TrainSection(_Section):
     # auto = bf16 (or fp16) on a GPU; bf16 on a CPU with oneDNN bf16 kernels, else fp32; or no|fp16|bf16
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     threads: int = Field(1, ge=1)  # torch CPU threads (build_all.sh passes --threads $(nproc))
+
+    @model_validator(mode="after")
+    def _decay_fits(self):
+        if self.schedule == "wsd" and not 0 < self.decay_steps <= self.steps - self.warmup_steps:
+            raise ValueError(f"schedule wsd needs decay_steps between 1 and steps - warmup_steps "
+                             f"({self.steps - self.warmup_steps}), got {self.decay_steps}")
+        if self.schedule == "cosine" and self.decay_steps:
+            raise ValueError("decay_steps is for schedule: wsd (cosine decays over every step)")
+        return self
 
 
 class ExportSection(_Section):
@@ -228,6 +243,9 @@ def recipe_hash(recipe: dict) -> str:
     keep = {k: recipe[k] for k in ("seed", "model", "method", "lora", "data")}
     keep["train"] = {k: v for k, v in recipe["train"].items() if k not in ("steps", "eval_every",
                                                                           "save_every", "threads")}
+    if keep["train"].get("schedule", "cosine") == "cosine":  # recipes older than the field
+        keep["train"].pop("schedule", None)
+        keep["train"].pop("decay_steps", None)
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 

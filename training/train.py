@@ -8,7 +8,9 @@ What a run does:
 2. trains with accelerate (mixed precision on a GPU, fp32 on a CPU), a tqdm progress bar and a
    JSON-lines log in runs/<name>/log.jsonl,
 3. saves a resumable checkpoint in runs/<name>/checkpoint/ every `save_every` steps (safetensors
-   + JSON, no pickles); running the same command again resumes from it (`--fresh` starts over),
+   + JSON, no pickles); running the same command again resumes from it (`--fresh` starts over);
+   with `schedule: wsd`, raising `steps` extends a finished run from the checkpoint kept where
+   its learning-rate decay began, so a base can be trained a few hours per session,
 4. exports to models/<name>/ with a model card and its entry in models/registry.yaml.
 
 Determinism: weights are initialised from `seed`; the batch of step s and the dropout noise of
@@ -119,13 +121,27 @@ class Batches:
 
 
 def lr_at(step: int, t: dict) -> float:
-    """Linear warm-up, then cosine decay to lr * min_lr_ratio. A pure function of the step, so
-    a resumed run needs no scheduler state."""
+    """Linear warm-up, then the decay to lr * min_lr_ratio: cosine over the rest of the run, or
+    (wsd) lr held until the last `decay_steps`. A pure function of the step, so a resumed run
+    needs no scheduler state."""
     if step < t["warmup_steps"]:
         return t["lr"] * (step + 1) / t["warmup_steps"]
+    floor = t["lr"] * t["min_lr_ratio"]
+    if t.get("schedule") == "wsd":
+        into = step - decay_start(t)
+        if into < 0:
+            return t["lr"]
+        # 1 - sqrt: the cool-down shape that beat linear and cosine ones in Hägele et al. (2024),
+        # "Scaling Laws and Compute-Optimal Training Beyond Fixed Training Durations".
+        return floor + (t["lr"] - floor) * (1 - math.sqrt(min(1.0, (into + 1) / t["decay_steps"])))
     progress = (step - t["warmup_steps"]) / max(1, t["steps"] - t["warmup_steps"])
     cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return t["lr"] * (t["min_lr_ratio"] + (1 - t["min_lr_ratio"]) * cosine)
+    return floor + (t["lr"] - floor) * cosine
+
+
+def decay_start(t: dict) -> int | None:
+    """The step where a wsd run's decay begins (None for cosine, which decays throughout)."""
+    return t["steps"] - t["decay_steps"] if t.get("schedule") == "wsd" else None
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -174,6 +190,13 @@ def load_checkpoint(ckpt_dir: Path, model, optimizer) -> dict:
     return state
 
 
+def _decayed_too_early(meta: dict, t: dict) -> bool:
+    """Whether a checkpoint's weights went through a wsd decay that the recipe's schedule (its
+    `steps` raised since) has not begun at that step."""
+    started = meta.get("decay_start")
+    return started is not None and meta["step"] > started and (decay_start(t) or 0) > started
+
+
 # ----------------------------------------------------------------------------- training
 
 def _mixed_precision(setting: str) -> str:
@@ -202,6 +225,7 @@ def train(recipe: dict, fresh: bool = False, export_model: bool = True, log_to_s
     name = recipe["name"]
     run_dir = (run_root or repo_path("runs")) / name
     ckpt_dir = run_dir / "checkpoint"
+    stable_dir = run_dir / "checkpoint-stable"  # wsd: the weights where the decay began
     if fresh:
         shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -239,9 +263,13 @@ def train(recipe: dict, fresh: bool = False, export_model: bool = True, log_to_s
             print(f"[{name}] already trained ({meta['step']} steps) and exported; --fresh retrains",
                   flush=True)
             return json.loads(done_summary.read_text())
-        state = load_checkpoint(ckpt_dir, model, optimizer)
+        resume_dir = ckpt_dir
+        if _decayed_too_early(meta, t) and (stable_dir / "state.json").exists():
+            # Extended: the checkpoint went through a decay the longer schedule has not reached.
+            resume_dir = stable_dir
+        state = load_checkpoint(resume_dir, model, optimizer)
         start_step, elapsed_before = state["step"], state.get("elapsed_s", 0.0)
-        print(f"[{name}] resuming from step {start_step} ({ckpt_dir})", flush=True)
+        print(f"[{name}] resuming from step {start_step} ({resume_dir})", flush=True)
 
     accelerator = Accelerator(mixed_precision=_mixed_precision(t["mixed_precision"]),
                               cpu=not torch.cuda.is_available())
@@ -293,9 +321,12 @@ def train(recipe: dict, fresh: bool = False, export_model: bool = True, log_to_s
             f.write(json.dumps(record) + "\n")
         if log_to_stdout and done % 10 == 0:
             print(json.dumps(record), flush=True)
+        ckpt_meta = {"recipe_hash": rhash, "elapsed_s": elapsed_before + time.time() - t0,
+                     "decay_start": decay_start(t)}
         if done == end_step or (t["save_every"] and done % t["save_every"] == 0):
-            save_checkpoint(ckpt_dir, accelerator.unwrap_model(model), optimizer, done,
-                            {"recipe_hash": rhash, "elapsed_s": elapsed_before + time.time() - t0})
+            save_checkpoint(ckpt_dir, accelerator.unwrap_model(model), optimizer, done, ckpt_meta)
+        if done == decay_start(t):  # where a longer run of this recipe would go on from
+            save_checkpoint(stable_dir, accelerator.unwrap_model(model), optimizer, done, ckpt_meta)
     bar.close()
 
     elapsed = elapsed_before + (time.time() - t0)
