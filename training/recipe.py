@@ -106,7 +106,8 @@ class TrainSection(_Section):
     # cosine: warm up, then decay to lr * min_lr_ratio at `steps` (raising `steps` later bends
     # the whole curve). wsd (warm-up, stable, decay): warm up, hold lr, decay over the last
     # `decay_steps`; raising `steps` extends the run, which goes on from the checkpoint kept
-    # where its decay began (runs/<name>/checkpoint-stable).
+    # where its decay began (runs/<name>/checkpoint-stable). To cool a run down early, set
+    # steps = its current step + decay_steps.
     schedule: Literal["cosine", "wsd"] = "cosine"
     decay_steps: int = Field(0, ge=0)  # wsd only
     weight_decay: float = Field(0.1, ge=0)
@@ -241,11 +242,12 @@ def recipe_hash(recipe: dict) -> str:
     a run may be resumed with more steps). Checkpoints under runs/ are keyed by it: the same
     recipe content must keep its hash."""
     keep = {k: recipe[k] for k in ("seed", "model", "method", "lora", "data")}
-    keep["train"] = {k: v for k, v in recipe["train"].items() if k not in ("steps", "eval_every",
-                                                                          "save_every", "threads")}
-    if keep["train"].get("schedule", "cosine") == "cosine":  # recipes older than the field
-        keep["train"].pop("schedule", None)
-        keep["train"].pop("decay_steps", None)
+    # Neither `steps` nor (wsd) `decay_steps`: a run may be extended, or cooled down when it is
+    # to ship, from a checkpoint taken before its decay.
+    keep["train"] = {k: v for k, v in recipe["train"].items()
+                     if k not in ("steps", "decay_steps", "eval_every", "save_every", "threads")}
+    if keep["train"].get("schedule") == "cosine":  # as recipes older than the field hashed
+        del keep["train"]["schedule"]
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
