@@ -569,14 +569,17 @@ async def test_a_caller_that_leaves_while_its_tokens_are_held_frees_its_slot(che
 
 
 def test_bfloat16_weights_stay_within_tolerance_of_float32(checkpoint):
-    """bf16 linears (the fast path on CPUs with AMX) against float32: the same logits within
-    bf16's precision, the cache kept float32 on a CPU."""
+    """bf16 weights and cache (the fast path on CPUs with AMX) against float32: the same
+    logits within bf16's precision, for a prompt and for the decode steps that read the cache."""
     ids = [464, 3381, 2714, 326, 262, 1110, 286, 257] * 4
     logits = {}
     for dtype in ("float32", "bfloat16"):
         engine = make_engine(checkpoint, dtype=dtype)
-        logits[dtype] = engine.runner.forward([], [], [PromptChunk(0, 0, ids)])[0]
-        assert engine.runner.k_cache.dtype == torch.float32
+        assert engine.runner.k_cache.dtype == getattr(torch, dtype)  # half the bytes in bf16
+        rows = [engine.runner.forward([], [], [PromptChunk(0, 0, ids)])[0]]
+        for step, token in enumerate([290, 11, 262]):  # three decode steps on the cached prompt
+            rows.append(engine.runner.forward([token], [len(ids) + step])[0])
+        logits[dtype] = torch.stack(rows)
     scale = logits["float32"].abs().max()
     assert (logits["bfloat16"] - logits["float32"]).abs().max() <= 0.05 * scale
 
