@@ -1,6 +1,7 @@
 """Where one step of our GPT-2 runner spends its time: the numbers behind docs/performance.md.
 
     python -m bench.profile_step --size medium --threads 1 --batches 1,8,32,64
+    python -m bench.profile_step --size small --threads 2 --dtype bfloat16 --batches 32,64
 
 For each batch size: a decode step with contexts drawn like `bench.engine`'s workload (prompt
 16-256 plus 0-127 generated tokens), the same step with every row at the mean context (what
@@ -36,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", choices=("tiny", "small", "medium"), default="small")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--batches", default="1,8,32,64")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="the weights' (and so the KV cache's) dtype")
     p.add_argument("--profile-at", default="8,64", help="batch sizes that also get a torch.profiler table")
     p.add_argument("--chunk", type=int, default=0,
                    help="also time each batch's step with a prompt chunk of this many tokens in the same pass")
@@ -56,11 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     shape = MODELS[args.size]
     model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=N_POSITIONS, **shape)).eval()
+    model = model.to(getattr(torch, args.dtype))
     batches = [int(b) for b in args.batches.split(",")]
     runner = GPT2Runner(model, max(batches) + 1, 512)
     rng = random.Random(0)
     profile_at = {int(b) for b in args.profile_at.split(",") if b}
-    print(f"{args.size}, {args.threads} thread(s), torch {torch.__version__}")
+    print(f"{args.size}, {args.dtype}, {args.threads} thread(s), torch {torch.__version__}")
 
     for B in batches:
         pos = [rng.randint(16, 256) + rng.randint(0, 127) for _ in range(B)]
