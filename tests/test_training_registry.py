@@ -107,8 +107,10 @@ def test_shipped_registry_survives_being_copied_elsewhere(tmp_path):
     assert load_registry(moved / "registry.yaml").names == SHIPPED
 
 
-def test_exported_adapter_loads_through_the_engine_loader(tmp_path):
-    """What training exports is what the engine serves: same logits after the engine's merge."""
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_exported_adapter_loads_through_the_engine_loader(tmp_path, dtype):
+    """What training exports is what the engine serves: same logits after the engine's merge,
+    whether the adapter ships in float32 or in float16 (half the bytes)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -130,7 +132,10 @@ def test_exported_adapter_loads_through_the_engine_loader(tmp_path):
                 p.normal_(0, 0.5)
             if "modules_to_save" in name and name.endswith("bias"):
                 p.normal_(0, 0.5)
-    export_adapter(lora, tok, tmp_path / "legal", "../base", max_len=64)
+    export_adapter(lora, tok, tmp_path / "legal", "../base", max_len=64, dtype=dtype)
+    from safetensors.torch import load_file
+    shipped = load_file(str(tmp_path / "legal" / "adapter_model.safetensors"))
+    assert {t.dtype for t in shipped.values()} == {getattr(torch, dtype)}
 
     served = load_model(str(tmp_path / "base"), str(tmp_path / "legal"), torch.device("cpu"), torch.float32)
     x = torch.tensor([[15496, 995, 13]])

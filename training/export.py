@@ -57,10 +57,26 @@ def export_full(model, tokenizer, out_dir: Path, dtype: str = "float32") -> None
     save_tokenizer(tokenizer, out_dir, model.config.n_positions)
 
 
-def export_adapter(peft_model, tokenizer, out_dir: Path, base_ref: str, max_len: int) -> None:
-    """Save only the LoRA weights (a few hundred KB) and point the adapter config at its base."""
+def export_adapter(peft_model, tokenizer, out_dir: Path, base_ref: str, max_len: int,
+                   dtype: str = "float32") -> None:
+    """Save only the adapter's weights (a few MB) and point the adapter config at its base.
+
+    `dtype` float16 halves the file, so twice the LoRA rank fits the same weight budget; the
+    trainable weights are rounded in place first, so what the card then measures is what ships
+    (the loader merges them into the base in the registry's dtype)."""
+    from safetensors.torch import load_file, save_file
+
     out_dir.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.copy_(p.to(DTYPES[dtype]))
     peft_model.save_pretrained(str(out_dir), safe_serialization=True)
+    weights = out_dir / "adapter_model.safetensors"
+    if dtype != "float32":
+        tensors = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v
+                   for k, v in load_file(str(weights)).items()}
+        save_file(tensors, str(weights), metadata={"format": "pt"})
     cfg_path = out_dir / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
     # peft records the absolute path it was trained from; the registry's `source` is what the

@@ -132,7 +132,7 @@ class TrainSection(_Section):
 
 class ExportSection(_Section):
     dir: str | None = None  # default models/<name>
-    # dtype the weights are saved in (float16 halves a base model)
+    # dtype the weights are saved in (float16 halves a base model or a LoRA adapter)
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     eval_tokens: int = Field(8192, ge=0)  # held-out tokens per genre measured for the model card
     registry: str = "models/registry.yaml"

@@ -392,7 +392,7 @@ def export_recipe_model(recipe: dict, model, tokenizer, summary: dict) -> str:
     model.eval()
     if recipe["method"] == "lora":
         base_ref = _base_ref(recipe["model"]["init"], registry_path.parent)
-        export.export_adapter(model, tokenizer, out_dir, base_ref, d["block_size"])
+        export.export_adapter(model, tokenizer, out_dir, base_ref, d["block_size"], e["dtype"])
         entry = export.registry_entry(recipe["name"], base_ref,
                                       os.path.relpath(out_dir, registry_path.parent), e["entry"])
         # The base alone on the same text, for the card's comparison (adapter switched off).
