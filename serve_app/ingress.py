@@ -34,7 +34,8 @@ from serve_app.drain import Drain
 from serve_app.errors import ApiError, error_body, to_api_error
 from serve_app.model_server import ModelServer
 from serve_app.security import FrontDoor, SecuritySettings
-from serve_app.protocol import CompletionRequest, GenerateRequest, invalid_body, new_id, now, shown, unparsable_body
+from serve_app.protocol import (CompletionRequest, GenerateRequest, invalid_body, new_id, no_route, now, shown,
+                               unparsable_body)
 
 log = logging.getLogger("quill.ingress")
 STATIC = Path(__file__).parent / "static"
@@ -236,11 +237,13 @@ def create_app(service: Service, security: SecuritySettings | None = None) -> Fa
         return JSONResponse(err.body(), status_code=err.status)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException):
+    async def _http(request: Request, exc: StarletteHTTPException):
         if exc.status_code == 400 and exc.__cause__ is not None:  # FastAPI could not read the JSON body
             err = unparsable_body(exc.__cause__)
             return JSONResponse(err.body(), status_code=err.status)
-        type_ = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        if exc.status_code == 404:  # a path no route takes: say which ones there are
+            return JSONResponse(error_body("not_found", no_route(request.method, request.url.path)), 404)
+        type_ = {405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return JSONResponse(error_body(type_, str(exc.detail)), status_code=exc.status_code)
 
     @app.exception_handler(Exception)

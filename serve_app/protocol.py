@@ -114,7 +114,9 @@ class CompletionRequest(_Request):
     """
 
     model: str
-    prompt: str | list[str] | list[int]
+    # OpenAI's four shapes: text, a list of texts, token ids, a list of token-id lists. Quill
+    # runs one prompt per request, so a list of either kind must hold exactly one.
+    prompt: str | list[str] | list[int] | list[list[int]]
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -126,10 +128,12 @@ class CompletionRequest(_Request):
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, v: str | list[str] | list[int]) -> str | list[int]:
-        if isinstance(v, list) and v and isinstance(v[0], str):
+    def _one_prompt(cls, v: str | list[str] | list[int] | list[list[int]]) -> str | list[int]:
+        if isinstance(v, list) and v and isinstance(v[0], (str, list)):
             if len(v) != 1:
                 raise ValueError("send one prompt per request (batched prompts are not supported)")
+            if not v[0]:
+                raise ValueError("prompt must not be empty")
             return v[0]
         return v
 
@@ -197,6 +201,20 @@ def shown(value: Any) -> str:
     return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}… ({len(text)} characters)"
 
 
+API_ROUTES = ("GET /v1/models, GET /v1/models/{name}, POST /v1/completions, "
+              "POST /v1/models/{name}/generate, WS /v1/stream")
+
+
+def no_route(method: str, path: str) -> str:
+    """The 404 message for a path that no route takes: what there is instead (docs/api.md)."""
+    hint = ""
+    if path.rstrip("/").endswith("/chat/completions"):
+        # What an OpenAI client calls first: GPT-2-family models have no chat template.
+        hint = ("Quill serves text-completion models, which have no chat format: send the text "
+                "as `prompt` to POST /v1/completions (client.completions.create). ")
+    return f"no route {method} {shown(path)}. {hint}Quill's API: {API_ROUTES} (docs/api.md)"
+
+
 def invalid(message: str, **extra: Any) -> ApiError:
     return ApiError(400, "invalid_request_error", message, **extra)
 
@@ -204,7 +222,8 @@ def invalid(message: str, **extra: Any) -> ApiError:
 # What a field takes, said once for the fields whose type is a union (pydantic reports one error
 # per member of the union, which reads as a riddle).
 _EXPECTED = {
-    "prompt": "a string or a list of token ids (on /v1/completions also a one-element list of strings)",
+    "prompt": ("a string or a list of token ids (on /v1/completions also a one-element list of "
+               "strings or of token-id lists)"),
     "stop": f"a string or a list of up to {MAX_STOP} strings",
 }
 

@@ -131,6 +131,30 @@ def test_malformed_json_and_unknown_route(app_client):
     assert r.status_code == 400 and "error" in r.json()
     r = app_client.get("/v2/nothing")
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found"
+    assert "POST /v1/completions" in r.json()["error"]["message"]  # says what there is instead
+
+
+def test_the_openai_clients_chat_call_is_told_to_use_completions(app_client):
+    """GPT-2-family models have no chat format: the first call an OpenAI user tries gets a 404
+    that names the route to use, in OpenAI's error shape."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{app_client.base_url}/v1", api_key="unused", http_client=app_client, max_retries=0)
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="tiny-a", messages=[{"role": "user", "content": "Hi"}])
+    assert "POST /v1/completions" in info.value.body["message"]
+    assert "chat" in info.value.body["message"]
+
+
+def test_a_prompt_of_one_token_id_list_is_the_same_as_the_token_ids(app_client):
+    """OpenAI's fourth prompt shape, a list of token-id lists, holding one prompt."""
+    ask = {"model": "tiny-a", "seed": 2, "max_tokens": 4}
+    a = app_client.post("/v1/completions", json={**ask, "prompt": [15496, 995]}).json()
+    b = app_client.post("/v1/completions", json={**ask, "prompt": [[15496, 995]]}).json()
+    assert b["usage"]["prompt_tokens"] == 2 and a["choices"][0]["text"] == b["choices"][0]["text"]
+    for bad, fragment in (([[1], [2]], "one prompt per request"), ([[]], "must not be empty")):
+        r = app_client.post("/v1/completions", json={**ask, "prompt": bad})
+        assert r.status_code == 400 and fragment in r.json()["error"]["message"]
 
 
 def test_native_generate_whole_and_stream(app_client):
