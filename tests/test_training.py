@@ -319,6 +319,26 @@ def test_gradient_checkpointing_option_still_trains_a_lora(tiny_base, corpora):
     assert lora_b and all(v.abs().max() > 0 for v in lora_b)  # B starts at zero: it moved
 
 
+def test_a_run_trained_without_export_is_exported_by_the_next_run_not_skipped(tmp_path, corpora):
+    """`--no-export` then the same command: the finished run is exported (an old folder at the
+    export path does not count as its export), and the card keeps the run's final loss."""
+    from training.train import train
+
+    recipe = _tiny_recipe(tmp_path, corpora, steps=4)
+    trained = train(recipe, run_root=tmp_path / "runs", export_model=False)
+    out = Path(recipe["export"]["dir"])
+    out.mkdir(parents=True)
+    (out / "README.md").write_text("a card left by an earlier run\n")
+
+    again = train(recipe, run_root=tmp_path / "runs")
+    assert (out / "model.safetensors").is_file()
+    assert "a card left by an earlier run" not in (out / "README.md").read_text()
+    assert again["final_loss_ema"] == trained["final_loss_ema"] is not None
+    assert len(_losses(tmp_path / "runs" / "tiny-base")) == 4  # nothing was trained twice
+    # and now it is done: a third run skips straight on
+    assert train(recipe, run_root=tmp_path / "runs")["export"] == str(out)
+
+
 # ----------------------------------------------------------------------------- scoring
 
 def _direct_nll(model, ids: list[int]) -> float:

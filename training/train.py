@@ -251,24 +251,29 @@ def train(recipe: dict, fresh: bool = False, export_model: bool = True, log_to_s
                                   lr=t["lr"], betas=(0.9, 0.95))
 
     start_step, elapsed_before, rhash = 0, 0.0, recipe_hash(recipe)
+    loss_ema = None  # the loss's moving average; kept in checkpoints, so it goes on across a resume
     if (ckpt_dir / "state.json").exists():
         meta = json.loads((ckpt_dir / "state.json").read_text())
         if meta.get("recipe_hash") != rhash:
             raise SystemExit(f"{ckpt_dir} was made by a different recipe; rerun with --fresh "
                              "to start over (or restore the recipe)")
         done_summary = run_dir / "summary.json"
-        if (meta["step"] >= t["steps"] and done_summary.exists()
-                and (repo_path(recipe["export"]["dir"]) / "README.md").exists()):
+        finished = json.loads(done_summary.read_text()) if done_summary.exists() else {}
+        # Exported by this run, at these steps, to where this recipe exports (not merely a
+        # folder left there by an earlier run, or a run trained with --no-export).
+        if (meta["step"] >= t["steps"] and finished.get("steps") == meta["step"]
+                and finished.get("export") == str(repo_path(recipe["export"]["dir"]))):
             # Finished and exported already: a rerun of build_all.sh moves on to the next model.
             print(f"[{name}] already trained ({meta['step']} steps) and exported; --fresh retrains",
                   flush=True)
-            return json.loads(done_summary.read_text())
+            return finished
         resume_dir = ckpt_dir
         if _decayed_too_early(meta, t) and (stable_dir / "state.json").exists():
             # Extended: the checkpoint went through a decay the longer schedule has not reached.
             resume_dir = stable_dir
         state = load_checkpoint(resume_dir, model, optimizer)
         start_step, elapsed_before = state["step"], state.get("elapsed_s", 0.0)
+        loss_ema = state.get("loss_ema")
         print(f"[{name}] resuming from step {start_step} ({resume_dir})", flush=True)
 
     accelerator = Accelerator(mixed_precision=_mixed_precision(t["mixed_precision"]),
@@ -289,7 +294,7 @@ def train(recipe: dict, fresh: bool = False, export_model: bool = True, log_to_s
     end_step = min(t["steps"], stop_at) if stop_at else t["steps"]
     bar = tqdm(range(start_step, end_step), initial=start_step, total=t["steps"], desc=name,
                mininterval=5, disable=None)
-    t0, loss_ema, step = time.time(), None, start_step
+    t0, step = time.time(), start_step
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, t)
@@ -322,7 +327,7 @@ def train(recipe: dict, fresh: bool = False, export_model: bool = True, log_to_s
         if log_to_stdout and done % 10 == 0:
             print(json.dumps(record), flush=True)
         ckpt_meta = {"recipe_hash": rhash, "elapsed_s": elapsed_before + time.time() - t0,
-                     "decay_start": decay_start(t)}
+                     "decay_start": decay_start(t), "loss_ema": loss_ema}
         if done == end_step or (t["save_every"] and done % t["save_every"] == 0):
             save_checkpoint(ckpt_dir, accelerator.unwrap_model(model), optimizer, done, ckpt_meta)
         if done == decay_start(t):  # where a longer run of this recipe would go on from
