@@ -4,7 +4,7 @@
 #   sh training/build_all.sh            # from the repository root
 #
 # 1. fits Quill's 8,192-token byte-level BPE on the corpora's train split (seconds),
-# 2. trains quill-base from scratch (about an hour on two cores with bf16; docs/models.md has
+# 2. trains quill-base from scratch (about 100 minutes on two cores with bf16; docs/models.md has
 #    the time each step took on the build box),
 # 3. trains each genre's LoRA adapter on top of the exported base (minutes each),
 # 4. scores every model on the held-out split and writes docs/models.md.

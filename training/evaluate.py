@@ -234,10 +234,17 @@ def render(results: dict, genres: list[str], command: str, max_tokens: int, bloc
               f"torch {torch.__version__}, transformers {transformers.__version__}, peft "
               f"{peft.__version__}, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.", ""]
 
+    base_run = training.get(base_name) or {}
+    if base_run:  # how much training, from the runs themselves
+        hours = sum(t["train_seconds"] for t in training.values()) / 3600
+        passes = base_run["tokens"] / max(1, sum(base_run.get("train_tokens", {}).values()))
+        trained = (f"These are small models trained for {hours:.1f} hours in all on a 2-core CPU "
+                   f"(docs/training.md): the base saw {base_run['tokens'] / 1e6:.1f}M tokens, "
+                   f"{passes:.1f} passes over the corpora.")
+    else:
+        trained = "These are small models trained on a 2-core CPU (docs/training.md)."
     lines += ["## What to expect", "",
-              "These are small models trained for about an hour and a quarter on a 2-core CPU "
-              "(docs/training.md): the base saw about 10M tokens, two and a half passes over the "
-              "corpora. They write the phrases, line shapes and vocabulary of a genre, often "
+              f"{trained} They write the phrases, line shapes and vocabulary of a genre, often "
               "grammatical for a clause or two, but not coherent text. The point of shipping them "
               "is a complete, servable pipeline with honest numbers. For useful suggestions, point "
               "a registry entry at `hf://gpt2` or `hf://gpt2-medium` and fine-tune it with the "
