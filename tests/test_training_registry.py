@@ -113,6 +113,7 @@ def test_exported_adapter_loads_through_the_engine_loader(tmp_path, dtype):
     whether the adapter ships in float32 or in float16 (half the bytes)."""
     import torch
     from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from serve_app.engine.loader import load_model, load_tokenizer
@@ -133,7 +134,6 @@ def test_exported_adapter_loads_through_the_engine_loader(tmp_path, dtype):
             if "modules_to_save" in name and name.endswith("bias"):
                 p.normal_(0, 0.5)
     export_adapter(lora, tok, tmp_path / "legal", "../base", max_len=64, dtype=dtype)
-    from safetensors.torch import load_file
     shipped = load_file(str(tmp_path / "legal" / "adapter_model.safetensors"))
     assert {t.dtype for t in shipped.values()} == {getattr(torch, dtype)}
 

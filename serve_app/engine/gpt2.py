@@ -94,10 +94,9 @@ class GPT2Runner:
         ]
         self.device = self.wte.device
         self.dtype = self.wte.dtype
-        # The cache holds what the weights compute in: under bfloat16 weights a bf16 cache halves
-        # what attention reads, and SDPA's CPU kernel reads bf16 strided views in place (bf16
-        # `bmm`, the decode attention before, copied them first and so kept the cache float32).
-        self.cache_dtype = self.dtype
+        # The cache is in the weights' dtype: under bfloat16 weights a bf16 cache halves what
+        # attention reads, and SDPA's CPU kernel reads bf16 strided views in place (bf16 `bmm`,
+        # the decode attention before, copied them first and so kept the cache float32).
         shape = (cfg.n_layer, max_batch_size, cfg.n_head, max_seq_len, self.head_dim)
         # Allocated and zeroed once, at start. Masked positions are still multiplied (by a
         # probability of 0), so every position a pass reads must hold a finite number; zeroing
@@ -107,8 +106,8 @@ class GPT2Runner:
         # gained in its first 4 minutes, docs/performance.md), looked like a leak, and would
         # meet a container's memory limit at the busiest moment instead of at start. On a CPU
         # zeroing gpt2-small's 16 x 1024 positions (1.2 GB) adds well under a second to a start.
-        self.k_cache = torch.zeros(shape, device=self.device, dtype=self.cache_dtype)
-        self.v_cache = torch.zeros(shape, device=self.device, dtype=self.cache_dtype)
+        self.k_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        self.v_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
         # Every layer's matmuls have the same shapes: warming the first layer's builds them all.
         max_rows = max_rows or max_batch_size
         first = self.layers[0]
@@ -151,8 +150,8 @@ class GPT2Runner:
             offset += len(c.token_ids)
             last.append(offset - 1)
         for i, layer in enumerate(self.layers):
-            qkv = layer.attn(self._layer_norm(x, layer.ln_1)).to(self.cache_dtype)
-            a = torch.cat([f(i, qkv) for f in attend]).to(x.dtype)
+            qkv = layer.attn(self._layer_norm(x, layer.ln_1))
+            a = torch.cat([f(i, qkv) for f in attend])
             x = x + layer.proj(a)
             x = self._mlp(x, layer)
         return self._logits(x[last])
@@ -169,7 +168,7 @@ class GPT2Runner:
         # Each row attends to its own positions 0..pos[b]; the rest of the first L is masked
         # (an additive mask: 5-10% faster in SDPA than a boolean one).
         beyond = torch.arange(L, device=self.device)[None, :] > pos[:, None]
-        mask = torch.zeros(B, 1, 1, L, device=self.device, dtype=self.cache_dtype)
+        mask = torch.zeros(B, 1, 1, L, device=self.device, dtype=self.dtype)
         mask.masked_fill_(beyond[:, None, None, :], float("-inf"))
 
         def attend(i: int, qkv: torch.Tensor) -> torch.Tensor:
