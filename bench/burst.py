@@ -1,21 +1,23 @@
 """`quill serve` at saturation and below it, against the engine in-process and transformers.
 
-    quill bench serve --workload burst [--model small] [--writers 32] [--max-tokens 64] [--dtype float32] [--quick]
+    quill bench serve --workload burst [--model small] [--writers 32] [--max-tokens 64] [--dtype auto] [--quick]
 
 One run, one random-weight checkpoint, one workload (N prompts of random token ids, greedy,
 each asking for the same number of tokens):
-1. `quill serve` started as a user starts it, on a registry entry that says nothing about CPUs or
-   threads (the replica gets what `quill serve` gives it), driven by a light client
+1. `quill serve` started as a user starts it, on a registry entry that says nothing about CPUs,
+   threads or dtype (the replica gets what `quill serve` gives it), driven by a light client
    (bench/stream_client.py) in this process:
    - burst over SSE, then over the WebSocket: all N requests at once, so the server is saturated;
    - two Poisson arrival rates below the capacity the SSE burst measured (30% and 60% of it),
      for TTFT and time per output token when the server keeps up;
 2. the server stopped, the same burst replayed in a fresh process each by the engine in-process
    (an `Engine.step` loop, the same engine settings and threads the replica had), transformers'
-   `generate` on one static batch, and transformers' continuous batching (bench/systems.py).
+   `generate` on one static batch, and transformers' continuous batching (bench/systems.py), all
+   in the dtype the replica served; where that is not float32, transformers' static batch also
+   in float32, what a plain `from_pretrained` gives.
 
 The report states tokens/s of each and the ratios the issue asks for: `quill serve` over the
-static batch, and over the engine in-process.
+static batch (same dtype, and float32 where they differ), and over the engine in-process.
 """
 from __future__ import annotations
 
@@ -39,9 +41,10 @@ RATE_SHARES = (0.3, 0.6)  # of the measured capacity
 
 
 def registry_entry(checkpoint: Path, args) -> dict:
-    # No cpus_per_replica, no engine.threads: what a user who writes neither gets.
+    # No cpus_per_replica, no engine.threads (and with --dtype auto no dtype): what a user who
+    # writes none of them gets.
     return {
-        "name": MODEL, "source": str(checkpoint), "dtype": args.dtype,
+        "name": MODEL, "source": str(checkpoint), **({} if args.dtype == "auto" else {"dtype": args.dtype}),
         "engine": {"max_batch_size": args.writers, "max_seq_len": 1024, "prefix_cache_tokens": 0},
         "defaults": {"max_tokens": args.max_tokens, "temperature": 0},
         "limits": {"max_prompt_tokens": 512, "max_tokens": args.max_tokens, "max_n": 1},
@@ -51,12 +54,15 @@ def registry_entry(checkpoint: Path, args) -> dict:
 def replica_settings(registry_path: Path) -> dict:
     """The engine settings the replica runs with, as `quill serve` derives them on this machine."""
     from serve_app.config import load_registry, share_cpus
+    from serve_app.engine.loader import resolve_device, resolve_dtype
 
     entry = share_cpus(load_registry(registry_path), float(os.cpu_count() or 1)).models[0]
     e = entry.engine
+    dtype = str(resolve_dtype(entry.dtype, resolve_device(entry.device))).removeprefix("torch.")
     return {"threads": entry.threads, "max_batch_size": e.max_batch_size, "max_seq_len": e.max_seq_len,
             "max_prompt_tokens": entry.limits.max_prompt_tokens, "max_tokens": entry.limits.max_tokens,
-            "max_prefill_tokens": e.max_prefill_tokens, "cpus_per_replica": entry.cpus, "dtype": entry.dtype,
+            "max_prefill_tokens": e.max_prefill_tokens, "cpus_per_replica": entry.cpus, "dtype": dtype,
+            "registry_dtype": entry.dtype,
             "stream_messages_per_s": e.stream_messages_per_s}
 
 
@@ -168,21 +174,30 @@ def run(args, argv: list[str] | None) -> int:
                 show({**row, "rate_per_s": rate})
         finally:
             server.stop()
-        for system, name in ((OURS, "engine in-process (Engine.step loop)"),
-                             (STATIC, "transformers generate, one static batch"),
-                             (CB, "transformers continuous batching")):
+        peers = [(OURS, "engine in-process (Engine.step loop)", settings),
+                 (STATIC, "transformers generate, one static batch", settings),
+                 (CB, "transformers continuous batching", settings)]
+        if settings["dtype"] != "float32":
+            peers.append((STATIC, "transformers generate, one static batch, float32 (from_pretrained's default)",
+                          {**settings, "dtype": "float32"}))
+        peer_rows = []
+        for system, name, peer_settings in peers:
             print(f"[bench] {name} ...", flush=True)
-            show(peer_row(name, run_one(system, checkpoint, burst, settings, "process", args.system_timeout)))
+            peer_rows.append(peer_row(name, run_one(system, checkpoint, burst, peer_settings, "process",
+                                                    args.system_timeout)))
+            show(peer_rows[-1])
 
-    serve_row, engine_row, static_row = rows[0], rows[-3], rows[-2]
+    serve_row, engine_row, static_row = rows[0], peer_rows[0], peer_rows[1]
     report["ratios"] = {
         "serve_over_static": _ratio(serve_row, static_row),
         "serve_over_engine": _ratio(serve_row, engine_row),
         "engine_over_static": _ratio(engine_row, static_row),
     }
+    if len(peer_rows) == 4:
+        report["ratios"]["serve_over_static_float32"] = _ratio(serve_row, peer_rows[3])
     print(render(report))
     if args.out:
-        key = args.section or f"serve-burst-{args.model}-{args.dtype}"
+        key = args.section or f"serve-burst-{args.model}-{settings['dtype']}"
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
         (RESULTS_DIR / f"{key}.json").write_text(json.dumps(report, indent=1))
         write_section(Path(args.out), key, render(report))
@@ -205,10 +220,14 @@ def render(report: dict) -> str:
         f"{a['writers']} requests of {a['prompt_tokens']} random prompt tokens, {a['max_tokens']} greedy tokens each. "
         f"The replica, from a registry entry that sets no CPUs or threads: {s['cpus_per_replica']} CPUs, "
         f"{s['threads']} torch threads, batch {s['max_batch_size']}, {s['stream_messages_per_s']:g} stream messages/s; "
-        f"every system in {s['dtype']}, the in-process engine and transformers with the same threads. Rates below capacity: {a['rate_requests']} requests arriving as a Poisson "
+        f"weights in {s['dtype']} (registry dtype: {s.get('registry_dtype', s['dtype'])}), and every system in the same dtype "
+        f"{'' if s['dtype'] == 'float32' else '(transformers also in float32) '}with the same threads. "
+        f"Rates below capacity: {a['rate_requests']} requests arriving as a Poisson "
         "process. TPOT is per request, (last token - first token) / (tokens - 1).",
         "",
-        f"**`quill serve` / static batch: {q['serve_over_static']}x; `quill serve` / engine in-process: "
+        f"**`quill serve` / static batch: {q['serve_over_static']}x"
+        + (f" (/ float32 static batch: {q['serve_over_static_float32']}x)" if "serve_over_static_float32" in q else "")
+        + f"; `quill serve` / engine in-process: "
         f"{q['serve_over_engine']}x; engine in-process / static batch: {q['engine_over_static']}x.**",
         "",
         "| what | tokens/s | output tokens | wall s | TTFT p50 | TTFT p99 | TPOT p50 | TPOT p99 | errors |",

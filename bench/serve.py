@@ -52,8 +52,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--think", default="0.5-1.5", help="seconds between a suggestion and the next request (min-max)")
     p.add_argument("--max-tokens", type=int, default=None, help="tokens per suggestion (default 8; burst: 64)")
     p.add_argument("--prompt-tokens", type=int, default=16, help="burst: prompt tokens per request")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="burst: the model's dtype, in the registry entry and in every peer")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="burst: the registry entry's dtype (auto: the entry names none), and every peer's "
+                        "(auto: what the server chose; transformers also runs in float32, its own default)")
     p.add_argument("--rate-requests", type=int, default=32, help="burst: requests per rate below capacity")
     p.add_argument("--system-timeout", type=float, default=900.0, help="burst: seconds before a peer is given up")
     p.add_argument("--replicas", type=int, default=1)

@@ -133,7 +133,9 @@ class ModelEntry(_Section):
     source: str = Field(min_length=1)
     adapter: str | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    # auto: bfloat16 where the hardware computes in it (CPUs with AVX512-BF16 or AMX, GPUs),
+    # float32 elsewhere (serve_app/engine/loader.py `auto_dtype`).
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     gpus_per_replica: float = Field(0, ge=0)
     # Logical CPUs Ray reserves per replica. Unset: a local `quill serve` shares the machine's
     # CPUs among the models that leave it unset (`share_cpus`); elsewhere Ray's default of 1.

@@ -55,10 +55,13 @@ class ModelServer:
         self._stop = threading.Event()
         self._gauge_thread = threading.Thread(target=self._refresh_gauges, name="quill-gauges", daemon=True)
         self._gauge_thread.start()
-        log.info("model %s loaded in %.1f s", self.name, self.load_seconds)
+        # `dtype: auto` decides by hardware, so say what it chose.
+        runner = getattr(getattr(self.engine, "engine", None), "runner", None)
+        self.weights = f"{str(runner.dtype).removeprefix('torch.')} on {runner.device}" if runner else "unknown"
+        log.info("model %s loaded in %.1f s (%s)", self.name, self.load_seconds, self.weights)
 
     async def ready(self) -> dict:
-        return {"model": self.name, "load_seconds": round(self.load_seconds, 3)}
+        return {"model": self.name, "load_seconds": round(self.load_seconds, 3), "weights": self.weights}
 
     def _refresh_gauges(self) -> None:
         while not self._stop.wait(1.0):

@@ -29,5 +29,9 @@ def test_burst_bench_measures_every_phase_and_writes_its_section(tmp_path):
     assert all(v is not None for v in report["ratios"].values())
     # The replica got what a registry that says nothing about CPUs gets on this machine.
     assert report["replica"]["threads"] >= 1 and report["replica"]["cpus_per_replica"] > 0
+    # ... and no dtype (auto): the peers ran in the dtype the server chose, and transformers
+    # also in its own float32 wherever that differs.
+    assert report["replica"]["registry_dtype"] == "auto"
+    assert (report["replica"]["dtype"] == "float32") == (not any("float32" in p for p in phases))
     text = out.read_text()
     assert "<!-- bench:burst-smoke-test:start -->" in text and "quill serve` / static batch" in text

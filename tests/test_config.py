@@ -97,7 +97,7 @@ BAD = [
                  ["model 'tiny'", "limits.max_token", "did you mean 'max_tokens'"], id="typo-did-you-mean"),
     pytest.param(ENTRY + "    sorce: x\n", ["model 'tiny'", "sorce", "did you mean 'source'"], id="unknown-entry-key"),
     pytest.param(ENTRY + ENTRY, ["duplicate model name 'tiny'", "entries 1 and 2"], id="duplicate-name"),
-    pytest.param(ENTRY + "    dtype: float64\n", ["model 'tiny'", "dtype", "float32", "bfloat16"], id="bad-dtype"),
+    pytest.param(ENTRY + "    dtype: float64\n", ["model 'tiny'", "dtype", "auto", "float32", "bfloat16"], id="bad-dtype"),
     pytest.param(ENTRY + "    autoscaling: {min_replicas: 3, max_replicas: 2}\n",
                  ["model 'tiny'", "autoscaling", "min_replicas (3) is greater than max_replicas (2)"], id="min-gt-max"),
     pytest.param("  - name: tiny\n    source: no/such/dir\n",

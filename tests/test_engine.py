@@ -411,9 +411,9 @@ def test_empty_prompt_continues_from_end_of_text(checkpoint):
 def test_both_matmul_kernels_give_transformers_greedy_output(checkpoint, hf, monkeypatch, onednn):
     """The runner's weights go through oneDNN when this torch build has it, else F.linear
     (GPUs, other builds): either way the tokens are transformers'."""
-    if onednn and not linear_module._onednn_works():
+    if onednn and not linear_module.onednn_works():
         pytest.skip("this torch build has no working oneDNN linear")
-    monkeypatch.setattr(linear_module, "_onednn_works", lambda dtype=torch.float32: onednn)
+    monkeypatch.setattr(linear_module, "onednn_works", lambda dtype=torch.float32: onednn)
     engine = make_engine(checkpoint)
     tokens, _, _ = run(engine, [GenerationRequest(p, greedy(10), str(i)) for i, p in enumerate(PROMPTS)])
     for i, p in enumerate(PROMPTS):
@@ -424,7 +424,7 @@ def test_a_rows_logits_do_not_depend_on_the_other_rows(checkpoint):
     """Why seeded text is the same in any batch: the same token at the same position gives the
     same logits, bit for bit, alone or beside others (with oneDNN's packed matmuls; MKL's
     addmm and GPU kernels may differ in the last bits by batch size)."""
-    if not linear_module._onednn_works():
+    if not linear_module.onednn_works():
         pytest.skip("this torch build has no working oneDNN linear")
     engine = make_engine(checkpoint, max_batch_size=4)
     runner = engine.runner

@@ -6,8 +6,10 @@ import contextlib
 import pickle
 
 import pytest
+import torch
 
 from serve_app.config import parse_registry
+from serve_app.engine import linear, loader
 from serve_app.engine.types import EngineOverloaded, GenerationRequest, SamplingParams
 from serve_app.errors import ApiError
 from serve_app.metrics import LOCAL_REGISTRY
@@ -141,3 +143,24 @@ async def test_a_resent_prompt_is_counted_as_prefix_cache_hits(server):
     assert sample("quill_prefix_cache_hit_tokens_total", model="ms-a") == before + 16
     server._update_gauges(force=True)
     assert sample("quill_prefix_cache_tokens", model="ms-a") >= 16
+
+
+@pytest.mark.parametrize("bf16_units, dtype, served", [
+    (True, None, "bfloat16"), (False, None, "float32"), (True, "float32", "float32"),
+], ids=["auto-on-a-bf16-cpu", "auto-on-a-cpu-without-bf16", "explicit-float32-on-a-bf16-cpu"])
+async def test_an_entry_without_dtype_serves_bfloat16_only_where_the_cpu_computes_in_it(
+        tiny_checkpoints, monkeypatch, bf16_units, dtype, served):
+    """`dtype: auto`, the registry's default. Which CPU runs the suite is not ours to choose, so
+    the CPU's answer to "do you have bf16 units?" is a fake, both ways; the engine is real."""
+    if bf16_units and not linear.onednn_works(torch.bfloat16):
+        pytest.skip("this torch build has no oneDNN bfloat16 matmul")
+    monkeypatch.setattr(loader, "cpu_has_bf16_units", lambda: bf16_units)
+    s = ModelServer(entry(tiny_checkpoints["tiny-a"], "ms-auto", **({"dtype": dtype} if dtype else {})))
+    try:
+        assert s.entry.dtype == (dtype or "auto")
+        assert s.engine.engine.runner.dtype == getattr(torch, served)
+        assert (await s.ready())["weights"] == f"{served} on cpu"  # what the log line says too
+        out = await collect(s, GenerationRequest("Once upon", SamplingParams(max_tokens=6, temperature=0)))
+        assert sum(len(d.token_ids) for d in out) == 6 and out[-1].finish_reason == "length"
+    finally:
+        s.shutdown()

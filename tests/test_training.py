@@ -466,8 +466,9 @@ def test_evaluate_loads_an_adapter_through_the_engine_loader_and_reports_bits_pe
     assert calls == [(entries["tiny-base"].source, None),
                      (entries["tiny-base"].source, entries["tiny-legal"].adapter)]
 
-    served = real_load_model(entries["tiny-legal"].source, entries["tiny-legal"].adapter,
-                             torch.device("cpu"), torch.float32)
+    cpu = torch.device("cpu")  # in the dtype the entry resolves to here, as the server loads it
+    served = real_load_model(entries["tiny-legal"].source, entries["tiny-legal"].adapter, cpu,
+                             loader.resolve_dtype(entries["tiny-legal"].dtype, cpu))
     served_tok = loader.load_tokenizer(entries["tiny-legal"].source)
     val = data.genre_tokens("legal", "val", corpora, data.SplitSettings(), served_tok, tmp_path / "cache")
     want = score_stream(served, val, 32, 256, tokenizer=served_tok)

@@ -21,7 +21,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 # export.entry overrides any of them.
 DEFAULT_ENTRY = {
     "device": "auto",
-    "dtype": "float32",
+    "dtype": "auto",  # bfloat16 where the CPU or GPU computes in it (serve_app/engine/loader.py)
     "gpus_per_replica": 0,
     "cpus_per_replica": 0.25,
     "autoscaling": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 16},

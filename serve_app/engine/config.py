@@ -9,7 +9,7 @@ class EngineConfig:
     source: str  # local checkpoint folder, or hf://name on machines that reach the hub
     adapter: str | None = None  # LoRA adapter folder (peft format), merged into the base at load
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "float32"  # float32 | float16 | bfloat16
+    dtype: str = "float32"  # float32 | float16 | bfloat16 | auto (the registry's default)
     max_batch_size: int = 16  # sequences decoded together (a request with n choices takes n)
     max_seq_len: int = 1024  # prompt + generated tokens, per sequence
     max_waiting: int = 256  # requests queued beyond the running batch; more are refused

@@ -37,7 +37,7 @@ Linear = Callable[[torch.Tensor], torch.Tensor]
 
 def linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
     """A function `x -> x @ weight.T + bias` for `weight` [out, in] (nn.Linear's layout)."""
-    if weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16) and _onednn_works(weight.dtype):
+    if weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16) and onednn_works(weight.dtype):
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None)
 
         def packed_linear(x: torch.Tensor) -> torch.Tensor:
@@ -71,7 +71,7 @@ def warm_up(fn: Linear, max_rows: int) -> None:
 
 
 @lru_cache(maxsize=2)
-def _onednn_works(dtype: torch.dtype = torch.float32) -> bool:
+def onednn_works(dtype: torch.dtype = torch.float32) -> bool:
     if not torch.backends.mkldnn.is_available():
         return False
     try:
