@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--batches", default="1,8,32,64")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="the weights' (and so the KV cache's) dtype")
+                   help="the weights' dtype (the KV cache's: serve_app/engine/gpt2.py cache_dtype)")
     p.add_argument("--profile-at", default="8,64", help="batch sizes that also get a torch.profiler table")
     p.add_argument("--chunk", type=int, default=0,
                    help="also time each batch's step with a prompt chunk of this many tokens in the same pass")

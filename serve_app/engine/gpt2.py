@@ -24,6 +24,21 @@ from transformers.activations import ACT2FN
 from serve_app.engine.linear import Linear, linear, warm_up
 
 
+def cache_dtype(weights: torch.dtype, device: torch.device) -> torch.dtype:
+    """The KV cache's dtype: the weights', but float32 for bfloat16 weights on a CPU without AMX.
+
+    PyTorch's CPU attention in bfloat16 is fast where AMX computes it and slow where only
+    AVX512-BF16 does. 2 threads, 12 heads of 64, one query per sequence, 32 sequences: on a Xeon
+    with AMX a bf16 cache took 1.9 ms a layer against 3.4 for float32 (64 sequences, 200
+    positions); on an EPYC with AVX512-BF16, 2.1 ms against 0.4 at 80 positions and 4.9 against
+    1.9 at 200, and a 256-token prompt chunk 3.1 against 2.3 (`bench/profile_step.py`,
+    docs/engine.md). There, float32 keys and values cost twice the memory but a third of the
+    time; the casts of each layer's q, k, v and output are a few rows each."""
+    if device.type == "cpu" and weights == torch.bfloat16 and not getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
+        return torch.float32
+    return weights
+
+
 @dataclass
 class PromptChunk:
     """Prompt tokens to run into `slot` at positions `start..start+len(token_ids)-1` (a later
@@ -94,9 +109,10 @@ class GPT2Runner:
         ]
         self.device = self.wte.device
         self.dtype = self.wte.dtype
-        # The cache is in the weights' dtype: under bfloat16 weights a bf16 cache halves what
-        # attention reads, and SDPA's CPU kernel reads bf16 strided views in place (bf16 `bmm`,
-        # the decode attention before, copied them first and so kept the cache float32).
+        # The cache is in the weights' dtype, except bfloat16 weights on a CPU without AMX
+        # (`cache_dtype`). A bf16 cache halves what attention reads; where SDPA's bf16 kernel is
+        # fast (AMX) that is what pays.
+        self.cache_dtype = cache_dtype(self.dtype, self.device)
         shape = (cfg.n_layer, max_batch_size, cfg.n_head, max_seq_len, self.head_dim)
         # Allocated and zeroed once, at start. Masked positions are still multiplied (by a
         # probability of 0), so every position a pass reads must hold a finite number; zeroing
@@ -106,8 +122,8 @@ class GPT2Runner:
         # gained in its first 4 minutes, docs/performance.md), looked like a leak, and would
         # meet a container's memory limit at the busiest moment instead of at start. On a CPU
         # zeroing gpt2-small's 16 x 1024 positions (1.2 GB) adds well under a second to a start.
-        self.k_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
-        self.v_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        self.k_cache = torch.zeros(shape, device=self.device, dtype=self.cache_dtype)
+        self.v_cache = torch.zeros(shape, device=self.device, dtype=self.cache_dtype)
         # Every layer's matmuls have the same shapes: warming the first layer's builds them all.
         max_rows = max_rows or max_batch_size
         first = self.layers[0]
@@ -168,11 +184,11 @@ class GPT2Runner:
         # Each row attends to its own positions 0..pos[b]; the rest of the first L is masked
         # (an additive mask: 5-10% faster in SDPA than a boolean one).
         beyond = torch.arange(L, device=self.device)[None, :] > pos[:, None]
-        mask = torch.zeros(B, 1, 1, L, device=self.device, dtype=self.dtype)
+        mask = torch.zeros(B, 1, 1, L, device=self.device, dtype=self.cache_dtype)
         mask.masked_fill_(beyond[:, None, None, :], float("-inf"))
 
         def attend(i: int, qkv: torch.Tensor) -> torch.Tensor:
-            q, k, v = (t.view(B, H, D) for t in qkv[:B].split(self.embed, 1))
+            q, k, v = (t.view(B, H, D).to(self.cache_dtype) for t in qkv[:B].split(self.embed, 1))
             self.k_cache[i].view(-1, D).index_copy_(0, flat, k.reshape(B * H, D))
             self.v_cache[i].view(-1, D).index_copy_(0, flat, v.reshape(B * H, D))
             # SDPA over the cache views (one query per sequence). On a 2-thread AMX Xeon, per
@@ -182,7 +198,7 @@ class GPT2Runner:
                 q[:, :, None], self.k_cache[i, :B, :, :L], self.v_cache[i, :B, :, :L],
                 attn_mask=mask, scale=self.scales[i],
             )
-            return a.view(B, self.embed)
+            return a.view(B, self.embed).to(self.dtype)
 
         return attend
 
@@ -198,14 +214,15 @@ class GPT2Runner:
 
         def attend(i: int, qkv: torch.Tensor) -> torch.Tensor:
             rows = qkv[offset : offset + T]
-            q, k, v = (t.view(T, self.n_head, self.head_dim).transpose(0, 1) for t in rows.split(self.embed, 1))
+            q, k, v = (t.view(T, self.n_head, self.head_dim).transpose(0, 1).to(self.cache_dtype)
+                       for t in rows.split(self.embed, 1))
             self.k_cache[i, slot, :, start : start + T] = k
             self.v_cache[i, slot, :, start : start + T] = v
             a = F.scaled_dot_product_attention(
                 q, self.k_cache[i, slot, :, : start + T], self.v_cache[i, slot, :, : start + T],
                 attn_mask=mask, is_causal=mask is None, scale=self.scales[i],
             )
-            return a.transpose(0, 1).reshape(T, self.embed)
+            return a.transpose(0, 1).reshape(T, self.embed).to(self.dtype)
 
         return attend
 
