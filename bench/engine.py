@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from serve_app.config import set_openmp_env
+
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER_DIR = REPO / "models" / "gpt2-tokenizer"
 DEFAULT_OUT = REPO / "docs" / "performance.md"
@@ -313,7 +315,8 @@ def render(report: dict) -> str:
         f"{', '.join(str(x) for x in m['load_average_at_start'])}.  ",
         f"Versions: Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}.  ",
         f"Threads: {report['settings']['threads']} torch thread(s) in every system; "
-        f"OMP_WAIT_POLICY={report['env'].get('OMP_WAIT_POLICY') or 'unset'}.  ",
+        f"OMP_WAIT_POLICY={report['env'].get('OMP_WAIT_POLICY') or 'unset'}, "
+        f"GOMP_SPINCOUNT={report['env'].get('GOMP_SPINCOUNT') or 'unset'}.  ",
         f"Conditions: {report['conditions']}",
         "",
         f"Workload (seed {wl['seed']}, identical for every system of a model): {wl['requests']} requests, "
@@ -423,9 +426,7 @@ def write_section(path: Path, key: str, body: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Before torch loads, and inherited by the children: spinning OpenMP workers steal the
-    # cores from everything else on a 2-core box (see docs/registry.md).
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    set_openmp_env()  # before torch loads, and inherited by the children: as `quill serve` runs
     args = parse_args(argv)
     if args.render_only:
         report = json.loads(Path(args.render_only).read_text())
@@ -446,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         "mode": "quick smoke check" if args.quick else "full",
         "command": "quill bench engine " + " ".join(shlex.quote(a) for a in shown),
         "machine": machine_info(),
-        "env": {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")},
+        "env": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")},
         "conditions": args.conditions,
         "settings": {
             "threads": args.threads, "max_batch_size": args.max_batch_size, "max_seq_len": 512,

@@ -16,10 +16,11 @@ Random weights: the time per step does not depend on what the weights say.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import statistics
 import time
+
+from serve_app.config import set_openmp_env
 
 
 def _median_ms(fn, reps: int = 5) -> float:
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kernels", action="store_true",
                    help="also time a whole stack of layer matmuls, and the LM head, with each CPU kernel")
     args = p.parse_args(argv)
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    set_openmp_env()  # before torch loads, and inherited by the children: as `quill serve` runs
 
     import torch
     import torch.nn.functional as F

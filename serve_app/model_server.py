@@ -33,7 +33,8 @@ def _default_engine(entry: ModelEntry):
     from serve_app.weights import local_entry
 
     # The engine reads folders: an s3:// or gs:// checkpoint is synced to this node's cache first.
-    return AsyncEngine(Engine(local_entry(entry).engine_config()))
+    config = local_entry(entry).engine_config()
+    return AsyncEngine(lambda: Engine(config))  # built on the thread that steps it
 
 
 class ModelServer:

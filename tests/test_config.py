@@ -1,6 +1,7 @@
 """The registry schema: good files load, bad files are refused naming the file, model and field."""
 from __future__ import annotations
 
+import os
 import textwrap
 
 import pytest
@@ -236,3 +237,15 @@ def test_quill_serve_refuses_a_busy_port(tmp_path):
         s.listen()
         r = _quill("serve", "--registry", str(path), "--port", str(s.getsockname()[1]))
     assert r.returncode == 2 and "already in use" in r.stderr
+
+
+def test_openmp_defaults_fill_what_is_unset_and_keep_what_the_user_set(monkeypatch):
+    """`quill serve` and the benchmarks set these before torch loads; a value in the
+    environment (a user's own OMP_WAIT_POLICY, say) is kept."""
+    from serve_app.config import OPENMP_ENV, set_openmp_env
+
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    set_openmp_env()
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+    assert os.environ["GOMP_SPINCOUNT"] == OPENMP_ENV["GOMP_SPINCOUNT"]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from pathlib import Path
 
@@ -587,6 +588,24 @@ def test_bfloat16_weights_stay_within_tolerance_of_float32(checkpoint, monkeypat
         logits[dtype] = torch.stack(rows)
     scale = logits["float32"].abs().max()
     assert (logits["bfloat16"] - logits["float32"]).abs().max() <= 0.05 * scale
+
+
+async def test_an_engine_given_as_a_builder_is_built_on_the_thread_that_steps_it(checkpoint, hf, tmp_path):
+    """One thread loads, warms and steps the model, so the process keeps one OpenMP pool (a
+    second pool made libgomp put its workers to sleep between ops). A model that fails to load
+    fails the constructor with the loader's own error, as building it in place did."""
+    from serve_app.engine import CheckpointError
+
+    built_on = []
+    aengine = AsyncEngine(lambda: built_on.append(threading.get_ident()) or make_engine(checkpoint))
+    try:
+        assert built_on == [aengine._thread.ident] and aengine.engine is not None
+        got = [d async for d in aengine.generate(GenerationRequest(PROMPTS[0], greedy(8), "built"))]
+        assert [t for d in got for t in d.token_ids] == hf_greedy(hf, PROMPTS[0], 8)
+    finally:
+        aengine.shutdown()
+    with pytest.raises(CheckpointError, match="not a folder"):
+        AsyncEngine(lambda: make_engine(tmp_path / "no-such-model"))
 
 
 async def test_async_engine_streams_and_cancels_when_the_caller_leaves(checkpoint, hf):

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
 @dataclass(frozen=True)
 class EngineConfig:
     source: str  # local checkpoint folder, or hf://name on machines that reach the hub
