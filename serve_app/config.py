@@ -127,16 +127,15 @@ class Limits(_Section):
 # OpenMP settings for every process that runs the engine on more than one thread. libgomp (torch's
 # OpenMP) reads them once, when torch loads, so they are set before that (this module does not
 # import torch): in `quill serve` before Ray starts its workers, in the benchmarks before their
-# peers start. A value already set wins.
+# peers start, so that both measure the same thing. A value already set wins.
 OPENMP_ENV = {
     # An idle worker sleeps instead of spinning for its default 3 ms, which on a small box
-    # steals the core another replica, the ingress or the proxy needs ...
+    # steals the core another replica, the ingress or the proxy needs. A short spin
+    # (GOMP_SPINCOUNT=10000, about 0.1 ms) made the engine in-process 12% faster on 2 cores, but
+    # not `quill serve` there: the spinning worker then competes with the request path (same
+    # tokens/s, 20% more CPU; docs/performance.md). Where the request path has cores of its own,
+    # setting GOMP_SPINCOUNT is worth a try.
     "OMP_WAIT_POLICY": "PASSIVE",
-    # ... but first waits about 0.1 ms for the next op (libgomp lets this count override
-    # PASSIVE), so the back-to-back ops of a step skip a futex wake-up each. gpt2-small in
-    # bfloat16, a burst of 32 x 64 tokens in-process, 2 threads: 616-649 tokens/s against
-    # 547-577 with PASSIVE alone (docs/performance.md).
-    "GOMP_SPINCOUNT": "10000",
 }
 
 

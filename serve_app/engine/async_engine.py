@@ -26,11 +26,13 @@ class AsyncEngine:
         """`engine`, or a function that builds it: then it is built on the step thread (below).
 
         Why build there: libgomp gives each thread that runs torch ops a pool of OpenMP workers
-        of its own, and once a process holds more of them than it has CPUs, a worker that waits
-        for the next op sleeps at once instead of spinning for a moment (GOMP_SPINCOUNT), so
-        every op of a step pays a futex wake-up. Loading and warming the model on one thread and
-        stepping it on another made that so: a gpt2-small bf16 burst of 32 x 64 tokens, 2 threads,
-        ran at 573-577 tokens/s instead of 616-649 (9,000 against 840 sleeps of the worker)."""
+        of its own, and once a process holds more of them than it has CPUs, a worker waiting for
+        the next op sleeps at once, whatever GOMP_SPINCOUNT says, so every op of a step pays a
+        futex wake-up. Loading and warming the model on one thread and stepping it on another
+        made that so: a gpt2-small bf16 burst of 32 x 64 tokens with GOMP_SPINCOUNT=10000, 2
+        threads, ran at 573-577 tokens/s instead of 616-649 (9,000 sleeps of the worker against
+        840). With the default OMP_WAIT_POLICY=PASSIVE the worker always sleeps; built here, an
+        operator's GOMP_SPINCOUNT takes effect in a replica as it does in-process."""
         # request id -> (the caller's loop, its queue, its number of choices)
         self._routes: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[list[Delta]], int]] = {}
         self._wake = threading.Event()

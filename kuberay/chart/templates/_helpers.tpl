@@ -173,8 +173,6 @@ read their settings from it.
   value: {{ .Values.weightsCache.path | quote }}
 - name: OMP_WAIT_POLICY
   value: PASSIVE
-- name: GOMP_SPINCOUNT
-  value: "10000"
 {{- if .Values.auth.existingSecret }}
 - name: QUILL_API_KEYS
   valueFrom:
