@@ -482,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
                 for w in workload:
                     w["arrival_s"] = 0.0
             checkpoint = make_checkpoint(size, Path(tmp) / size, args.seed)
-            costs = model_costs(vocab_size=VOCAB, n_positions=N_POSITIONS, **{
+            costs = model_costs(vocab_size=VOCAB, n_positions=N_POSITIONS, dtype=args.dtype, **{
                 k: v for k, v in MODELS[size].items() if k != "n_head"})
             mr = report["models"][size] = {
                 "workload": {

@@ -92,8 +92,8 @@ def measure_limits(threads: int, quick: bool = False, dtype: str = "float32") ->
     }
 
 
-def model_costs(n_layer: int, n_embd: int, vocab_size: int, n_positions: int) -> dict:
-    """Parameters, bytes read per decode step and FLOPs per token of a GPT-2 shape (fp32)."""
+def model_costs(n_layer: int, n_embd: int, vocab_size: int, n_positions: int, dtype: str = "float32") -> dict:
+    """Parameters, bytes read per decode step (weights in `dtype`) and FLOPs per token of a GPT-2 shape."""
     per_layer_matmul = 12 * n_embd * n_embd  # qkv 3E^2, proj E^2, fc 4E^2, out 4E^2
     per_layer_small = 13 * n_embd  # biases (3E + E + 4E + E) and two layer norms (4E)
     matmul_params = n_layer * per_layer_matmul + vocab_size * n_embd  # + the tied LM head
@@ -101,7 +101,7 @@ def model_costs(n_layer: int, n_embd: int, vocab_size: int, n_positions: int) ->
     return {
         "params": params,
         # A decode step reads every weight once; of the position table only a few rows.
-        "bytes_per_decode_step": 4 * (params - n_positions * n_embd),
+        "bytes_per_decode_step": (2 if dtype in ("bfloat16", "float16") else 4) * (params - n_positions * n_embd),
         "flops_per_token": 2 * matmul_params,
     }
 
