@@ -479,6 +479,10 @@ def test_evaluate_loads_an_adapter_through_the_engine_loader_and_reports_bits_pe
     assert results["text"]["tiny-base"]["genres"]["legal"] == (want.tokens, want.bytes)
     assert [p for p, _ in results["samples"]["tiny-legal"]] == [ev.PROMPTS["legal"]] * 3
     assert results["defaults"]["tiny-legal"]["top_k"] == 40  # the registry entry's defaults
+    # and the docs say in which dtype the numbers were taken (dtype: auto decides by CPU)
+    served_dtype = str(loader.resolve_dtype(entries["tiny-legal"].dtype, cpu)).removeprefix("torch.")
+    assert results["dtypes"]["tiny-legal"] == served_dtype
+    assert f"weights in {served_dtype}" in ev.render(results, ["legal", "abstracts"], "quill evaluate", 256, 32)
 
     doc = ev.render(results, ["legal", "abstracts"], "quill evaluate ...", 256, 32)
     assert f"| legal | held-out split of `{corpora.resolve()}/legal` | {want.tokens:,} | {want.bytes:,} |" in doc

@@ -94,7 +94,7 @@ def evaluate(registry: Path, names: list[str] | None, genres: list[str], max_tok
     corpora = corpora or repo_path("training/corpora")
     streams: dict[str, dict] = {}  # tokenizer folder -> genre -> held-out tokens
     results = {"ppl": {}, "bpb": {}, "samples": {}, "sizes": {}, "seconds": {}, "defaults": {},
-               "text": {}, "corpora": corpora}
+               "dtypes": {}, "text": {}, "corpora": corpora}
     for entry in entries:
         name, t0 = entry.name, time.time()
         config, model, tokenizer = load_served(entry)
@@ -117,6 +117,7 @@ def evaluate(registry: Path, names: list[str] | None, genres: list[str], max_tok
         seeds = [seed] if own is None else [seed, seed + 1, seed + 2]
         prompts = [(PROMPTS[g], s) for g in prompt_genres for s in seeds]
         results["defaults"][name] = entry.defaults.model_dump()
+        results["dtypes"][name] = str(next(model.parameters()).dtype).removeprefix("torch.")
         texts = samples(config, model, tokenizer, results["defaults"][name], prompts)
         results["samples"][name] = [(p, text) for (p, _), text in zip(prompts, texts)]
         results["seconds"][name] = time.time() - t0
@@ -229,8 +230,10 @@ def render(results: dict, genres: list[str], command: str, max_tokens: int, bloc
                 change = 100 * (row[g] / base[g] - 1)
                 lines.append(f"| `{name}` | {row[g]:.1f} | {base[g]:.1f} | {change:+.0f}% | "
                              f"{bpb[name][g]:.3f} | {base_bpb[g]:.3f} |")
+    served_dtypes = ", ".join(sorted(set(results.get("dtypes", {}).values()))) or "an unrecorded dtype"
     lines += ["", "Made by:", "", "```", command, "```", "",
               f"on {platform.machine()} / {platform.system()}, {torch.get_num_threads()} torch thread(s), "
+              f"weights in {served_dtypes} (as the registry's dtype loads them on this machine), "
               f"torch {torch.__version__}, transformers {transformers.__version__}, peft "
               f"{peft.__version__}, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.", ""]
 
