@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from serve_app.config import parse_registry
-from serve_app.engine import linear, loader
+from serve_app.engine import linear
 from serve_app.engine.types import EngineOverloaded, GenerationRequest, SamplingParams
 from serve_app.errors import ApiError
 from serve_app.metrics import LOCAL_REGISTRY
@@ -154,7 +154,7 @@ async def test_an_entry_without_dtype_serves_bfloat16_only_where_the_cpu_compute
     the CPU's answer to "do you have bf16 units?" is a fake, both ways; the engine is real."""
     if bf16_units and not linear.onednn_works(torch.bfloat16):
         pytest.skip("this torch build has no oneDNN bfloat16 matmul")
-    monkeypatch.setattr(loader, "cpu_has_bf16_units", lambda: bf16_units)
+    monkeypatch.setattr(linear, "cpu_has_bf16_units", lambda: bf16_units)
     s = ModelServer(entry(tiny_checkpoints["tiny-a"], "ms-auto", **({"dtype": dtype} if dtype else {})))
     try:
         assert s.entry.dtype == (dtype or "auto")

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from transformers import GPT2LMHeadModel
 from transformers.activations import ACT2FN
 
-from serve_app.engine.linear import Linear, linear, warm_up
+from serve_app.engine.linear import Linear, cpu_has_amx, linear, warm_up
 
 
 def cache_dtype(weights: torch.dtype, device: torch.device) -> torch.dtype:
@@ -34,7 +34,7 @@ def cache_dtype(weights: torch.dtype, device: torch.device) -> torch.dtype:
     1.9 at 200, and a 256-token prompt chunk 3.1 against 2.3 (`bench/profile_step.py`,
     docs/engine.md). There, float32 keys and values cost twice the memory but a third of the
     time; the casts of each layer's q, k, v and output are a few rows each."""
-    if device.type == "cpu" and weights == torch.bfloat16 and not getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
+    if device.type == "cpu" and weights == torch.bfloat16 and not cpu_has_amx():
         return torch.float32
     return weights
 

@@ -70,6 +70,19 @@ def warm_up(fn: Linear, max_rows: int) -> None:
         rows = padded_rows(rows) + 1
 
 
+def cpu_has_amx() -> bool:
+    return _cpu_probe("_is_amx_tile_supported")
+
+
+def cpu_has_bf16_units() -> bool:
+    """AVX512-BF16 or AMX: bfloat16 matmuls in hardware; elsewhere they are emulated, slower than float32."""
+    return _cpu_probe("_is_avx512_bf16_supported") or cpu_has_amx()
+
+
+def _cpu_probe(name: str) -> bool:
+    return bool(getattr(torch.cpu, name, lambda: False)())  # private probes: absent in some builds
+
+
 @lru_cache(maxsize=2)
 def onednn_works(dtype: torch.dtype = torch.float32) -> bool:
     if not torch.backends.mkldnn.is_available():

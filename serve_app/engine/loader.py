@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, GPT2LMHeadModel, PreTrainedTokenizerBase
 
+from serve_app.engine import linear
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -43,24 +45,15 @@ def auto_dtype(device: torch.device) -> torch.dtype:
     float32 elsewhere.
 
     On a CPU with bf16 units (AVX512-BF16 or AMX) oneDNN runs bfloat16 matmuls at about twice
-    float32's rate, and the KV cache (the weights' dtype) halves what attention reads; the shipped
+    float32's rate (the KV cache's dtype is chosen apart: gpt2.py `cache_dtype`); the shipped
     models' held-out bits per byte moved by at most 0.001 in bfloat16 (docs/performance.md,
     "dtype: auto"). Without the units bfloat16 is emulated and slower than float32. On a GPU:
     bfloat16 where supported (float16 overflows more easily), else float16."""
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and cpu_has_bf16_units():
-        from serve_app.engine.linear import onednn_works
-
-        if onednn_works(torch.bfloat16):
-            return torch.bfloat16
+    if device.type == "cpu" and linear.cpu_has_bf16_units() and linear.onednn_works(torch.bfloat16):
+        return torch.bfloat16
     return torch.float32
-
-
-def cpu_has_bf16_units() -> bool:
-    cpu = torch.cpu
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(cpu, name, lambda: False)() for name in probes)
 
 
 def _local_path(source: str) -> str:
