@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import platform
 import shlex
 import sys
@@ -27,6 +26,7 @@ from pathlib import Path
 import torch
 
 from training.data import GENRES, REPO_ROOT, SplitSettings, genre_tokens
+from training.export import read_training_run
 from training.metrics import score_stream
 from training.recipe import repo_path
 
@@ -124,10 +124,10 @@ def evaluate(registry: Path, names: list[str] | None, genres: list[str], max_tok
         print(f"{name}: " + ", ".join(f"{g} ppl {s.perplexity:.1f} bpb {s.bits_per_byte:.3f}"
                                       for g, s in scored.items())
               + f"  ({results['seconds'][name]:.0f} s)", flush=True)
-        summary = repo_path("runs") / name / "summary.json"  # present where the model was trained
-        if summary.exists():
-            results.setdefault("training", {})[name] = json.loads(summary.read_text())
         folder = Path(config.adapter or config.source)
+        run = read_training_run(folder)
+        if run:
+            results.setdefault("training", {})[name] = run
         results["sizes"][name] = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     return results
 
@@ -172,7 +172,7 @@ def render(results: dict, genres: list[str], command: str, max_tokens: int, bloc
                         f"{'fp32' if t['precision'] == 'no' else t['precision']}" for t in training.values()})
         lines += ["## Training runs", "",
                   f"On the build box ({'; '.join(where)}); tokens/s depend on what else ran "
-                  "beside it. From `runs/<name>/summary.json`:", "",
+                  "beside it. From `models/<name>/training_run.json`, which the export writes beside the weights:", "",
                   "| model | method | steps | tokens | minutes | tokens/s | trainable params |",
                   "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
         for name, t in training.items():

@@ -117,6 +117,21 @@ def write_card(out_dir: Path, text: str) -> None:
     (out_dir / "README.md").write_text(text)
 
 
+# The training run's summary (steps, minutes, tokens/s, the box) travels with the weights it made:
+# runs/ is a scratch folder a fresh checkout lacks, and docs/models.md's training table is
+# rendered from this file.
+TRAINING_RUN = "training_run.json"
+
+
+def write_training_run(out_dir: Path, summary: dict) -> None:
+    (out_dir / TRAINING_RUN).write_text(json.dumps(summary, indent=1) + "\n")
+
+
+def read_training_run(model_dir: Path) -> dict | None:
+    path = Path(model_dir) / TRAINING_RUN
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def shipped_bytes(models_dir: Path) -> int:
     """Total size of every .safetensors file under models/ (the 60 MB budget)."""
     return sum(p.stat().st_size for p in Path(models_dir).rglob("*.safetensors"))

@@ -362,11 +362,13 @@ def _base_ref(init: str, registry_dir: Path) -> str:
 
 
 def rewrite_card(recipe: dict, run_root: Path | None = None) -> Path:
-    """Re-render models/<name>/README.md from runs/<name>/summary.json, without training (for
-    when the card's wording changes). The registry entry is rebuilt the same way as at export."""
-    summary = json.loads(((run_root or repo_path("runs")) / recipe["name"] / "summary.json").read_text())
+    """Re-render models/<name>/README.md from the run summary the export wrote beside the weights
+    (or runs/<name>/summary.json), without training (for when the card's wording changes). The
+    registry entry is rebuilt the same way as at export."""
     e = recipe["export"]
     out_dir, registry_dir = repo_path(e["dir"]), repo_path(e["registry"]).parent
+    summary = export.read_training_run(out_dir) or json.loads(
+        ((run_root or repo_path("runs")) / recipe["name"] / "summary.json").read_text())
     if recipe["method"] == "lora":
         entry = export.registry_entry(recipe["name"], _base_ref(recipe["model"]["init"], registry_dir),
                                       os.path.relpath(out_dir, registry_dir), e["entry"])
@@ -418,6 +420,7 @@ def export_recipe_model(recipe: dict, model, tokenizer, summary: dict) -> str:
               else [g for g in GENRES if (corpora / g).is_dir()])
     summary["held_out_ppl"], summary["held_out_bpb"] = _held_out_scores(scored, recipe, tokenizer, genres)
     export.write_card(out_dir, model_card(recipe, summary, entry))
+    export.write_training_run(out_dir, summary)
     export.update_registry(registry_path, entry)
     print(f"[{recipe['name']}] exported to {out_dir}; held-out ppl {summary['held_out_ppl']}, "
           f"bits/byte {summary['held_out_bpb']}", flush=True)
@@ -434,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-export", action="store_true", help="train only; don't touch models/")
     ap.add_argument("--print-recipe", action="store_true", help="print the merged recipe and exit")
     ap.add_argument("--card-only", action="store_true",
-                    help="re-render the model card from runs/<name>/summary.json; no training")
+                    help="re-render the model card from the run summary beside the weights; no training")
     args = ap.parse_args(argv)
     for path in args.recipe:
         recipe = load_recipe(repo_path(path) if not Path(path).exists() else path)
