@@ -6,7 +6,7 @@
 # 1. fits Quill's 8,192-token byte-level BPE on the corpora's train split (seconds),
 # 2. trains quill-base from scratch (about 100 minutes on two cores with bf16; docs/models.md has
 #    the time each step took on the build box),
-# 3. trains each genre's LoRA adapter on top of the exported base (minutes each),
+# 3. trains each genre's LoRA adapter on top of the exported base (10-50 minutes each),
 # 4. scores every model on the held-out split and writes docs/models.md.
 # Every training step resumes from runs/<name>/ if it was interrupted; pass --fresh to start
 # over. Logs: runs/<name>/log.jsonl. Extra arguments go to every `training.train` call.
