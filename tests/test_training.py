@@ -168,7 +168,12 @@ def test_a_few_steps_lower_the_loss_and_export_loads_with_safetensors(tiny_base,
     from training.train import rewrite_card
 
     (out / "README.md").write_text("stale")
-    assert rewrite_card(recipe, run_root=tmp_path / "no-runs-here").read_text() == card
+    runs = tmp_path / "runs"
+    runs.rename(tmp_path / "runs-away")
+    try:
+        assert rewrite_card(recipe).read_text() == card
+    finally:
+        (tmp_path / "runs-away").rename(runs)
     registry = yaml.safe_load(Path(recipe["export"]["registry"]).read_text())
     assert [m["name"] for m in registry["models"]] == ["tiny-base"]
     assert registry["models"][0]["source"] == "tiny-base"  # relative to the registry's folder

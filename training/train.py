@@ -361,14 +361,16 @@ def _base_ref(init: str, registry_dir: Path) -> str:
     return os.path.relpath(repo_path(init), registry_dir)
 
 
-def rewrite_card(recipe: dict, run_root: Path | None = None) -> Path:
-    """Re-render models/<name>/README.md from the run summary the export wrote beside the weights
-    (or runs/<name>/summary.json), without training (for when the card's wording changes). The
-    registry entry is rebuilt the same way as at export."""
+def rewrite_card(recipe: dict) -> Path:
+    """Re-render models/<name>/README.md from the run summary the export wrote beside the weights,
+    without training (for when the card's wording changes). The registry entry is rebuilt the
+    same way as at export."""
     e = recipe["export"]
     out_dir, registry_dir = repo_path(e["dir"]), repo_path(e["registry"]).parent
-    summary = export.read_training_run(out_dir) or json.loads(
-        ((run_root or repo_path("runs")) / recipe["name"] / "summary.json").read_text())
+    summary = export.read_training_run(out_dir)
+    if summary is None:
+        raise FileNotFoundError(f"{out_dir / export.TRAINING_RUN}: no run summary beside the "
+                                f"weights; train {recipe['name']} again to write one")
     if recipe["method"] == "lora":
         entry = export.registry_entry(recipe["name"], _base_ref(recipe["model"]["init"], registry_dir),
                                       os.path.relpath(out_dir, registry_dir), e["entry"])
