@@ -745,9 +745,15 @@ async def test_a_step_that_raises_ends_every_stream_with_an_error(checkpoint):
 
 async def test_shutdown_ends_waiting_streams_with_an_error(checkpoint):
     aengine = AsyncEngine(make_engine(checkpoint, max_batch_size=1))
-    first = asyncio.create_task(_collect(aengine, GenerationRequest(PROMPTS[0], greedy(200), "long")))
+    long = aengine.generate(GenerationRequest(PROMPTS[0], greedy(200), "long"))
+    started = await long.__anext__()  # streaming, in the only slot (200 tokens: a few hundred ms)
+
+    async def rest():
+        return [started] + [d async for d in long]
+
+    first = asyncio.create_task(rest())
     waiting = asyncio.create_task(_collect(aengine, GenerationRequest(PROMPTS[1], greedy(5), "queued")))
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.02)  # the queued request reaches the engine
     await asyncio.to_thread(aengine.shutdown)
     for task in (first, waiting):
         deltas = await asyncio.wait_for(task, 10)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from transformers import GPT2LMHeadModel
 from transformers.activations import ACT2FN
 
+from serve_app.engine.attention import decode_attention, fused_decode_available
 from serve_app.engine.linear import Linear, cpu_has_amx, linear, warm_up
 
 
@@ -124,6 +125,9 @@ class GPT2Runner:
         # zeroing gpt2-small's 16 x 1024 positions (1.2 GB) adds well under a second to a start.
         self.k_cache = torch.zeros(shape, device=self.device, dtype=self.cache_dtype)
         self.v_cache = torch.zeros(shape, device=self.device, dtype=self.cache_dtype)
+        # Decode rows attend through attention.py's loop where it serves this cache (a float32
+        # cache on a CPU), else through SDPA; compiled here, at start, not on the first request.
+        self.fused_decode = fused_decode_available(self.k_cache)
         # Every layer's matmuls have the same shapes: warming the first layer's builds them all.
         max_rows = max_rows or max_batch_size
         first = self.layers[0]
@@ -167,13 +171,21 @@ class GPT2Runner:
             last.append(offset - 1)
         for i, layer in enumerate(self.layers):
             qkv = layer.attn(self._layer_norm(x, layer.ln_1))
-            a = torch.cat([f(i, qkv) for f in attend])
+            a = attend[0](i, qkv) if len(attend) == 1 else torch.cat([f(i, qkv) for f in attend])
             x = x + layer.proj(a)
             x = self._mlp(x, layer)
         return self._logits(x[last])
 
     def _decode_attention(self, B: int, pos: torch.Tensor):
         """Attention of rows 0..B-1 (one query each, sequence b in slot b) over their caches."""
+        if self.fused_decode:
+            positions = pos.numpy()
+
+            def attend_fused(i: int, qkv: torch.Tensor) -> torch.Tensor:
+                a = decode_attention(qkv[:B], self.k_cache[i], self.v_cache[i], positions, self.scales[i])
+                return a.to(self.dtype)
+
+            return attend_fused
         L = int(pos.max()) + 1  # row b reads positions 0..L-1 of slot b, its own and beyond
         H, D = self.n_head, self.head_dim
         # Where row b's new key goes for each head, as a row of the layer's cache seen as

@@ -1,0 +1,83 @@
+"""The CPU decode attention (serve_app/engine/attention.py) against PyTorch's SDPA: the same
+answer, the new keys and values in the cache, and rows that do not depend on each other."""
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from serve_app.engine.attention import decode_attention, fused_decode_available
+from serve_app.engine.gpt2 import GPT2Runner, PromptChunk
+
+H, D, SLOTS, MAX_LEN = 4, 16, 6, 64
+
+
+def _sdpa(q, k_cache, v_cache, positions, scale):
+    """Each row's attention over its positions 0..p, one row at a time."""
+    rows = []
+    for b, p in enumerate(positions):
+        k, v = k_cache[b, :, : p + 1], v_cache[b, :, : p + 1]
+        rows.append(F.scaled_dot_product_attention(q[b][:, None], k, v, scale=scale)[:, 0].reshape(-1))
+    return torch.stack(rows)
+
+
+def test_matches_sdpa_and_writes_the_new_key_and_value():
+    g = torch.Generator().manual_seed(0)
+    k_cache, v_cache = (torch.randn(SLOTS, H, MAX_LEN, D, generator=g) for _ in range(2))
+    positions = np.array([0, 5, 63, 17], np.int64)  # a first token, the cache's last position
+    B, E = len(positions), H * D
+    qkv = torch.randn(B, 3 * E, generator=g)
+    before_k, before_v = k_cache.clone(), v_cache.clone()
+
+    out = decode_attention(qkv, k_cache, v_cache, positions, 0.3)
+
+    new_k, new_v = qkv[:, E : 2 * E].view(B, H, D), qkv[:, 2 * E :].view(B, H, D)
+    for b, p in enumerate(positions):
+        assert torch.equal(k_cache[b, :, p], new_k[b]) and torch.equal(v_cache[b, :, p], new_v[b])
+        before_k[b, :, p], before_v[b, :, p] = new_k[b], new_v[b]
+    assert torch.equal(k_cache, before_k) and torch.equal(v_cache, before_v)  # nothing else touched
+    want = _sdpa(qkv[:, :E].view(B, H, D), k_cache, v_cache, positions, 0.3)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_row_gets_the_same_bits_whatever_the_other_rows():
+    """A seeded request's text must not depend on who shares its batch, nor on their lengths."""
+    g = torch.Generator().manual_seed(1)
+    k_cache, v_cache = (torch.randn(SLOTS, H, MAX_LEN, D, generator=g) for _ in range(2))
+    qkv = torch.randn(SLOTS, 3 * H * D, generator=g)
+    alone = decode_attention(qkv[:1], k_cache.clone(), v_cache.clone(), np.array([9]), 0.25)
+    crowd = decode_attention(qkv, k_cache.clone(), v_cache.clone(), np.array([9, 60, 1, 33, 2, 50]), 0.25)
+    assert torch.equal(crowd[:1], alone)
+
+
+def test_bfloat16_rows_are_cast_in():
+    g = torch.Generator().manual_seed(2)
+    k_cache, v_cache = (torch.randn(SLOTS, H, MAX_LEN, D, generator=g) for _ in range(2))
+    qkv = torch.randn(2, 3 * H * D, generator=g).bfloat16()
+    out = decode_attention(qkv, k_cache, v_cache, np.array([3, 7]), 0.25)
+    want = _sdpa(qkv[:, : H * D].float().view(2, H, D), k_cache, v_cache, [3, 7], 0.25)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_runner_uses_it_on_a_cpu_and_agrees_with_sdpa():
+    """A float32 runner on a CPU attends through the compiled loop (numba is a dependency: if it
+    stops compiling, this fails rather than the engine quietly losing its speed); its logits
+    match the SDPA path it falls back to, over several steps with rows of different lengths."""
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_positions=64, n_layer=2, n_head=H, n_embd=H * D)).eval()
+    runners = [GPT2Runner(model, 4, 64) for _ in range(2)]
+    assert fused_decode_available(runners[0].k_cache) and runners[0].fused_decode
+    runners[1].fused_decode = False  # the SDPA path
+    for r in runners:
+        for slot, length in enumerate((3, 11, 1, 7)):
+            r.forward([], [], [PromptChunk(slot, 0, list(range(slot, slot + length)))])
+    positions = [3, 11, 1, 7]
+    for step in range(5):
+        fused, sdpa = (r.forward([5 + step, 6, 7, 8], positions) for r in runners)
+        torch.testing.assert_close(fused, sdpa, rtol=1e-4, atol=1e-4)
+        positions = [p + 1 for p in positions]
+
+
+def test_a_bfloat16_cache_keeps_sdpa():
+    """A bf16 cache (CPUs with AMX) is left to SDPA, whose bf16 kernel is fast there."""
+    assert not fused_decode_available(torch.zeros(1, 1, 1, 1, dtype=torch.bfloat16))
