@@ -22,12 +22,17 @@ fails to compile.
 from __future__ import annotations
 
 import logging
+import threading
 from functools import lru_cache
 
 import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
+# numba runs a parallel loop on OpenMP (the system's libgomp) where it finds it, else on its own
+# "workqueue" threads, which must not be entered by two threads at once: several engines in one
+# process (tests, benchmarks) take turns here. A replica has one engine, so it never waits.
+_LAUNCH = threading.Lock()
 
 
 @lru_cache(maxsize=1)
@@ -83,8 +88,9 @@ def _kernel():
 
     try:  # compile now, on a toy case, so that a failure falls back here and not mid-step
         cache = np.zeros((1, 1, 2, 2), np.float32)
-        decode_attention(np.ones((1, 6), np.float32), cache, cache.copy(), np.zeros(1, np.int64),
-                         np.float32(1.0), np.empty((1, 2), np.float32))
+        with _LAUNCH:
+            decode_attention(np.ones((1, 6), np.float32), cache, cache.copy(), np.zeros(1, np.int64),
+                             np.float32(1.0), np.empty((1, 2), np.float32))
     except Exception:  # noqa: BLE001 (numba's errors have no common base worth naming)
         log.warning("numba could not compile the CPU decode attention; using SDPA", exc_info=True)
         return None
@@ -106,6 +112,7 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     kernel, numba = _kernel()
     qkv = qkv.float().contiguous()
     out = torch.empty(qkv.shape[0], qkv.shape[1] // 3)
-    numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    kernel(qkv.numpy(), k_cache.numpy(), v_cache.numpy(), positions, np.float32(scale), out.numpy())
+    with _LAUNCH:
+        numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+        kernel(qkv.numpy(), k_cache.numpy(), v_cache.numpy(), positions, np.float32(scale), out.numpy())
     return out
