@@ -230,11 +230,14 @@ class GPT2Runner:
                        for t in rows.split(self.embed, 1))
             self.k_cache[i, slot, :, start : start + T] = k
             self.v_cache[i, slot, :, start : start + T] = v
+            # 4-d, [1, H, T, D]: PyTorch's CPU flash kernel takes only 4-d inputs and runs the
+            # rest by its math path (a bmm, a softmax and masking passes over [H, T, T]).
             a = F.scaled_dot_product_attention(
-                q, self.k_cache[i, slot, :, : start + T], self.v_cache[i, slot, :, : start + T],
+                q[None], self.k_cache[i, slot : slot + 1, :, : start + T],
+                self.v_cache[i, slot : slot + 1, :, : start + T],
                 attn_mask=mask, is_causal=mask is None, scale=self.scales[i],
             )
-            return a.transpose(0, 1).reshape(T, self.embed).to(self.dtype)
+            return a[0].transpose(0, 1).reshape(T, self.embed).to(self.dtype)
 
         return attend
 
