@@ -523,6 +523,21 @@ async def test_coalesced_stream_delivers_every_token_in_order_first_one_at_once(
         aengine.shutdown()
 
 
+async def test_the_end_of_a_request_is_not_held_back(checkpoint, hf):
+    """A budget of one message a second holds a lone caller's tokens for a second after its
+    first; the request ends a few steps in, and its end goes out then, not when the hold is up."""
+    aengine = AsyncEngine(make_engine(checkpoint, stream_messages_per_s=1))
+    try:
+        started = time.monotonic()
+        messages = [step async for step in aengine.generate_steps(GenerationRequest(PROMPTS[1], greedy(8), "e"))]
+        elapsed = time.monotonic() - started
+        assert [t for step in messages for d in step for t in d.token_ids] == hf_greedy(hf, PROMPTS[1], 8)
+        assert len(messages) == 2 and messages[-1][-1].finish_reason == "length"  # the rest was held
+        assert elapsed < 0.7, f"the end waited out the hold ({elapsed:.2f} s)"
+    finally:
+        aengine.shutdown()
+
+
 async def test_tokenizing_a_huge_prompt_does_not_stall_other_streams(checkpoint):
     """The event loop keeps delivering a running stream while a megabyte prompt is tokenized
     (on the loop itself, the running stream got nothing until the tokenizer was done)."""
