@@ -1,11 +1,12 @@
 """The CPU decode attention (serve_app/engine/attention.py) against PyTorch's SDPA: the same
 answer, the new keys and values in the cache, and rows that do not depend on each other."""
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from serve_app.engine.attention import decode_attention, fused_decode_available
+from serve_app.engine.attention import decode_attention, fused_decode_serves
 from serve_app.engine.gpt2 import GPT2Runner, PromptChunk
 
 H, D, SLOTS, MAX_LEN = 4, 16, 6, 64
@@ -59,14 +60,33 @@ def test_bfloat16_rows_are_cast_in():
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
 
 
-def test_the_runner_uses_it_on_a_cpu_and_agrees_with_sdpa():
-    """A float32 runner on a CPU attends through the compiled loop (numba is a dependency: if it
-    stops compiling, this fails rather than the engine quietly losing its speed); its logits
-    match the SDPA path it falls back to, over several steps with rows of different lengths."""
+def test_a_bfloat16_cache_is_read_and_written_as_bfloat16():
+    """Half the bytes to read: the cache keeps bf16, the new keys and values are stored rounded
+    to bf16, and the answer is float32 attention over exactly those bf16 values."""
+    g = torch.Generator().manual_seed(3)
+    k_cache, v_cache = (torch.randn(SLOTS, H, MAX_LEN, D, generator=g).bfloat16() for _ in range(2))
+    positions = np.array([0, 40, 12], np.int64)
+    B, E = len(positions), H * D
+    qkv = torch.randn(B, 3 * E, generator=g)
+    out = decode_attention(qkv, k_cache, v_cache, positions, 0.25)
+    for b, p in enumerate(positions):
+        assert torch.equal(k_cache[b, :, p], qkv[b, E : 2 * E].view(H, D).bfloat16())
+        assert torch.equal(v_cache[b, :, p], qkv[b, 2 * E :].view(H, D).bfloat16())
+    want = _sdpa(qkv[:, :E].view(B, H, D), k_cache.float(), v_cache.float(), positions, 0.25)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_the_runner_uses_it_on_a_cpu_and_agrees_with_sdpa(dtype, tol):
+    """A runner on a CPU attends through the compiled loop (numba is a dependency: if it stops
+    compiling, this fails rather than the engine quietly losing its speed); its logits match
+    the SDPA path it falls back to, over several steps with rows of different lengths."""
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_positions=64, n_layer=2, n_head=H, n_embd=H * D)).eval()
+    config = GPT2Config(vocab_size=97, n_positions=64, n_layer=2, n_head=H, n_embd=H * D)
+    model = GPT2LMHeadModel(config).eval().to(dtype)
     runners = [GPT2Runner(model, 4, 64) for _ in range(2)]
-    assert fused_decode_available(runners[0].k_cache) and runners[0].fused_decode
+    assert fused_decode_serves(runners[0].device, runners[0].cache_dtype) and runners[0].fused_decode
+    assert runners[0].cache_dtype == dtype
     runners[1].fused_decode = False  # the SDPA path
     for r in runners:
         for slot, length in enumerate((3, 11, 1, 7)):
@@ -74,10 +94,5 @@ def test_the_runner_uses_it_on_a_cpu_and_agrees_with_sdpa():
     positions = [3, 11, 1, 7]
     for step in range(5):
         fused, sdpa = (r.forward([5 + step, 6, 7, 8], positions) for r in runners)
-        torch.testing.assert_close(fused, sdpa, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(fused, sdpa, rtol=tol, atol=tol * sdpa.abs().max().item())
         positions = [p + 1 for p in positions]
-
-
-def test_a_bfloat16_cache_keeps_sdpa():
-    """A bf16 cache (CPUs with AMX) is left to SDPA, whose bf16 kernel is fast there."""
-    assert not fused_decode_available(torch.zeros(1, 1, 1, 1, dtype=torch.bfloat16))

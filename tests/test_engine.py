@@ -585,18 +585,25 @@ async def test_a_caller_that_leaves_while_its_tokens_are_held_frees_its_slot(che
 
 
 @pytest.mark.parametrize("amx", [True, False], ids=["cpu-with-amx", "cpu-without-amx"])
-def test_bfloat16_weights_stay_within_tolerance_of_float32(checkpoint, monkeypatch, amx):
+@pytest.mark.parametrize("numba", [True, False], ids=["numba-attention", "no-numba"])
+def test_bfloat16_weights_stay_within_tolerance_of_float32(checkpoint, monkeypatch, amx, numba):
     """bf16 weights (the fast path on CPUs with bf16 units) against float32: the same logits
     within bf16's precision, for a prompt and for the decode steps that read the cache. The
-    cache is bf16 where AMX runs attention, float32 elsewhere (faster there): the CPU's answer
-    is a fake, both ways, so both caches are checked on whatever CPU runs the suite."""
+    cache is bf16 where AMX or attention.py's loop runs attention, float32 elsewhere (faster
+    there): the CPU's answer and numba's are faked, all four ways, so every cache and attention
+    path is checked on whatever CPU runs the suite."""
+    from serve_app.engine import gpt2
+
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    if not numba:
+        monkeypatch.setattr(gpt2, "fused_decode_serves", lambda device, dtype: False)
     ids = [464, 3381, 2714, 326, 262, 1110, 286, 257] * 4
     logits = {}
     for dtype in ("float32", "bfloat16"):
         engine = make_engine(checkpoint, dtype=dtype)
-        want_cache = torch.bfloat16 if dtype == "bfloat16" and amx else torch.float32
+        want_cache = torch.bfloat16 if dtype == "bfloat16" and (amx or numba) else torch.float32
         assert engine.runner.k_cache.dtype == want_cache  # half the bytes in bf16
+        assert engine.runner.fused_decode == numba
         rows = [engine.runner.forward([], [], [PromptChunk(0, 0, ids)])[0]]
         for step, token in enumerate([290, 11, 262]):  # three decode steps on the cached prompt
             rows.append(engine.runner.forward([token], [len(ids) + step])[0])

@@ -48,28 +48,37 @@ def _kernel():
     # sums: within 1e-6 of SDPA on unit-scale values); nogil lets the replica's event loop run
     # while a step is in here.
     @njit(parallel=True, fastmath=True, nogil=True, cache=False)
-    def decode_attention(qkv, k_cache, v_cache, positions, scale, out):
-        # qkv [B, 3*H*D] float32: a row's query, key and value side by side, head-major each.
-        # k_cache, v_cache [slots, H, max_len, D]: sequence b in slot b, its new token at
-        # positions[b]. out [B, H*D].
-        B = qkv.shape[0]
+    def decode_attention(q, kv, k_cache, v_cache, widen, positions, scale, out):
+        # q [B, H*D] float32, head-major; kv [B, 2*H*D] the new keys then values, in the cache's
+        # element type. k_cache, v_cache [slots, H, max_len, D]: float32, or bfloat16 seen as
+        # uint16 (`widen`: a bfloat16 is the top half of a float32). Sequence b is in slot b, its
+        # new token at positions[b]. out [B, H*D] float32.
+        B = q.shape[0]
         H, D = k_cache.shape[1], k_cache.shape[3]
         E = H * D
         for bh in prange(B * H):
             b = bh // H
             h = bh - b * H
             p = positions[b]
-            q = qkv[b, h * D : (h + 1) * D]
+            qh = q[b, h * D : (h + 1) * D]
             keys = k_cache[b, h]
             values = v_cache[b, h]
-            keys[p, :] = qkv[b, E + h * D : E + (h + 1) * D]
-            values[p, :] = qkv[b, 2 * E + h * D : 2 * E + (h + 1) * D]
+            keys[p, :] = kv[b, h * D : (h + 1) * D]
+            values[p, :] = kv[b, E + h * D : E + (h + 1) * D]
+            bits = np.empty(D, np.uint32)
+            row = bits.view(np.float32)  # one cached key or value, as float32
             scores = np.empty(p + 1, np.float32)
             top = -np.inf
             for t in range(p + 1):
+                if widen:
+                    for d in range(D):
+                        bits[d] = np.uint32(keys[t, d]) << 16
+                else:
+                    for d in range(D):
+                        row[d] = keys[t, d]
                 s = np.float32(0.0)
                 for d in range(D):
-                    s += q[d] * keys[t, d]
+                    s += qh[d] * row[d]
                 s *= scale
                 scores[t] = s
                 top = max(top, s)
@@ -81,25 +90,39 @@ def _kernel():
             o = out[b, h * D : (h + 1) * D]
             o[:] = 0.0
             for t in range(p + 1):
+                if widen:
+                    for d in range(D):
+                        bits[d] = np.uint32(values[t, d]) << 16
+                else:
+                    for d in range(D):
+                        row[d] = values[t, d]
                 w = scores[t]
                 for d in range(D):
-                    o[d] += w * values[t, d]
+                    o[d] += w * row[d]
             o *= np.float32(1.0) / total
 
-    try:  # compile now, on a toy case, so that a failure falls back here and not mid-step
-        cache = np.zeros((1, 1, 2, 2), np.float32)
-        with _LAUNCH:
-            decode_attention(np.ones((1, 6), np.float32), cache, cache.copy(), np.zeros(1, np.int64),
-                             np.float32(1.0), np.empty((1, 2), np.float32))
-    except Exception:  # noqa: BLE001 (numba's errors have no common base worth naming)
-        log.warning("numba could not compile the CPU decode attention; using SDPA", exc_info=True)
-        return None
     return decode_attention, numba
 
 
-def fused_decode_available(cache: torch.Tensor) -> bool:
-    """Whether `decode_attention` serves this cache (a float32 cache on a CPU, numba working)."""
-    return cache.device.type == "cpu" and cache.dtype == torch.float32 and _kernel() is not None
+@lru_cache(maxsize=2)
+def _compiles(dtype: torch.dtype) -> bool:
+    """Compile the loop for a cache of `dtype` now, on a toy case: a failure falls back to SDPA
+    when the runner is built, not in the middle of a step."""
+    if _kernel() is None:
+        return False
+    try:
+        cache = torch.zeros(1, 1, 2, 2, dtype=dtype)
+        decode_attention(torch.ones(1, 6), cache, cache.clone(), np.zeros(1, np.int64), 1.0)
+    except Exception:  # noqa: BLE001 (numba's errors have no common base worth naming)
+        log.warning("numba could not compile the CPU decode attention for %s; using SDPA", dtype, exc_info=True)
+        return False
+    return True
+
+
+def fused_decode_serves(device: torch.device, cache_dtype: torch.dtype) -> bool:
+    """Whether `decode_attention` serves a cache of `cache_dtype` on `device`: float32 or
+    bfloat16 on a CPU, numba working."""
+    return device.type == "cpu" and cache_dtype in (torch.float32, torch.bfloat16) and _compiles(cache_dtype)
 
 
 def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -107,12 +130,20 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     """Write row b's new key and value at `positions[b]` of slot b, and return its attention over
     positions 0..positions[b]: [B, H*D] float32.
 
-    `qkv` [B, 3*H*D] (any float dtype: cast here), `k_cache` / `v_cache` one layer's
-    [slots, H, max_len, D] float32, `positions` int64 [B]. Uses as many threads as torch does."""
+    `qkv` [B, 3*H*D] in any float dtype, `k_cache` / `v_cache` one layer's [slots, H, max_len, D]
+    in float32 or bfloat16, `positions` int64 [B]. Uses as many threads as torch does."""
     kernel, numba = _kernel()
-    qkv = qkv.float().contiguous()
-    out = torch.empty(qkv.shape[0], qkv.shape[1] // 3)
+    E = qkv.shape[1] // 3
+    q = qkv[:, :E].float().contiguous()
+    kv = qkv[:, E:].to(k_cache.dtype).contiguous()
+    out = torch.empty(qkv.shape[0], E)
     with _LAUNCH:
         numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-        kernel(qkv.numpy(), k_cache.numpy(), v_cache.numpy(), positions, np.float32(scale), out.numpy())
+        kernel(q.numpy(), _as_numpy(kv), _as_numpy(k_cache), _as_numpy(v_cache),
+               k_cache.dtype == torch.bfloat16, positions, np.float32(scale), out.numpy())
     return out
+
+
+def _as_numpy(t: torch.Tensor) -> np.ndarray:
+    """A view of `t` for numba (numpy has no bfloat16: its bits, as uint16)."""
+    return t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()

@@ -21,21 +21,23 @@ import torch.nn.functional as F
 from transformers import GPT2LMHeadModel
 from transformers.activations import ACT2FN
 
-from serve_app.engine.attention import decode_attention, fused_decode_available
+from serve_app.engine.attention import decode_attention, fused_decode_serves
 from serve_app.engine.linear import Linear, cpu_has_amx, linear, warm_up
 
 
 def cache_dtype(weights: torch.dtype, device: torch.device) -> torch.dtype:
-    """The KV cache's dtype: the weights', but float32 for bfloat16 weights on a CPU without AMX.
+    """The KV cache's dtype: the weights', but float32 for bfloat16 weights on a CPU where
+    neither attention.py's loop (numba) nor AMX runs bfloat16 attention fast.
 
     PyTorch's CPU attention in bfloat16 is fast where AMX computes it and slow where only
     AVX512-BF16 does. 2 threads, 12 heads of 64, one query per sequence, 32 sequences: on a Xeon
     with AMX a bf16 cache took 1.9 ms a layer against 3.4 for float32 (64 sequences, 200
     positions); on an EPYC with AVX512-BF16, 2.1 ms against 0.4 at 80 positions and 4.9 against
-    1.9 at 200, and a 256-token prompt chunk 3.1 against 2.3 (`bench/profile_step.py`,
-    docs/engine.md). There, float32 keys and values cost twice the memory but a third of the
-    time; the casts of each layer's q, k, v and output are a few rows each."""
-    if device.type == "cpu" and weights == torch.bfloat16 and not cpu_has_amx():
+    1.9 at 200 (`bench/profile_step.py`, docs/engine.md). attention.py's loop reads a bf16 cache
+    as it comes, and there half the bytes pay: 0.69 ms a layer against 0.94 for float32 at
+    contexts of 16-80, 1.45 against 1.83 at 16-383 (the EPYC, 32 sequences, 2 threads)."""
+    if (device.type == "cpu" and weights == torch.bfloat16 and not cpu_has_amx()
+            and not fused_decode_serves(device, torch.bfloat16)):
         return torch.float32
     return weights
 
@@ -127,7 +129,12 @@ class GPT2Runner:
         self.v_cache = torch.zeros(shape, device=self.device, dtype=self.cache_dtype)
         # Decode rows attend through attention.py's loop where it serves this cache (a float32
         # cache on a CPU), else through SDPA; compiled here, at start, not on the first request.
-        self.fused_decode = fused_decode_available(self.k_cache)
+        self.fused_decode = fused_decode_serves(self.device, self.cache_dtype)
+        # Prompt chunks attend by SDPA, whose bf16 kernel is slow on CPUs without AMX: there a
+        # chunk's queries, keys and values go in as float32 (a 256-token chunk 2.3 ms a layer
+        # against 3.1 on the EPYC; the copies are a few hundred positions each).
+        slow_bf16 = self.device.type == "cpu" and self.cache_dtype == torch.bfloat16 and not cpu_has_amx()
+        self.chunk_dtype = torch.float32 if slow_bf16 else self.cache_dtype
         # Every layer's matmuls have the same shapes: warming the first layer's builds them all.
         max_rows = max_rows or max_batch_size
         first = self.layers[0]
@@ -226,15 +233,16 @@ class GPT2Runner:
 
         def attend(i: int, qkv: torch.Tensor) -> torch.Tensor:
             rows = qkv[offset : offset + T]
-            q, k, v = (t.view(T, self.n_head, self.head_dim).transpose(0, 1).to(self.cache_dtype)
+            q, k, v = (t.view(T, self.n_head, self.head_dim).transpose(0, 1)
                        for t in rows.split(self.embed, 1))
             self.k_cache[i, slot, :, start : start + T] = k
             self.v_cache[i, slot, :, start : start + T] = v
             # 4-d, [1, H, T, D]: PyTorch's CPU flash kernel takes only 4-d inputs and runs the
             # rest by its math path (a bmm, a softmax and masking passes over [H, T, T]).
+            keys = self.k_cache[i, slot : slot + 1, :, : start + T].to(self.chunk_dtype)
+            values = self.v_cache[i, slot : slot + 1, :, : start + T].to(self.chunk_dtype)
             a = F.scaled_dot_product_attention(
-                q[None], self.k_cache[i, slot : slot + 1, :, : start + T],
-                self.v_cache[i, slot : slot + 1, :, : start + T],
+                q[None].to(self.chunk_dtype), keys, values,
                 attn_mask=mask, is_causal=mask is None, scale=self.scales[i],
             )
             return a[0].transpose(0, 1).reshape(T, self.embed).to(self.dtype)
