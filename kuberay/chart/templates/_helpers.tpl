@@ -173,6 +173,8 @@ read their settings from it.
   value: {{ .Values.weightsCache.path | quote }}
 - name: OMP_WAIT_POLICY
   value: PASSIVE
+- name: GOMP_SPINCOUNT
+  value: "1000"
 {{- if .Values.auth.existingSecret }}
 - name: QUILL_API_KEYS
   valueFrom:
