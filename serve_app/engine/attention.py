@@ -44,6 +44,16 @@ def _kernel():
     except ImportError:
         return None
 
+    @njit(inline="always")
+    def read_row(cached, widen, bits, row):
+        """One cached key or value into `row` (float32), which `bits` (uint32) shares."""
+        if widen:
+            for d in range(bits.shape[0]):
+                bits[d] = np.uint32(cached[d]) << 16
+        else:
+            for d in range(row.shape[0]):
+                row[d] = cached[d]
+
     # fastmath lets LLVM vectorise the dot products over the head dimension (it reorders the
     # sums: within 1e-6 of SDPA on unit-scale values); nogil lets the replica's event loop run
     # while a step is in here.
@@ -70,12 +80,7 @@ def _kernel():
             scores = np.empty(p + 1, np.float32)
             top = -np.inf
             for t in range(p + 1):
-                if widen:
-                    for d in range(D):
-                        bits[d] = np.uint32(keys[t, d]) << 16
-                else:
-                    for d in range(D):
-                        row[d] = keys[t, d]
+                read_row(keys[t], widen, bits, row)
                 s = np.float32(0.0)
                 for d in range(D):
                     s += qh[d] * row[d]
@@ -90,12 +95,7 @@ def _kernel():
             o = out[b, h * D : (h + 1) * D]
             o[:] = 0.0
             for t in range(p + 1):
-                if widen:
-                    for d in range(D):
-                        bits[d] = np.uint32(values[t, d]) << 16
-                else:
-                    for d in range(D):
-                        row[d] = values[t, d]
+                read_row(values[t], widen, bits, row)
                 w = scores[t]
                 for d in range(D):
                     o[d] += w * row[d]
