@@ -96,3 +96,25 @@ def test_the_runner_uses_it_on_a_cpu_and_agrees_with_sdpa(dtype, tol):
         fused, sdpa = (r.forward([5 + step, 6, 7, 8], positions) for r in runners)
         torch.testing.assert_close(fused, sdpa, rtol=tol, atol=tol * sdpa.abs().max().item())
         positions = [p + 1 for p in positions]
+
+
+def test_a_loop_that_fails_to_compile_leaves_the_runner_on_sdpa(monkeypatch, caplog):
+    """Where numba cannot build the loop (a FAKE failure: it compiles on this machine), the
+    runner is built with SDPA and says why in the log, instead of failing mid-step."""
+    from serve_app.engine import attention
+
+    def broken(*args):
+        raise RuntimeError("no LLVM target for this CPU")
+
+    kernel, numba = attention._kernel()
+    monkeypatch.setattr(attention, "_kernel", lambda: (broken, numba))
+    attention._compiles.cache_clear()
+    try:
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_positions=64, n_layer=2, n_head=H, n_embd=H * D)).eval()
+        runner = GPT2Runner(model, 2, 64)
+        assert not runner.fused_decode and "using SDPA" in caplog.text
+        runner.forward([], [], [PromptChunk(0, 0, [1, 2, 3])])
+        assert runner.forward([4], [3]).shape == (1, 97)
+    finally:
+        attention._compiles.cache_clear()
