@@ -14,10 +14,13 @@ layer against SDPA's 1.54 with contexts 16-80, 1.02 against 2.18 with 16-196 and
 only, so a short sequence beside a long one costs what it is, and a row's output does not depend
 on the other rows.
 
-numba compiles the loop with LLVM when a runner first needs it (about a second; no C compiler
-involved). It serves a float32 cache on a CPU only, where this loop wins: a bfloat16 cache (CPUs
-with AMX, docs/engine.md) and GPUs keep SDPA, and so does any machine where numba is missing or
-fails to compile.
+A bfloat16 cache is read as stored (a bf16 number is the top half of a float32), so it reads
+half the bytes: 0.69 ms a layer against 0.94 for float32 at contexts 16-80, 1.45 against 1.83 at
+16-383.
+
+numba compiles the loop with LLVM when a runner is built (about a second; no C compiler
+involved). It serves float32 and bfloat16 caches on a CPU; GPUs keep SDPA, and so does any
+machine where numba is missing or fails to compile (docs/engine.md).
 """
 from __future__ import annotations
 

@@ -127,8 +127,8 @@ class GPT2Runner:
         # zeroing gpt2-small's 16 x 1024 positions (1.2 GB) adds well under a second to a start.
         self.k_cache = torch.zeros(shape, device=self.device, dtype=self.cache_dtype)
         self.v_cache = torch.zeros(shape, device=self.device, dtype=self.cache_dtype)
-        # Decode rows attend through attention.py's loop where it serves this cache (a float32
-        # cache on a CPU), else through SDPA; compiled here, at start, not on the first request.
+        # Decode rows attend through attention.py's loop where it serves this cache (on a CPU),
+        # else through SDPA; compiled here, at start, not on the first request.
         self.fused_decode = fused_decode_serves(self.device, self.cache_dtype)
         # Prompt chunks attend by SDPA, whose bf16 kernel is slow on CPUs without AMX: there a
         # chunk's queries, keys and values go in as float32 (a 256-token chunk 2.3 ms a layer
