@@ -83,15 +83,15 @@ class AsyncEngine:
         try:
             while remaining > 0:
                 step = await queue.get()
-                if not step:  # the timer of a hold that ended early
-                    continue
                 if budget and sent_at is not None and not _ends(step, remaining):
                     # Hold the tokens until this caller's share of the message budget allows
                     # the next message, then send what has come by then together. The more
                     # requests stream, the more steps a message carries.
                     interval = min(len(self._routes) / budget, MAX_HOLD_S)
                     step = await self._hold(queue, step, remaining, sent_at + interval - time.monotonic())
-                while not queue.empty():  # fell behind, or held: what is here goes out together
+                # Fell behind, or held: what is here goes out together (with, at most, the empty
+                # deadline of a hold that the end cut short).
+                while not queue.empty():
                     step = step + queue.get_nowait()
                 remaining -= sum(d.finished for d in step)
                 sent_at = time.monotonic()

@@ -40,7 +40,8 @@ _LAUNCH = threading.Lock()
 
 @lru_cache(maxsize=1)
 def _kernel():
-    """The compiled loop, or None where numba is missing or cannot compile it here."""
+    """The loop (numba compiles it on first call, per cache dtype: `_compiles`), or None where
+    numba is missing."""
     try:
         import numba
         from numba import njit, prange
