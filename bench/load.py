@@ -144,8 +144,9 @@ async def find_target(client, args) -> Target:
 
 def local_replicas(url: str) -> dict[str, int]:
     """{deployment title: pid} of the Serve replicas behind `url` when it listens on this
-    machine: the port's owner is Ray's proxy, a worker of the Ray node whose other workers
-    include the replicas (so another Quill on the same machine is never counted)."""
+    machine: the port's owner is HAProxy (started by a worker of the Ray node) or Ray's proxy
+    (a worker itself), and the node's other workers include the replicas (so another Quill on
+    the same machine is never counted)."""
     import psutil
 
     parts = urlsplit(url)
@@ -154,17 +155,21 @@ def local_replicas(url: str) -> dict[str, int]:
     try:
         owner = next(c.pid for c in psutil.net_connections("tcp")
                      if c.status == psutil.CONN_LISTEN and c.laddr.port == (parts.port or 80) and c.pid)
-        node = psutil.Process(owner).parent()
         replicas = {}
-        for proc in node.children():
-            title = " ".join(proc.cmdline())
-            # Ray titles a replica's process "ray::ServeReplica:<app>:<deployment>"; the
-            # ingress is a replica too, the models' deployments are the others.
-            if "ServeReplica" in title and "Ingress" not in title:
-                # Ray appends the task running at the moment (".check_health", ...): not part
-                # of the replica's name, or one replica would show as several columns.
-                deployment = title.split(":")[-1].split()[0].split(".")[0]
-                replicas[f"{deployment} (pid {proc.pid})"] = proc.pid
+        node = psutil.Process(owner)
+        for _ in range(2):  # HAProxy -> its manager actor -> the raylet; Ray's proxy -> the raylet
+            node = node.parent()
+            for proc in node.children() if node is not None else ():
+                title = " ".join(proc.cmdline())
+                # Ray titles a replica's process "ray::ServeReplica:<app>:<deployment>"; the
+                # ingress is a replica too, the models' deployments are the others.
+                if "ServeReplica" in title and "Ingress" not in title:
+                    # Ray appends the task running at the moment (".check_health", ...): not part
+                    # of the replica's name, or one replica would show as several columns.
+                    deployment = title.split(":")[-1].split()[0].split(".")[0]
+                    replicas[f"{deployment} (pid {proc.pid})"] = proc.pid
+            if replicas or node is None:
+                break
         return replicas
     except (StopIteration, psutil.Error):
         return {}

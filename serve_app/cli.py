@@ -14,6 +14,7 @@ The other commands are front doors: they import their module only when called.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib
 import os
 import re
@@ -117,6 +118,25 @@ def serve_main(argv: list[str]) -> int:
     if local:
         # Before Ray is imported (just below): a Ray of our own listens on loopback only.
         local_ray.prepare_environment()
+        # Ray Serve's throughput-optimized data plane: HAProxy (a C binary that ray[serve]
+        # installs) takes HTTP in place of Serve's Python proxy and hands it to the ingress
+        # replica, which serves it itself; replicas call each other over gRPC; user code runs
+        # on the replica's own event loop. The issue-#11 burst on 2 cores: the request path
+        # (every process but the model's replica) took 0.73-1.18 CPU-s a burst through the
+        # Python proxy, 0.37-0.51 this way, and the engine gets what is left (docs/performance.md).
+        os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+        os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
+        # An ingress replica behind HAProxy otherwise stays up 30 s when it stops, for load
+        # balancers to notice; `quill serve` has drained it already (_drain).
+        os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "0")
+        # HAProxy's stats page and exporter default to fixed ports (8404, 9101): a second
+        # local server would fail to bind them. local_ray keeps both on loopback.
+        os.environ.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(_free_port()))
+        os.environ.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(_free_port()))
+        # HAProxy answers 400 itself (an HTML page: its errorfiles do not apply to requests it
+        # cannot parse) to headers that overflow its buffer, 16 KiB by default: at 64 KiB the
+        # front door's JSON 431 at QUILL_MAX_HEADER_BYTES (32 KiB by default) comes first.
+        os.environ.setdefault("RAY_SERVE_HAPROXY_TUNE_BUFSIZE", str(64 * 1024))
 
     # serve_app.app pulls in Ray Serve, FastAPI and friends (seconds of CPU on a small box):
     # import it in a thread while Ray starts its own processes.
@@ -193,16 +213,28 @@ def serve_main(argv: list[str]) -> int:
 def _drain() -> None:
     """Let the ingress finish its open requests, or end them readably, before Serve goes down:
     Serve's shutdown kills the HTTP proxy at once, cutting every connection (serve_app/drain.py)."""
-    from ray import serve
+    from ray.serve.handle import DeploymentHandle
 
     from serve_app.app import APP_NAME
     from serve_app.drain import grace_seconds
 
     grace = grace_seconds()
     print(f"quill serve: draining (new requests get 503; open ones have {grace:g} s)", flush=True)
+    async def drain() -> dict:
+        call = DeploymentHandle("Ingress", APP_NAME).drain
+        try:
+            return await asyncio.wait_for(call.remote(grace), grace + 15)
+        finally:
+            await call.shutdown_async()
+
+    # In Serve's throughput-optimized mode a handle routes on the caller's event loop (`.result()`
+    # outside one raises) and Serve's update listeners stay bound to that loop, complaining once
+    # it closes: so a loop that runs until the process ends, and a handle Serve does not cache
+    # (`serve.shutdown` would close it from outside the loop).
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, name="quill-drain", daemon=True).start()
     try:
-        handle = serve.get_deployment_handle("Ingress", app_name=APP_NAME)
-        done = handle.drain.remote(grace).result(timeout_s=grace + 15)
+        done = asyncio.run_coroutine_threadsafe(drain(), loop).result(grace + 20)
         print(f"quill serve: drained: {done['finished']} of {done['open']} open requests finished, "
               f"{done['ended']} ended with an error, {done['websockets_closed']} WebSockets closed "
               f"({done['seconds']:g} s)", flush=True)

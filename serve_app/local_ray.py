@@ -37,7 +37,23 @@ def prepare_environment() -> None:
 
 
 def init_options() -> dict:
-    return {"_node_ip_address": LOOPBACK}
+    return {"_node_ip_address": LOOPBACK, "runtime_env": {"worker_process_setup_hook": f"{__name__}.setup_worker"}}
+
+
+def setup_worker() -> None:
+    """Run by Ray in each worker process of a local Ray, before its actor or task."""
+    bind_haproxy_to_loopback()
+
+
+def bind_haproxy_to_loopback() -> None:
+    if os.environ.get(ENV) != "1":
+        return
+    from ray.serve._private import haproxy
+
+    template = haproxy.HAPROXY_CONFIG_TEMPLATE
+    for line, port in (("bind :{{ config.metrics_port }}", "metrics_port"), ("bind *:{{ config.stats_port }}", "stats_port")):
+        template = template.replace(line, f"bind {LOOPBACK}:{{{{ config.{port} }}}}")
+    haproxy.HAPROXY_CONFIG_TEMPLATE = template
 
 
 def bind_serve_replicas_to_loopback() -> None:

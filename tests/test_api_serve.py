@@ -191,6 +191,19 @@ def test_errors_are_json_with_the_right_status(server, client):
     assert r.status_code == 404 and r.json()["error"]["served"] == ["tiny-a", "tiny-b"]
 
 
+def test_oversized_headers_get_a_json_error_from_whichever_part_refuses_them(server):
+    """The front door answers 431 over QUILL_MAX_HEADER_BYTES (32 KiB), in JSON; HAProxy in front
+    reads at most 64 KiB of headers and refuses more itself, with its own 400 page (docs/security.md)."""
+    body = {"model": "tiny-a", "prompt": "x", "max_tokens": 2}
+    r = httpx.post(server["url"] + "/v1/completions", json=body, headers={"x-big": "a" * 20_000})
+    assert r.status_code == 200, r.text
+    r = httpx.post(server["url"] + "/v1/completions", json=body, headers={"x-big": "a" * 40_000})
+    assert r.status_code == 431 and r.json()["error"]["type"] == "request_headers_too_large", r.text
+    r = httpx.post(server["url"] + "/v1/completions", json=body, headers={"x-big": "a" * 100_000})
+    assert r.status_code == 400, r.text
+    assert httpx.post(server["url"] + "/v1/completions", json=body).status_code == 200  # still serving
+
+
 def test_native_generate_sse_and_whole(server):
     url = server["url"] + "/v1/models/tiny-a/generate"
     body = {"prompt": _prompt(), "n": 3, "max_tokens": 10, "seed": 9, "stream": True}

@@ -218,6 +218,9 @@ def test_the_local_ray_listens_on_loopback_only(served):
     # Everything of Ray's was looked at: the servers, the agents, Serve's actors and replicas.
     assert {"ray::ServeController", "ray::ProxyActor", "ray::DashboardAgent", REPLICA} <= names, names
     assert any("gcs_server" in n for n in names) and any("raylet" in n for n in names), names
+    # HAProxy in front (Serve's throughput-optimized data plane): its HTTP frontend, and the
+    # stats page and exporter that Ray's template binds to every interface (local_ray.py).
+    assert "ray::HAProxyManager" in names and any(n.endswith("/haproxy") for n in names), names
     exposed = [x for x in listening if x[1] not in LOOPBACK]
     assert not exposed, f"listening beyond loopback: {exposed}"
     print(f"\n{len(listening)} listening sockets in {len(names)} processes, all on loopback", file=sys.stderr)

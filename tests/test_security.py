@@ -411,7 +411,7 @@ def test_quill_serve_with_keys_serves_the_openai_client_and_refuses_strangers(ti
         with pytest.raises(openai.AuthenticationError):
             list(stranger.completions.create(model="tiny-a", prompt="Hello", max_tokens=3, stream=True))
 
-        # The page's way in: the key as a subprotocol, through Ray Serve's proxy.
+        # The page's way in: the key as a subprotocol, through HAProxy and the ingress.
         ws_url = server.url.replace("http", "ws") + "/v1/stream"
         with ws_client.connect(ws_url, subprotocols=["quill", f"quill-key.{KEY}"]) as ws:
             assert ws.subprotocol == "quill"
@@ -423,14 +423,14 @@ def test_quill_serve_with_keys_serves_the_openai_client_and_refuses_strangers(ti
             ws_client.connect(ws_url, subprotocols=["quill"]).close()
         assert refused.value.response.status_code == 403
 
-        # A 50 MB body is refused on its Content-Length, before the proxy has it whole.
+        # A 50 MB body is refused on its Content-Length, before the server has it whole.
         host, port = server.url.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port)), timeout=30) as raw:
             raw.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {KEY}\r\n"
                         f"Content-Type: application/json\r\nContent-Length: 50000000\r\n\r\n{{".encode())
             assert raw.makefile("rb").readline().startswith(b"HTTP/1.1 413")
 
-        # The proxy closes a keep-alive connection idle for QUILL_KEEP_ALIVE_TIMEOUT_S (Ray's own: 90 s).
+        # HAProxy closes a keep-alive connection idle for QUILL_KEEP_ALIVE_TIMEOUT_S (Ray's own: 90 s).
         with socket.create_connection((host, int(port)), timeout=30) as raw:
             raw.sendall(f"GET /healthz HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
             received, sent_at = b"", time.monotonic()
