@@ -16,8 +16,12 @@ each asking for the same number of tokens):
    in the dtype the replica served; where that is not float32, transformers' static batch also
    in float32, what a plain `from_pretrained` gives.
 
-The report states tokens/s of each and the ratios the issue asks for: `quill serve` over the
-static batch (same dtype, and float32 where they differ), and over the engine in-process.
+Each system at saturation runs the burst `--bursts` times (default 3; a peer in a fresh
+process each time) and its row is the median burst by tokens/s, with every burst's tokens/s
+beside it: one burst of 2,048 tokens varies by about 10% on a 2-core box, which is as much as
+the ratios the issue asks for move. The report states tokens/s of each and those ratios:
+`quill serve` over the static batch (same dtype, and float32 where they differ), and over the
+engine in-process.
 """
 from __future__ import annotations
 
@@ -110,6 +114,13 @@ def summarize(name: str, records: list[dict]) -> dict:
     }
 
 
+def median_of(runs: list[dict]) -> dict:
+    """The run with the median tokens/s (the lower middle of an even count; a failed run counts
+    as 0), with every run's tokens/s under `bursts_tok_s`."""
+    ranked = sorted(runs, key=lambda r: r.get("tok_s") or 0.0)
+    return {**ranked[(len(ranked) - 1) // 2], "bursts_tok_s": [r.get("tok_s") for r in runs]}
+
+
 def peer_row(name: str, result: dict) -> dict:
     from bench.engine import summarize as summarize_engine
 
@@ -144,7 +155,7 @@ def run(args, argv: list[str] | None) -> int:
     report = {"command": "quill bench serve " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
               "machine": machine_info(), "engine": engine_version(),
               "args": {k: getattr(args, k) for k in ("model", "writers", "prompt_tokens", "max_tokens", "rate_requests", "seed",
-                                                     "dtype")},
+                                                     "dtype", "bursts")},
               "rows": []}
     rows = report["rows"]
 
@@ -162,9 +173,11 @@ def run(args, argv: list[str] | None) -> int:
         try:
             report["startup_s"] = round(server.wait_ready(), 1)
             asyncio.run(drive(server.url, burst[:2], "sse"))  # first-call paths, not measured
-            show(summarize("quill serve, burst, SSE", asyncio.run(drive(server.url, burst, "sse"))))
+            show(median_of([summarize("quill serve, burst, SSE", asyncio.run(drive(server.url, burst, "sse")))
+                            for _ in range(args.bursts)]))
             capacity = rows[-1]["tok_s"] / args.max_tokens  # requests/s the server can finish
-            show(summarize("quill serve, burst, WebSocket", asyncio.run(drive(server.url, burst, "ws"))))
+            show(median_of([summarize("quill serve, burst, WebSocket", asyncio.run(drive(server.url, burst, "ws")))
+                            for _ in range(args.bursts)]))
             for share in RATE_SHARES:
                 rate = round(capacity * share, 3)
                 trace = poisson(make_workload(args.rate_requests, 1.0, (args.prompt_tokens, args.prompt_tokens),
@@ -183,8 +196,8 @@ def run(args, argv: list[str] | None) -> int:
         peer_rows = []
         for system, name, peer_settings in peers:
             print(f"[bench] {name} ...", flush=True)
-            peer_rows.append(peer_row(name, run_one(system, checkpoint, burst, peer_settings, "process",
-                                                    args.system_timeout)))
+            peer_rows.append(median_of([peer_row(name, run_one(system, checkpoint, burst, peer_settings, "process",
+                                                               args.system_timeout)) for _ in range(args.bursts)]))
             show(peer_rows[-1])
 
     serve_row, engine_row, static_row = rows[0], peer_rows[0], peer_rows[1]
@@ -222,6 +235,7 @@ def render(report: dict) -> str:
         f"{s['threads']} torch threads, batch {s['max_batch_size']}, {s['stream_messages_per_s']:g} stream messages/s; "
         f"weights in {s['dtype']} (registry dtype: {s.get('registry_dtype', s['dtype'])}), and every system in the same dtype "
         f"{'' if s['dtype'] == 'float32' else '(transformers also in float32) '}with the same threads. "
+        f"Saturation: the median of {a.get('bursts', 1)} bursts per system. "
         f"Rates below capacity: {a['rate_requests']} requests arriving as a Poisson "
         "process. TPOT is per request, (last token - first token) / (tokens - 1).",
         "",
@@ -230,12 +244,13 @@ def render(report: dict) -> str:
         + f"; `quill serve` / engine in-process: "
         f"{q['serve_over_engine']}x; engine in-process / static batch: {q['engine_over_static']}x.**",
         "",
-        "| what | tokens/s | output tokens | wall s | TTFT p50 | TTFT p99 | TPOT p50 | TPOT p99 | errors |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| what | tokens/s (median burst) | each burst | output tokens | wall s | TTFT p50 | TTFT p99 | TPOT p50 | TPOT p99 | errors |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in report["rows"]:
         errors = r.get("error") or ", ".join(f"{k}: {v}" for k, v in (r.get("errors") or {}).items()) or "0"
-        lines.append(f"| {r['phase']} | {r.get('tok_s')} | {r.get('output_tokens')} | {r.get('wall_s')} | "
+        each = " / ".join(str(x) for x in r.get("bursts_tok_s") or []) or "-"
+        lines.append(f"| {r['phase']} | {r.get('tok_s')} | {each} | {r.get('output_tokens')} | {r.get('wall_s')} | "
                      f"{r.get('ttft_p50_s')} s | {r.get('ttft_p99_s')} s | {r.get('tpot_p50_ms')} ms | "
                      f"{r.get('tpot_p99_ms')} ms | {errors} |")
     return "\n".join(lines)

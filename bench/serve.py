@@ -58,6 +58,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(auto: what the server chose; transformers also runs in float32, its own default)")
     p.add_argument("--rate-requests", type=int, default=32, help="burst: requests per rate below capacity")
     p.add_argument("--system-timeout", type=float, default=900.0, help="burst: seconds before a peer is given up")
+    p.add_argument("--bursts", type=int, default=3,
+                   help="burst: bursts per system at saturation, the median reported (one burst varies by ~10%%)")
     p.add_argument("--replicas", type=int, default=1)
     p.add_argument("--cache-tokens", type=int, default=8192, help="engine.prefix_cache_tokens when the cache is on")
     p.add_argument("--seed", type=int, default=0)
@@ -71,6 +73,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.quick:
         args.model, args.writers, args.start_tokens, args.end_tokens = "tiny", (4 if burst else 2), 40, 90
         args.max_tokens, args.rate_requests = (8, 4) if burst else (args.max_tokens, args.rate_requests)
+        args.bursts = min(args.bursts, 2)
     args.think_range = tuple(float(x) for x in args.think.split("-"))
     return args
 

@@ -27,6 +27,11 @@ def test_burst_bench_measures_every_phase_and_writes_its_section(tmp_path):
         assert row["output_tokens"] == report["args"]["writers"] * report["args"]["max_tokens"] or "capacity" in row["phase"]
         assert row["tok_s"] > 0
     assert all(v is not None for v in report["ratios"].values())
+    # Each system at saturation ran the burst --bursts times (2 in --quick); its row is one of them.
+    saturated = [r for r in report["rows"] if "capacity" not in r["phase"]]
+    assert len(saturated) >= 5 and report["args"]["bursts"] == 2
+    for row in saturated:
+        assert len(row["bursts_tok_s"]) == 2 and row["tok_s"] == min(row["bursts_tok_s"]), row
     # The replica got what a registry that says nothing about CPUs gets on this machine.
     assert report["replica"]["threads"] >= 1 and report["replica"]["cpus_per_replica"] > 0
     # ... and no dtype (auto): the peers ran in the dtype the server chose, and transformers

@@ -226,6 +226,27 @@ def test_the_local_ray_listens_on_loopback_only(served):
     print(f"\n{len(listening)} listening sockets in {len(names)} processes, all on loopback", file=sys.stderr)
 
 
+def test_haproxy_of_a_local_ray_binds_everything_but_its_frontend_to_loopback(monkeypatch):
+    """Ray's template binds HAProxy's stats page and exporter to every interface; a local Ray's
+    setup hook rewrites them, and leaves a cluster's HAProxy (no QUILL_RAY_LOOPBACK) alone."""
+    from ray.serve._private import haproxy
+
+    from serve_app import local_ray
+
+    original = haproxy.HAPROXY_CONFIG_TEMPLATE
+    monkeypatch.setattr(haproxy, "HAPROXY_CONFIG_TEMPLATE", original)
+    monkeypatch.delenv(local_ray.ENV, raising=False)
+    local_ray.setup_worker()
+    assert haproxy.HAPROXY_CONFIG_TEMPLATE == original
+
+    monkeypatch.setenv(local_ray.ENV, "1")
+    local_ray.setup_worker()
+    binds = [line.strip() for line in haproxy.HAPROXY_CONFIG_TEMPLATE.splitlines() if line.strip().startswith("bind ")]
+    # The HTTP (and gRPC) frontends bind to --host; nothing else may bind beyond loopback.
+    elsewhere = [b for b in binds if not b.startswith("bind 127.0.0.1:") and "frontend_host }}:" not in b]
+    assert len(binds) >= 4 and not elsewhere, binds
+
+
 def _readyz(server, reasons: set | None = None) -> tuple[int, dict]:
     r = httpx.get(server.url + "/readyz", timeout=10)
     body = r.json()
