@@ -1,6 +1,6 @@
 """`quill serve` at saturation and below it, against the engine in-process and transformers.
 
-    quill bench serve --workload burst [--model small] [--writers 32] [--max-tokens 64] [--dtype auto] [--quick]
+    quill bench serve --workload burst [--model small] [--writers 32] [--max-tokens 64] [--dtype auto] [--bursts 3] [--quick]
 
 One run, one random-weight checkpoint, one workload (N prompts of random token ids, greedy,
 each asking for the same number of tokens):

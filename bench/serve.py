@@ -1,7 +1,7 @@
 """`quill serve` end to end, driven as writers drive it.
 
     quill bench serve --workload writers [--model small] [--writers 6] [--replicas 1] [--quick]
-    quill bench serve --workload burst [--model small] [--writers 32] [--max-tokens 64] [--quick]
+    quill bench serve --workload burst [--model small] [--writers 32] [--max-tokens 64] [--bursts 3] [--quick]
 
 The burst workload (bench/burst.py) measures `quill serve` saturated and below capacity against
 the engine in-process and transformers; the writers workload is described here.
