@@ -122,8 +122,8 @@ def serve_main(argv: list[str]) -> int:
         # installs) takes HTTP in place of Serve's Python proxy and hands it to the ingress
         # replica, which serves it itself; replicas call each other over gRPC; user code runs
         # on the replica's own event loop. The issue-#11 burst on 2 cores: the request path
-        # (every process but the model's replica) took 0.73-1.18 CPU-s a burst through the
-        # Python proxy, 0.37-0.51 this way, and the engine gets what is left (docs/performance.md).
+        # (every process but the model's replica) took 0.73-1.29 CPU-s a burst through the
+        # Python proxy, 0.35-0.51 this way, and the engine gets what is left (docs/performance.md).
         os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
         os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
         # An ingress replica behind HAProxy otherwise stays up 30 s when it stops, for load
@@ -220,6 +220,7 @@ def _drain() -> None:
 
     grace = grace_seconds()
     print(f"quill serve: draining (new requests get 503; open ones have {grace:g} s)", flush=True)
+
     async def drain() -> dict:
         call = DeploymentHandle("Ingress", APP_NAME).drain
         try:
