@@ -32,7 +32,6 @@ from serve_app.engine.types import Delta, GenerationRequest
 from serve_app.ingress import Service, create_app
 from serve_app.metrics import render_cluster_metrics
 from serve_app.errors import ApiError, overloaded
-from serve_app.local_ray import bind_serve_replicas_to_loopback
 from serve_app.model_server import ModelServer
 
 APP_NAME = "quill"
@@ -133,17 +132,11 @@ class HandleBackend:
 class ModelServerDeployment(ModelServer):
     """ModelServer as a Serve deployment; options (resources, autoscaling) are set per model."""
 
-    def __init__(self, *args, **kwargs):
-        # Serve starts the replica's gRPC server after this constructor returns (local_ray.py).
-        bind_serve_replicas_to_loopback()
-        super().__init__(*args, **kwargs)
-
 
 @serve.deployment(max_ongoing_requests=1000)
 @serve.ingress()
 class Ingress:
     def __init__(self, registry: dict, handles: dict[str, DeploymentHandle], cache: dict | None = None):
-        bind_serve_replicas_to_loopback()  # before Serve starts this replica's gRPC server
         self.registry = Registry.model_validate(registry)
         cache = cache or {}
         store = make_store(cache.get("redis_url"), cache.get("ttl", DEFAULT_TTL), cache.get("max_entries", DEFAULT_MAX_ENTRIES))

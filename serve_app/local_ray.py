@@ -2,7 +2,7 @@
 
 Ray runs with its authentication off here (RAY_AUTH_MODE=disabled), so any port of it that a
 network can reach lets whoever reaches it join the cluster, submit tasks and run code. A local
-`quill serve` needs none of them from outside: only the HTTP proxy serves clients (on --host).
+`quill serve` needs none of them from outside: only the HTTP server in front serves clients (on --host).
 Measured with Ray's defaults (tests/test_faults.py lists every listening socket): the GCS,
 raylet, object manager, every worker, the dashboard agent and the Serve replicas' gRPC servers
 listened on 0.0.0.0/::, and the agents on the machine's address.
@@ -14,12 +14,16 @@ address unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER is 0, which makes it keep loopb
 on macOS and Windows, where it never runs multi-node by default). That variable must be set
 before `ray` is imported, in this process and (inherited) in every Ray process it starts.
 
-One server ignores the node IP: a Serve replica's inter-deployment gRPC server, which Ray 2.60
+Three servers ignore the node IP. A Serve replica's inter-deployment gRPC server, which Ray 2.60
 binds to "[::]:0" in ray/serve/_private/replica.py (`_on_initialized`); it carries handle calls
-(pickled requests) to the replica. `bind_serve_replicas_to_loopback` rewrites that address in
-each replica process: serve_app.app's deployments call it in their constructors, which Serve
-runs before it starts that server. If a Ray upgrade moves the bind, the listening-socket test
-(tests/test_faults.py) fails and names the process.
+(pickled requests) to the replica. And, in Serve's HAProxy mode (what `quill serve` runs,
+docs/performance.md), HAProxy's stats page and Prometheus exporter, which Ray 2.60's config
+template binds to every interface (`bind *:<stats port>`, `bind :<metrics port>` in
+ray/serve/_private/haproxy_templates.py). `setup_worker`, the `worker_process_setup_hook` a local
+Ray runs in each of its workers before its actor starts, rewrites the replica's address and
+those two template lines (the template is rendered by Serve's HAProxyManager actor). If a Ray
+upgrade moves a bind, the listening-socket test (tests/test_faults.py) fails and names the
+process.
 """
 from __future__ import annotations
 
@@ -41,13 +45,14 @@ def init_options() -> dict:
 
 
 def setup_worker() -> None:
-    """Run by Ray in each worker process of a local Ray, before its actor or task."""
-    bind_haproxy_to_loopback()
+    """Run by Ray in each worker process of a local Ray, before its actor or task (a cluster's
+    workers, without ENV, are left alone)."""
+    if os.environ.get(ENV) == "1":
+        bind_serve_replicas_to_loopback()
+        bind_haproxy_to_loopback()
 
 
 def bind_haproxy_to_loopback() -> None:
-    if os.environ.get(ENV) != "1":
-        return
     from ray.serve._private import haproxy
 
     template = haproxy.HAPROXY_CONFIG_TEMPLATE
@@ -57,19 +62,14 @@ def bind_haproxy_to_loopback() -> None:
 
 
 def bind_serve_replicas_to_loopback() -> None:
-    """In a replica process of a loopback Ray: its inter-deployment gRPC server on 127.0.0.1."""
-    if os.environ.get(ENV) != "1":
-        return
+    """A replica's inter-deployment gRPC server on 127.0.0.1."""
     from ray.serve._private import replica
 
     bind = replica.add_port_to_grpc_server
-    if getattr(bind, "quill_loopback", False):
-        return
 
     def bind_loopback(server, address: str):
         if address.startswith("[::]:") or address.startswith("0.0.0.0:"):
             address = f"{LOOPBACK}:{address.rsplit(':', 1)[1]}"
         return bind(server, address)
 
-    bind_loopback.quill_loopback = True
     replica.add_port_to_grpc_server = bind_loopback

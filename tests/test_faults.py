@@ -229,12 +229,13 @@ def test_the_local_ray_listens_on_loopback_only(served):
 def test_haproxy_of_a_local_ray_binds_everything_but_its_frontend_to_loopback(monkeypatch):
     """Ray's template binds HAProxy's stats page and exporter to every interface; a local Ray's
     setup hook rewrites them, and leaves a cluster's HAProxy (no QUILL_RAY_LOOPBACK) alone."""
-    from ray.serve._private import haproxy
+    from ray.serve._private import haproxy, replica
 
     from serve_app import local_ray
 
     original = haproxy.HAPROXY_CONFIG_TEMPLATE
     monkeypatch.setattr(haproxy, "HAPROXY_CONFIG_TEMPLATE", original)
+    monkeypatch.setattr(replica, "add_port_to_grpc_server", replica.add_port_to_grpc_server)
     monkeypatch.delenv(local_ray.ENV, raising=False)
     local_ray.setup_worker()
     assert haproxy.HAPROXY_CONFIG_TEMPLATE == original
