@@ -30,9 +30,20 @@ STARTUP_TIMEOUT = 240  # a loaded 2-core box has needed ~70 s
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` different free ports. Asked one at a time, the kernel can hand the same port out twice
+    (a worker node once got it for two of its agents, and `ray start` refused to run)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:  # all held open at once: no port twice
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def kill_group(proc: subprocess.Popen, grace: float = 45) -> None:
@@ -176,7 +187,8 @@ class RayCluster:
                  "--metrics-export-port")
         cmd = [str(Path(sys.executable).with_name("ray")), "start", "--block", "--disable-usage-stats",
                "--node-ip-address", "127.0.0.1", "--temp-dir", str(self.temp_dir),
-               "--object-store-memory", str(200 << 20), *(a for p in ports for a in (p, str(free_port()))), *args]
+               "--object-store-memory", str(200 << 20),
+               *(a for p, port in zip(ports, free_ports(len(ports))) for a in (p, str(port))), *args]
         env = dict(os.environ, RAY_AUTH_MODE="disabled", OMP_WAIT_POLICY="PASSIVE")
         env.pop("RAY_ADDRESS", None)
         with open(self.workdir / f"ray-node-{len(self.nodes)}.log", "w") as log:
@@ -212,11 +224,11 @@ def ray_cluster(workdir: Path, num_cpus: int = 1):
     never with `ray stop`, which would stop every Ray on the machine."""
     # Ray's socket paths must stay under 108 bytes: a short temp dir, not pytest's tmp_path.
     temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
-    gcs_port, dashboard_port = free_port(), free_port()
+    gcs_port, dashboard_port, client_port = free_ports(3)
     cluster = RayCluster(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dashboard_port}", workdir, temp_dir, [])
     try:
         cluster.start_node("--head", "--port", str(gcs_port), "--num-cpus", str(num_cpus),
-                           "--ray-client-server-port", str(free_port()), "--include-dashboard", "true",
+                           "--ray-client-server-port", str(client_port), "--include-dashboard", "true",
                            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port))
         wait_until("the Ray head node to answer", cluster.alive_nodes, 90)
         yield cluster
