@@ -2,7 +2,9 @@
 
 The model's forward pass blocks for milliseconds to seconds, so it must not run on the event
 loop that serves HTTP. A dedicated thread steps the engine while there is work and sleeps when
-there is none; each request's deltas reach its caller's event loop through an asyncio queue.
+there is none. Each request's deltas wait in its `_Stream` until its next message is due (the
+message budget, `EngineConfig.stream_messages_per_s`) or it ends; only then does the step thread
+wake the caller's coroutine, so a held stream costs its event loop nothing per step.
 """
 from __future__ import annotations
 
@@ -13,12 +15,25 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 from serve_app.engine.engine import Engine
 from serve_app.engine.types import Delta, GenerationRequest, RequestRejected
 
 log = logging.getLogger("quill.engine")
 MAX_HOLD_S = 1.0  # however many requests stream, each hears from the replica at least this often
+
+
+@dataclass(eq=False)
+class _Stream:
+    """One caller's request between the step thread, which fills `pending`, and the caller's
+    event loop, which takes it. Both sides change it under `AsyncEngine._lock`."""
+    loop: asyncio.AbstractEventLoop
+    ready: asyncio.Event  # of the caller's loop: set (from the step thread) when a message is due
+    open_choices: set[int]  # choices whose last delta has not come yet
+    pending: list[Delta] = field(default_factory=list)
+    due: float = 0.0  # when the next message may go (monotonic); the first goes at once
+    signalled: bool = False  # a wake-up is on its way to the caller's loop
 
 
 class AsyncEngine:
@@ -33,8 +48,8 @@ class AsyncEngine:
         threads, ran at 573-577 tokens/s instead of 616-649 (9,000 sleeps of the worker against
         840). Built here, the short spin `quill serve` sets (serve_app/config.py `OPENMP_ENV`), or
         an operator's own GOMP_SPINCOUNT, takes effect in a replica as it does in-process."""
-        # request id -> (the caller's loop, its queue, its number of choices)
-        self._routes: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[list[Delta]], int]] = {}
+        self._streams: dict[str, _Stream] = {}  # by request id
+        self._lock = threading.Lock()
         self._wake = threading.Event()
         self._tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quill-tokenize")
         self._stopping = False
@@ -58,8 +73,14 @@ class AsyncEngine:
                     yield delta
 
     async def generate_steps(self, request: GenerationRequest) -> AsyncIterator[list[Delta]]:
-        """Like `generate`, but one list per engine step: the `n` choices of a step together,
-        so a caller that forwards them (over Ray, a socket) sends one message per step."""
+        """Like `generate`, but one list per message: the steps that came since the last one,
+        the `n` choices of a step together, so a caller that forwards them (over Ray, a socket)
+        sends one message for all of them.
+
+        With a message budget (`stream_messages_per_s`), a caller hears at most its share of it:
+        the first delta goes out at once (time to first token), later ones wait until the end of
+        the first step past `streams / budget` seconds (at most MAX_HOLD_S) and go out together,
+        and the end of the request is never held. Without a budget every step is a message."""
         if self._stopping:
             raise RequestRejected("the engine is shutting down")
         loop = asyncio.get_running_loop()
@@ -67,62 +88,35 @@ class AsyncEngine:
         # event loop, and stalled every other stream of that model meanwhile. One thread,
         # because a fast tokenizer may refuse two calls at once ("Already borrowed").
         prompt_ids = await loop.run_in_executor(self._tokenizing, self.engine.prepare, request)
-        if request.request_id in self._routes:  # before touching routes: the live one keeps its own
+        if request.request_id in self._streams:  # before touching streams: the live one keeps its own
             raise RequestRejected(f"request id {request.request_id!r} is already running")
-        queue: asyncio.Queue[list[Delta]] = asyncio.Queue()
-        self._routes[request.request_id] = (loop, queue, request.params.n)
+        stream = _Stream(loop, asyncio.Event(), open_choices=set(range(request.params.n)))
+        self._streams[request.request_id] = stream
         try:
             self.engine.add(request, prompt_ids)
         except Exception:
-            del self._routes[request.request_id]
+            del self._streams[request.request_id]
             raise
         self._wake.set()
-        remaining = request.params.n
         budget = self.engine.config.stream_messages_per_s
-        sent_at: float | None = None  # the first delta goes out at once: time to first token
+        ended = False
         try:
-            while remaining > 0:
-                step = await queue.get()
-                if budget and sent_at is not None and not _ends(step, remaining):
-                    # Hold the tokens until this caller's share of the message budget allows
-                    # the next message, then send what has come by then together. The more
-                    # requests stream, the more steps a message carries.
-                    interval = min(len(self._routes) / budget, MAX_HOLD_S)
-                    step = await self._hold(queue, step, remaining, sent_at + interval - time.monotonic())
-                # Fell behind, or held: what is here goes out together (with, at most, the empty
-                # deadline of a hold that the end cut short).
-                while not queue.empty():
-                    step = step + queue.get_nowait()
-                remaining -= sum(d.finished for d in step)
-                sent_at = time.monotonic()
-                yield step
+            while not ended:
+                await stream.ready.wait()
+                stream.ready.clear()
+                with self._lock:
+                    step, stream.pending = stream.pending, []
+                    stream.signalled = False
+                    ended = not stream.open_choices
+                    if budget:  # the more requests stream, the more steps a message carries
+                        stream.due = time.monotonic() + min(len(self._streams) / budget, MAX_HOLD_S)
+                if step:  # empty: a wake-up that a take before it had answered already
+                    yield step
         finally:
-            self._routes.pop(request.request_id, None)
-            if remaining:
+            self._streams.pop(request.request_id, None)
+            if not ended:
                 self.engine.cancel(request.request_id)
                 self._wake.set()
-
-    @staticmethod
-    async def _hold(queue: asyncio.Queue[list[Delta]], step: list[Delta], remaining: int,
-                    delay: float) -> list[Delta]:
-        """`step` plus the steps that arrive within `delay` seconds, or until one ends the
-        request: its end is never held back. (A plain sleep here held the end of every request
-        of a 32-writer burst for up to 0.5 s: that long on the burst's wall time.)"""
-        if delay <= 0:
-            return step
-        # The deadline arrives through the queue as an empty step: one timer per message,
-        # not a task per step.
-        timer = asyncio.get_running_loop().call_later(delay, queue.put_nowait, [])
-        try:
-            while True:
-                more = await queue.get()
-                if not more:
-                    return step
-                step = step + more
-                if _ends(step, remaining):
-                    return step
-        finally:
-            timer.cancel()
 
     def shutdown(self) -> None:
         self._stopping = True
@@ -134,11 +128,15 @@ class AsyncEngine:
     def _fail_all(self, message: str) -> None:
         """End every caller's stream with an error delta per choice, and drop the requests from
         the engine, so nobody waits for a step that will not come."""
-        for request_id, (loop, queue, n) in list(self._routes.items()):
-            errors = [Delta(request_id, i, "", (), "error", error=message) for i in range(n)]
-            with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody waits
-                loop.call_soon_threadsafe(queue.put_nowait, errors)
-            self.engine.cancel(request_id)
+        due: list[_Stream] = []
+        with self._lock:
+            for request_id, stream in list(self._streams.items()):
+                stream.pending.extend(Delta(request_id, i, "", (), "error", error=message)
+                                      for i in sorted(stream.open_choices))
+                stream.open_choices.clear()
+                due.append(stream)
+                self.engine.cancel(request_id)
+        self._signal(due)
 
     def _run(self, engine: Engine | Callable[[], Engine]) -> None:
         try:
@@ -171,25 +169,33 @@ class AsyncEngine:
             self._deliver(deltas)
 
     def _deliver(self, deltas: list[Delta]) -> None:
-        """Hand a step's deltas to their callers: one call into each caller loop per step."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, list[Delta]]]] = {}
-        by_request: dict[str, list[Delta]] = {}
-        for delta in deltas:
-            by_request.setdefault(delta.request_id, []).append(delta)
-        for request_id, step in by_request.items():
-            route = self._routes.get(request_id)
-            if route is not None:
-                loop, queue, _ = route
-                by_loop.setdefault(loop, []).append((queue, step))
-        for loop, items in by_loop.items():
+        """File a step's deltas with their streams, and wake the callers whose message is due:
+        one call into each caller loop per step, none for a loop whose streams are all held."""
+        now = time.monotonic()
+        due: list[_Stream] = []
+        with self._lock:
+            for delta in deltas:
+                stream = self._streams.get(delta.request_id)
+                if stream is None:  # its caller left
+                    continue
+                stream.pending.append(delta)
+                if delta.finished:
+                    stream.open_choices.discard(delta.index)
+                if not stream.signalled and (not stream.open_choices or now >= stream.due):
+                    stream.signalled = True
+                    due.append(stream)
+        self._signal(due)
+
+    @staticmethod
+    def _signal(streams: list[_Stream]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Stream]] = {}
+        for stream in streams:
+            by_loop.setdefault(stream.loop, []).append(stream)
+        for loop, ready in by_loop.items():
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
-                loop.call_soon_threadsafe(_put_all, items)
+                loop.call_soon_threadsafe(_set_all, ready)
 
 
-def _ends(step: list[Delta], remaining: int) -> bool:
-    return sum(d.finished for d in step) >= remaining
-
-
-def _put_all(items: list[tuple[asyncio.Queue, list[Delta]]]) -> None:
-    for queue, step in items:
-        queue.put_nowait(step)
+def _set_all(streams: list[_Stream]) -> None:
+    for stream in streams:
+        stream.ready.set()
