@@ -16,12 +16,14 @@ each asking for the same number of tokens):
    in the dtype the replica served; where that is not float32, transformers' static batch also
    in float32, what a plain `from_pretrained` gives.
 
-Each system at saturation runs the burst `--bursts` times (default 3; a peer in a fresh
-process each time) and its row is the median burst by tokens/s, with every burst's tokens/s
-beside it: one burst of 2,048 tokens varies by about 10% on a 2-core box, which is as much as
-the ratios the issue asks for move. The report states tokens/s of each and those ratios:
-`quill serve` over the static batch (same dtype, and float32 where they differ), and over the
-engine in-process.
+The burst runs in `--bursts` rounds (default 3). A round starts a fresh `quill serve`, sends it
+the burst over SSE and over the WebSocket, stops it, and replays the burst through each peer in a
+fresh process, so a round's systems run within a minute or two of each other. This box's speed
+drifts by 10-25% over minutes, for every system alike (the float32 and bfloat16 peers with it):
+run in blocks, a system measured in a slow spell would carry the drift into the ratios. Each
+round's ratios therefore pair systems measured side by side, and the ratios reported are the
+median over rounds (the lower middle of an even count); each system's row is its median burst,
+with every round's tokens/s beside it. The two rates below capacity run in the first round.
 """
 from __future__ import annotations
 
@@ -156,12 +158,11 @@ def run(args, argv: list[str] | None) -> int:
               "machine": machine_info(), "engine": engine_version(),
               "args": {k: getattr(args, k) for k in ("model", "writers", "prompt_tokens", "max_tokens", "rate_requests", "seed",
                                                      "dtype", "bursts")},
-              "rows": []}
-    rows = report["rows"]
+              "rows": [], "rounds": []}
 
-    def show(row: dict) -> None:
-        rows.append(row)
+    def show(row: dict) -> dict:
         print(f"[bench] {json.dumps(row)}", flush=True)
+        return row
 
     with tempfile.TemporaryDirectory(prefix="quill-bench-burst-") as tmp:
         workdir = Path(tmp)
@@ -169,52 +170,65 @@ def run(args, argv: list[str] | None) -> int:
         registry = workdir / "registry.json"
         registry.write_text(json.dumps({"models": [registry_entry(checkpoint, args)]}))  # JSON is YAML
         settings = report["replica"] = replica_settings(registry)
-        server = Server(registry, workdir / "serve.log")
-        try:
-            report["startup_s"] = round(server.wait_ready(), 1)
-            asyncio.run(drive(server.url, burst[:2], "sse"))  # first-call paths, not measured
-            show(median_of([summarize("quill serve, burst, SSE", asyncio.run(drive(server.url, burst, "sse")))
-                            for _ in range(args.bursts)]))
-            capacity = rows[-1]["tok_s"] / args.max_tokens  # requests/s the server can finish
-            show(median_of([summarize("quill serve, burst, WebSocket", asyncio.run(drive(server.url, burst, "ws")))
-                            for _ in range(args.bursts)]))
-            for share in RATE_SHARES:
-                rate = round(capacity * share, 3)
-                trace = poisson(make_workload(args.rate_requests, 1.0, (args.prompt_tokens, args.prompt_tokens),
-                                              (args.max_tokens, args.max_tokens), args.seed + 1), rate, args.seed)
-                row = summarize(f"quill serve, {rate:g} req/s ({share:.0%} of capacity), SSE",
-                                asyncio.run(drive(server.url, trace, "sse")))
-                show({**row, "rate_per_s": rate})
-        finally:
-            server.stop()
         peers = [(OURS, "engine in-process (Engine.step loop)", settings),
                  (STATIC, "transformers generate, one static batch", settings),
                  (CB, "transformers continuous batching", settings)]
         if settings["dtype"] != "float32":
             peers.append((STATIC, "transformers generate, one static batch, float32 (from_pretrained's default)",
                           {**settings, "dtype": "float32"}))
-        peer_rows = []
-        for system, name, peer_settings in peers:
-            print(f"[bench] {name} ...", flush=True)
-            peer_rows.append(median_of([peer_row(name, run_one(system, checkpoint, burst, peer_settings, "process",
-                                                               args.system_timeout)) for _ in range(args.bursts)]))
-            show(peer_rows[-1])
+        rates: list[dict] = []
+        for number in range(args.bursts):
+            print(f"[bench] round {number + 1} of {args.bursts}", flush=True)
+            server = Server(registry, workdir / f"serve-{number}.log")
+            try:
+                report.setdefault("startup_s", round(server.wait_ready(), 1))
+                asyncio.run(drive(server.url, burst[:2], "sse"))  # first-call paths, not measured
+                runs = [show(summarize("quill serve, burst, SSE", asyncio.run(drive(server.url, burst, "sse")))),
+                        show(summarize("quill serve, burst, WebSocket", asyncio.run(drive(server.url, burst, "ws"))))]
+                if number == 0:
+                    capacity = runs[0]["tok_s"] / args.max_tokens  # requests/s the server can finish
+                    rates = [show(rate_row(server.url, args, capacity, share)) for share in RATE_SHARES]
+            finally:
+                server.stop()
+            for system, name, peer_settings in peers:
+                print(f"[bench] {name} ...", flush=True)
+                runs.append(show(peer_row(name, run_one(system, checkpoint, burst, peer_settings, "process",
+                                                        args.system_timeout))))
+            report["rounds"].append(runs)
 
-    serve_row, engine_row, static_row = rows[0], peer_rows[0], peer_rows[1]
-    report["ratios"] = {
-        "serve_over_static": _ratio(serve_row, static_row),
-        "serve_over_engine": _ratio(serve_row, engine_row),
-        "engine_over_static": _ratio(engine_row, static_row),
-    }
-    if len(peer_rows) == 4:
-        report["ratios"]["serve_over_static_float32"] = _ratio(serve_row, peer_rows[3])
+    # One row per system: its median round; the rates below capacity after the server's rows.
+    rows = [median_of([runs[i] for runs in report["rounds"]]) for i in range(len(report["rounds"][0]))]
+    report["rows"] = rows[:2] + rates + rows[2:]
+    report["round_ratios"] = {name: [_ratio(runs[a], runs[b]) for runs in report["rounds"]]
+                              for name, (a, b) in RATIOS.items() if b < len(rows)}
+    report["ratios"] = {name: _median(each) for name, each in report["round_ratios"].items()}
     print(render(report))
     if args.out:
         key = args.section or f"serve-burst-{args.model}-{settings['dtype']}"
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
         (RESULTS_DIR / f"{key}.json").write_text(json.dumps(report, indent=1))
         write_section(Path(args.out), key, render(report))
-    return 0 if all(not r.get("errors") and not r.get("error") for r in rows) else 1
+    return 0 if all(not r.get("errors") and not r.get("error") for r in report["rows"]) else 1
+
+
+# Each ratio, as positions in a round: SSE 0, WebSocket 1, then the peers in order.
+RATIOS = {"serve_over_static": (0, 3), "serve_over_engine": (0, 2), "engine_over_static": (2, 3),
+          "serve_over_static_float32": (0, 5)}
+
+
+def rate_row(url: str, args, capacity: float, share: float) -> dict:
+    rate = round(capacity * share, 3)
+    trace = poisson(make_workload(args.rate_requests, 1.0, (args.prompt_tokens, args.prompt_tokens),
+                                  (args.max_tokens, args.max_tokens), args.seed + 1), rate, args.seed)
+    row = summarize(f"quill serve, {rate:g} req/s ({share:.0%} of capacity), SSE", asyncio.run(drive(url, trace, "sse")))
+    return {**row, "rate_per_s": rate}
+
+
+def _median(values: list[float | None]) -> float | None:
+    """The lower middle, as `median_of`; a round with a failed system makes it None."""
+    if not values or any(v is None for v in values):
+        return None
+    return sorted(values)[(len(values) - 1) // 2]
 
 
 def _ratio(a: dict, b: dict) -> float | None:
@@ -235,16 +249,21 @@ def render(report: dict) -> str:
         f"{s['threads']} torch threads, batch {s['max_batch_size']}, {s['stream_messages_per_s']:g} stream messages/s; "
         f"weights in {s['dtype']} (registry dtype: {s.get('registry_dtype', s['dtype'])}), and every system in the same dtype "
         f"{'' if s['dtype'] == 'float32' else '(transformers also in float32) '}with the same threads. "
-        f"Saturation: the median of {a.get('bursts', 1)} bursts per system. "
+        f"Saturation: {a.get('bursts', 1)} rounds, each a fresh server's burst, then each peer's in a fresh process; "
+        "a row is the system's median round, and each ratio the median of the rounds' own ratios. "
         f"Rates below capacity: {a['rate_requests']} requests arriving as a Poisson "
         "process. TPOT is per request, (last token - first token) / (tokens - 1).",
         "",
         f"**`quill serve` / static batch: {q['serve_over_static']}x"
         + (f" (/ float32 static batch: {q['serve_over_static_float32']}x)" if "serve_over_static_float32" in q else "")
         + f"; `quill serve` / engine in-process: "
-        f"{q['serve_over_engine']}x; engine in-process / static batch: {q['engine_over_static']}x.**",
+        f"{q['serve_over_engine']}x; engine in-process / static batch: {q['engine_over_static']}x.**"
+        + "".join(f" Round by round, {label}: {' / '.join(f'{x}x' for x in report['round_ratios'][key])}."
+                  for key, label in (("serve_over_static", "`quill serve` / static batch"),
+                                     ("serve_over_engine", "`quill serve` / engine in-process"))
+                  if report.get("round_ratios")),
         "",
-        "| what | tokens/s (median burst) | each burst | output tokens | wall s | TTFT p50 | TTFT p99 | TPOT p50 | TPOT p99 | errors |",
+        "| what | tokens/s (median round) | each round | output tokens | wall s | TTFT p50 | TTFT p99 | TPOT p50 | TPOT p99 | errors |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in report["rows"]:

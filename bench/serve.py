@@ -59,7 +59,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rate-requests", type=int, default=32, help="burst: requests per rate below capacity")
     p.add_argument("--system-timeout", type=float, default=900.0, help="burst: seconds before a peer is given up")
     p.add_argument("--bursts", type=int, default=3,
-                   help="burst: bursts per system at saturation, the median reported (one burst varies by ~10%%)")
+                   help="burst: rounds, each a burst of every system side by side; the medians reported "
+                        "(one burst varies by ~10%%, the box drifts more)")
     p.add_argument("--replicas", type=int, default=1)
     p.add_argument("--cache-tokens", type=int, default=8192, help="engine.prefix_cache_tokens when the cache is on")
     p.add_argument("--seed", type=int, default=0)

@@ -27,11 +27,17 @@ def test_burst_bench_measures_every_phase_and_writes_its_section(tmp_path):
         assert row["output_tokens"] == report["args"]["writers"] * report["args"]["max_tokens"] or "capacity" in row["phase"]
         assert row["tok_s"] > 0
     assert all(v is not None for v in report["ratios"].values())
-    # Each system at saturation ran the burst --bursts times (2 in --quick); its row is one of them.
+    # Each system at saturation ran the burst once a round, --bursts rounds (2 in --quick); its
+    # row is one of them, and each ratio pairs the systems of one round.
     saturated = [r for r in report["rows"] if "capacity" not in r["phase"]]
-    assert len(saturated) >= 5 and report["args"]["bursts"] == 2
+    assert len(saturated) >= 5 and report["args"]["bursts"] == 2 == len(report["rounds"])
     for row in saturated:
         assert len(row["bursts_tok_s"]) == 2 and row["tok_s"] == min(row["bursts_tok_s"]), row
+    for runs in report["rounds"]:
+        assert [r["phase"] for r in runs] == [r["phase"] for r in saturated]
+    serve_over_engine = [r[0]["tok_s"] / r[2]["tok_s"] for r in report["rounds"]]
+    assert report["ratios"]["serve_over_engine"] == round(min(serve_over_engine), 2)  # lower middle of two
+    assert report["round_ratios"]["serve_over_engine"] == [round(x, 2) for x in serve_over_engine]
     # The replica got what a registry that says nothing about CPUs gets on this machine.
     assert report["replica"]["threads"] >= 1 and report["replica"]["cpus_per_replica"] > 0
     # ... and no dtype (auto): the peers ran in the dtype the server chose, and transformers
