@@ -19,10 +19,10 @@ each asking for the same number of tokens):
 The burst runs in `--bursts` rounds (default 3). A round starts a fresh `quill serve`, sends it
 the burst over SSE and over the WebSocket, stops it, and replays the burst through each peer in a
 fresh process, so a round's systems run within a minute or two of each other. This box's speed
-drifts by 10-25% over minutes, for every system alike (the float32 and bfloat16 peers with it):
+drifts by 10-25% over minutes (seen for every bfloat16 system at once, docs/performance.md):
 run in blocks, a system measured in a slow spell would carry the drift into the ratios. Each
 round's ratios therefore pair systems measured side by side, and the ratios reported are the
-median over rounds (the lower middle of an even count); each system's row is its median burst,
+median over rounds (the lower middle of an even count); each system's row is its median round,
 with every round's tokens/s beside it. The two rates below capacity run in the first round.
 """
 from __future__ import annotations
