@@ -13,6 +13,7 @@ from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from serve_app.engine import (
     AsyncEngine,
+    Delta,
     Engine,
     EngineConfig,
     EngineOverloaded,
@@ -761,6 +762,48 @@ async def test_a_step_that_raises_ends_every_stream_with_an_error(checkpoint):
         assert "inside the engine" in deltas[0].error and "scheduler" not in deltas[0].error
         await asyncio.sleep(1.0)
         assert calls <= 4  # paused between failing steps, not a hot loop
+    finally:
+        aengine.shutdown()
+
+
+class ScriptedEngine:
+    """A FAKE engine for the async layer alone: each step returns the next scripted list of
+    deltas for the one request it holds, or raises what the script says."""
+
+    def __init__(self, script: list, stream_messages_per_s: float = 0.0):
+        self.script = list(script)
+        self.config = type("Config", (), {"stream_messages_per_s": stream_messages_per_s})()
+        self.request_id: str | None = None
+
+    def prepare(self, request):
+        return [1, 2, 3]
+
+    def add(self, request, prompt_ids):
+        self.request_id = request.request_id
+
+    def cancel(self, request_id):
+        self.script = []
+
+    @property
+    def has_work(self):
+        return self.request_id is not None and bool(self.script)
+
+    def step(self):
+        item = self.script.pop(0)
+        if isinstance(item, Exception):
+            raise item
+        return [Delta(self.request_id, i, text, (7,), reason) for i, text, reason in item]
+
+
+async def test_a_failure_after_one_choice_ended_ends_only_the_others_each_by_its_index():
+    """n=2: choice 1 ends (length) at the first step, the second step raises. The caller gets
+    choice 1's end and one error for choice 0, not a second ending for choice 1."""
+    fake = ScriptedEngine([[(0, "a", None), (1, "b", "length")], RuntimeError("a bug in the scheduler")])
+    aengine = AsyncEngine(lambda: fake)
+    try:
+        deltas = await asyncio.wait_for(_collect(aengine, GenerationRequest("x", greedy(4, n=2), "n2")), 10)
+        assert [(d.index, d.text, d.finish_reason) for d in deltas] == [(0, "a", None), (1, "b", "length"),
+                                                                         (0, "", "error")]
     finally:
         aengine.shutdown()
 

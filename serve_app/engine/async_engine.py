@@ -21,7 +21,7 @@ from serve_app.engine.engine import Engine
 from serve_app.engine.types import Delta, GenerationRequest, RequestRejected
 
 log = logging.getLogger("quill.engine")
-MAX_HOLD_S = 1.0  # however many requests stream, each hears from the replica at least this often
+MAX_HOLD_S = 1.0  # however many requests stream, each hears from the replica this often (plus a step)
 
 
 @dataclass(eq=False)
