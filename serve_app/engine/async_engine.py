@@ -126,8 +126,9 @@ class AsyncEngine:
         self._fail_all("the model server is shutting down")
 
     def _fail_all(self, message: str) -> None:
-        """End every caller's stream with an error delta per choice, and drop the requests from
-        the engine, so nobody waits for a step that will not come."""
+        """End every caller's stream with an error delta per choice still open (a choice that
+        has ended keeps its own end), and drop the requests from the engine, so nobody waits for
+        a step that will not come."""
         due: list[_Stream] = []
         with self._lock:
             for request_id, stream in list(self._streams.items()):
