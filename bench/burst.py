@@ -10,7 +10,11 @@ each asking for the same number of tokens):
    - burst over SSE, then over the WebSocket: all N requests at once, so the server is saturated;
    - two Poisson arrival rates below the capacity the SSE burst measured (30% and 60% of it),
      for TTFT and time per output token when the server keeps up;
-2. the server stopped, the same burst replayed in a fresh process each by the engine in-process
+2. with the server still up and idle, the same burst replayed by the engine in-process in a fresh
+   process beside it: what Ray's processes cost an engine on this machine without any traffic
+   (their timers wake ~1,600 times a second on an idle one-model server), apart from what the
+   request path costs;
+3. the server stopped, the same burst replayed in a fresh process each by the engine in-process
    (an `Engine.step` loop, the same engine settings and threads the replica had), transformers'
    `generate` on one static batch, and transformers' continuous batching (bench/systems.py), all
    in the dtype the replica served; where that is not float32, transformers' static batch also
@@ -44,6 +48,13 @@ from bench.stream_client import sse_request, ws_request
 
 MODEL = "burst"
 RATE_SHARES = (0.3, 0.6)  # of the measured capacity
+# The systems of a round, by the phase names their rows carry.
+SSE = "quill serve, burst, SSE"
+WEBSOCKET = "quill serve, burst, WebSocket"
+BESIDE_IDLE = "engine in-process beside an idle quill serve"
+ENGINE = "engine in-process (Engine.step loop)"
+STATIC_BATCH = "transformers generate, one static batch"
+STATIC_FLOAT32 = "transformers generate, one static batch, float32 (from_pretrained's default)"
 
 
 def registry_entry(checkpoint: Path, args) -> dict:
@@ -170,12 +181,16 @@ def run(args, argv: list[str] | None) -> int:
         registry = workdir / "registry.json"
         registry.write_text(json.dumps({"models": [registry_entry(checkpoint, args)]}))  # JSON is YAML
         settings = report["replica"] = replica_settings(registry)
-        peers = [(OURS, "engine in-process (Engine.step loop)", settings),
-                 (STATIC, "transformers generate, one static batch", settings),
+        peers = [(OURS, ENGINE, settings),
+                 (STATIC, STATIC_BATCH, settings),
                  (CB, "transformers continuous batching", settings)]
         if settings["dtype"] != "float32":
-            peers.append((STATIC, "transformers generate, one static batch, float32 (from_pretrained's default)",
-                          {**settings, "dtype": "float32"}))
+            peers.append((STATIC, STATIC_FLOAT32, {**settings, "dtype": "float32"}))
+
+        def peer(system: str, name: str, peer_settings: dict) -> dict:
+            print(f"[bench] {name} ...", flush=True)
+            return show(peer_row(name, run_one(system, checkpoint, burst, peer_settings, "process", args.system_timeout)))
+
         rates: list[dict] = []
         for number in range(args.bursts):
             print(f"[bench] round {number + 1} of {args.bursts}", flush=True)
@@ -183,24 +198,23 @@ def run(args, argv: list[str] | None) -> int:
             try:
                 report.setdefault("startup_s", round(server.wait_ready(), 1))
                 asyncio.run(drive(server.url, burst[:2], "sse"))  # first-call paths, not measured
-                runs = [show(summarize("quill serve, burst, SSE", asyncio.run(drive(server.url, burst, "sse")))),
-                        show(summarize("quill serve, burst, WebSocket", asyncio.run(drive(server.url, burst, "ws"))))]
+                runs = [show(summarize(SSE, asyncio.run(drive(server.url, burst, "sse")))),
+                        show(summarize(WEBSOCKET, asyncio.run(drive(server.url, burst, "ws"))))]
                 if number == 0:
                     capacity = runs[0]["tok_s"] / args.max_tokens  # requests/s the server can finish
                     rates = [show(rate_row(server.url, args, capacity, share)) for share in RATE_SHARES]
+                runs.append(peer(OURS, BESIDE_IDLE, settings))
             finally:
                 server.stop()
-            for system, name, peer_settings in peers:
-                print(f"[bench] {name} ...", flush=True)
-                runs.append(show(peer_row(name, run_one(system, checkpoint, burst, peer_settings, "process",
-                                                        args.system_timeout))))
+            runs += [peer(*p) for p in peers]
             report["rounds"].append(runs)
 
     # One row per system: its median round; the rates below capacity after the server's rows.
     rows = [median_of([runs[i] for runs in report["rounds"]]) for i in range(len(report["rounds"][0]))]
     report["rows"] = rows[:2] + rates + rows[2:]
-    report["round_ratios"] = {name: [_ratio(runs[a], runs[b]) for runs in report["rounds"]]
-                              for name, (a, b) in RATIOS.items() if b < len(rows)}
+    phases = [r["phase"] for r in report["rounds"][0]]
+    report["round_ratios"] = {name: [_ratio(runs[phases.index(a)], runs[phases.index(b)]) for runs in report["rounds"]]
+                              for name, (a, b) in RATIOS.items() if b in phases}
     report["ratios"] = {name: _median(each) for name, each in report["round_ratios"].items()}
     print(render(report))
     if args.out:
@@ -211,9 +225,12 @@ def run(args, argv: list[str] | None) -> int:
     return 0 if all(not r.get("errors") and not r.get("error") for r in report["rows"]) else 1
 
 
-# Each ratio, as positions in a round: SSE 0, WebSocket 1, then the peers in order.
-RATIOS = {"serve_over_static": (0, 3), "serve_over_engine": (0, 2), "engine_over_static": (2, 3),
-          "serve_over_static_float32": (0, 5)}
+# Each ratio: the phases of a round it divides. The last two split serve ÷ engine in two: what
+# the request path costs, and what an idle server's mere presence costs the engine beside it.
+RATIOS = {"serve_over_static": (SSE, STATIC_BATCH), "serve_over_engine": (SSE, ENGINE),
+          "engine_over_static": (ENGINE, STATIC_BATCH), "serve_over_static_float32": (SSE, STATIC_FLOAT32),
+          "serve_over_engine_beside_idle_server": (SSE, BESIDE_IDLE),
+          "engine_beside_idle_server_over_engine": (BESIDE_IDLE, ENGINE)}
 
 
 def rate_row(url: str, args, capacity: float, share: float) -> dict:
@@ -249,7 +266,8 @@ def render(report: dict) -> str:
         f"{s['threads']} torch threads, batch {s['max_batch_size']}, {s['stream_messages_per_s']:g} stream messages/s; "
         f"weights in {s['dtype']} (registry dtype: {s.get('registry_dtype', s['dtype'])}), and every system in the same dtype "
         f"{'' if s['dtype'] == 'float32' else '(transformers also in float32) '}with the same threads. "
-        f"Saturation: {a.get('bursts', 1)} rounds, each a fresh server's burst, then each peer's in a fresh process; "
+        f"Saturation: {a.get('bursts', 1)} rounds, each a fresh server's burst, the engine in-process beside that server "
+        "while it idles, then each peer's in a fresh process with the server stopped; "
         "a row is the system's median round, and each ratio the median of the rounds' own ratios. "
         f"Rates below capacity: {a['rate_requests']} requests arriving as a Poisson "
         "process. TPOT is per request, (last token - first token) / (tokens - 1).",
@@ -258,10 +276,15 @@ def render(report: dict) -> str:
         + (f" (/ float32 static batch: {q['serve_over_static_float32']}x)" if "serve_over_static_float32" in q else "")
         + f"; `quill serve` / engine in-process: "
         f"{q['serve_over_engine']}x; engine in-process / static batch: {q['engine_over_static']}x.**"
+        + (f" Split: `quill serve` / the engine beside an idle server {q['serve_over_engine_beside_idle_server']}x "
+           f"(the request path), the engine beside an idle server / alone {q['engine_beside_idle_server_over_engine']}x "
+           "(the server's presence)." if "engine_beside_idle_server_over_engine" in q else "")
         + "".join(f" Round by round, {label}: {' / '.join(f'{x}x' for x in report['round_ratios'][key])}."
                   for key, label in (("serve_over_static", "`quill serve` / static batch"),
-                                     ("serve_over_engine", "`quill serve` / engine in-process"))
-                  if report.get("round_ratios")),
+                                     ("serve_over_engine", "`quill serve` / engine in-process"),
+                                     ("serve_over_engine_beside_idle_server", "`quill serve` / engine beside an idle server"),
+                                     ("engine_beside_idle_server_over_engine", "engine beside an idle server / alone"))
+                  if key in report.get("round_ratios", {})),
         "",
         "| what | tokens/s (median round) | each round | output tokens | wall s | TTFT p50 | TTFT p99 | TPOT p50 | TPOT p99 | errors |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",

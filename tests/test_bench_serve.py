@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench import burst
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -35,9 +37,20 @@ def test_burst_bench_measures_every_phase_and_writes_its_section(tmp_path):
         assert len(row["bursts_tok_s"]) == 2 and row["tok_s"] == min(row["bursts_tok_s"]), row
     for runs in report["rounds"]:
         assert [r["phase"] for r in runs] == [r["phase"] for r in saturated]
-    serve_over_engine = [r[0]["tok_s"] / r[2]["tok_s"] for r in report["rounds"]]
+    # A round: the server's bursts, the engine beside that server while it idles, then the peers.
+    order = [r["phase"] for r in report["rounds"][0]]
+    assert order[:4] == [burst.SSE, burst.WEBSOCKET, burst.BESIDE_IDLE, burst.ENGINE], order
+
+    def per_round(a: str, b: str) -> list[float]:
+        return [runs[order.index(a)]["tok_s"] / runs[order.index(b)]["tok_s"] for runs in report["rounds"]]
+
+    serve_over_engine = per_round(burst.SSE, burst.ENGINE)
     assert report["ratios"]["serve_over_engine"] == round(min(serve_over_engine), 2)  # lower middle of two
     assert report["round_ratios"]["serve_over_engine"] == [round(x, 2) for x in serve_over_engine]
+    assert report["round_ratios"]["serve_over_engine_beside_idle_server"] == [
+        round(x, 2) for x in per_round(burst.SSE, burst.BESIDE_IDLE)]
+    assert report["round_ratios"]["engine_beside_idle_server_over_engine"] == [
+        round(x, 2) for x in per_round(burst.BESIDE_IDLE, burst.ENGINE)]
     # The replica got what a registry that says nothing about CPUs gets on this machine.
     assert report["replica"]["threads"] >= 1 and report["replica"]["cpus_per_replica"] > 0
     # ... and no dtype (auto): the peers ran in the dtype the server chose, and transformers
@@ -46,3 +59,4 @@ def test_burst_bench_measures_every_phase_and_writes_its_section(tmp_path):
     assert (report["replica"]["dtype"] == "float32") == (not any("float32" in p for p in phases))
     text = out.read_text()
     assert "<!-- bench:burst-smoke-test:start -->" in text and "quill serve` / static batch" in text
+    assert "the engine beside an idle server" in text
