@@ -19,7 +19,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -179,6 +179,7 @@ class RayCluster:
     workdir: Path
     temp_dir: Path
     nodes: list[subprocess.Popen]
+    env: dict[str, str] = field(default_factory=dict)  # set on every node, over os.environ
 
     def start_node(self, *args: str) -> subprocess.Popen:
         """`ray start --block ARGS` in its own session. Every node gets its own agent ports: the
@@ -189,7 +190,7 @@ class RayCluster:
                "--node-ip-address", "127.0.0.1", "--temp-dir", str(self.temp_dir),
                "--object-store-memory", str(200 << 20),
                *(a for p, port in zip(ports, free_ports(len(ports))) for a in (p, str(port))), *args]
-        env = dict(os.environ, RAY_AUTH_MODE="disabled", OMP_WAIT_POLICY="PASSIVE")
+        env = dict(os.environ, RAY_AUTH_MODE="disabled", OMP_WAIT_POLICY="PASSIVE", **self.env)
         env.pop("RAY_ADDRESS", None)
         with open(self.workdir / f"ray-node-{len(self.nodes)}.log", "w") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -218,14 +219,14 @@ class RayCluster:
 
 
 @contextlib.contextmanager
-def ray_cluster(workdir: Path, num_cpus: int = 1):
+def ray_cluster(workdir: Path, num_cpus: int = 1, env: dict[str, str] | None = None):
     """A head node (`ray start --head`, with its dashboard for the state API) on private ports;
-    add workers with `add_worker`. Every node is stopped after by killing its process group,
+    add workers with `add_worker`; `env` is set on every node. Every node is stopped after by killing its process group,
     never with `ray stop`, which would stop every Ray on the machine."""
     # Ray's socket paths must stay under 108 bytes: a short temp dir, not pytest's tmp_path.
     temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
     gcs_port, dashboard_port, client_port = free_ports(3)
-    cluster = RayCluster(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dashboard_port}", workdir, temp_dir, [])
+    cluster = RayCluster(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dashboard_port}", workdir, temp_dir, [], env or {})
     try:
         cluster.start_node("--head", "--port", str(gcs_port), "--num-cpus", str(num_cpus),
                            "--ray-client-server-port", str(client_port), "--include-dashboard", "true",

@@ -3,7 +3,12 @@ a head node (Serve's controller, the proxy, the ingress) and a worker node that 
 custom resource `quill-gpu-node` (standing in for a GPU node pool), which the model asks for in
 the registry. Losing the worker node must fail the in-flight stream with an error event, turn
 /readyz red for that model, and a new node must bring it back. One cluster and one server for
-the module; the tests run in order.
+each HTTP data plane; the tests run in order.
+
+Two data planes, each set on every node as the chart's `env` would set it on every pod: Serve's
+Python proxy (what the chart runs) and HAProxy in front of the ingress replica with gRPC between
+replicas (what a local `quill serve` runs, and what the chart's `env` can turn on,
+kuberay/README.md).
 """
 from __future__ import annotations
 
@@ -17,8 +22,8 @@ import psutil
 import pytest
 
 from tests.conftest import save_tiny_gpt2
-from tests.processes import (Completion, kill_group, ray_cluster, registry_entry, start_quill_serve, wait_until,
-                             write_registry)
+from tests.processes import (Completion, free_ports, kill_group, ray_cluster, registry_entry, start_quill_serve,
+                             wait_until, write_registry)
 
 pytestmark = pytest.mark.integration
 
@@ -26,17 +31,24 @@ NODE_RESOURCE = {"quill-gpu-node": 4}
 REPLICA = "ServeReplica:quill:model-tiny"
 
 
-@pytest.fixture(scope="module")
-def deployed(tmp_path_factory):
+def _haproxy_env() -> dict[str, str]:
+    stats, metrics = free_ports(2)  # HAProxy's defaults (8404, 9101) may be taken on this machine
+    return {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(stats), "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics)}
+
+
+@pytest.fixture(scope="module", params=["serve-proxy", "haproxy"])
+def deployed(request, tmp_path_factory):
+    env = _haproxy_env() if request.param == "haproxy" else {}
     root = tmp_path_factory.mktemp("cluster")
     # n_positions 1024: a stream long enough (seconds, even on a fast box) to be cut mid-way.
     ckpt = save_tiny_gpt2(root / "tiny", n_positions=1024)
     registry = write_registry(root / "registry.yaml", [registry_entry(
         "tiny", ckpt, resources="{quill-gpu-node: 1}", engine="{max_batch_size: 8, max_seq_len: 1024}",
         limits="{max_prompt_tokens: 64, max_tokens: 900, max_n: 4}")])
-    with ray_cluster(root, num_cpus=1) as cluster:
+    with ray_cluster(root, num_cpus=1, env=env) as cluster:
         cluster.add_worker(num_cpus=1, resources=NODE_RESOURCE)
-        server = start_quill_serve(registry, root, "--address", cluster.address)
+        server = start_quill_serve(registry, root, "--address", cluster.address, env=env)
         try:
             yield cluster, server
         finally:
@@ -58,6 +70,10 @@ def test_model_replicas_run_on_the_node_with_their_resource_and_the_front_on_the
     where = _placement(cluster)
     assert where.get(REPLICA) == {"quill-gpu-node"}, where
     assert where.get("ServeReplica:quill:Ingress") == {"head"} and where.get("ProxyActor") == {"head"}, where
+    # With HAProxy, its manager runs where the proxy would (and the proxy stays as Serve's fallback).
+    assert ("HAProxyManager" in where) == (bool(cluster.env)), where
+    if cluster.env:
+        assert where["HAProxyManager"] == {"head"}, where
     r = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "Hello", "max_tokens": 5}, timeout=60)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
     assert server.proc.poll() is None  # `quill serve --address` keeps running, as documented
