@@ -49,17 +49,30 @@ def free_ports(n: int) -> list[int]:
 def kill_group(proc: subprocess.Popen, grace: float = 45) -> None:
     """SIGTERM to the process itself (`quill serve` drains and takes its own Ray down: 7.7 s
     here, against about 40 s when every Ray process got the signal at once and the server could
-    no longer reach them), then SIGKILL for the whole process group: Ray's own processes (gcs,
-    raylet, workers) were started in the server's session, so none leaks."""
+    no longer reach them), then SIGKILL for everything in its session: the process was started
+    in a session of its own, and Ray's processes (gcs, raylet, workers, and the HAProxy a Serve
+    actor starts) inherit it. Not just its process group: each Ray worker leads a group of its
+    own, and an HAProxy whose manager was killed outlives the raylet, holding its port."""
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             proc.send_signal(signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(grace)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
+    for pid in [proc.pid, *_session_members(proc.pid)]:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(10)
+
+
+def _session_members(session: int) -> list[int]:
+    members = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != session:
+            with contextlib.suppress(OSError):
+                if os.getsid(int(entry)) == session:
+                    members.append(int(entry))
+    return members
 
 
 def registry_entry(name: str, source: str | Path, **fields: str) -> str:
