@@ -2,7 +2,7 @@
 
     quill serve [--registry models/registry.yaml] [--host 127.0.0.1] [--port 8000]
     quill render-k8s --registry PATH [--values FILE] [--namespace NS]
-    quill train ... | quill evaluate ... | quill data ... | quill bench engine|serve|load ...
+    quill train ... | quill evaluate ... | quill data ... | quill bench engine|serve|load|idle ...
 
 `serve` validates the registry before anything starts, brings up a local Ray listening on
 loopback only (serve_app/local_ray.py; or joins the cluster at --address / RAY_ADDRESS),
@@ -347,7 +347,7 @@ commands:
   train       fine-tune a model (training.train)
   evaluate    evaluate checkpoints (training.evaluate)
   data        prepare the training data splits (training.data)
-  bench       benchmarks: quill bench engine|serve|load ... (docs/performance.md)
+  bench       benchmarks: quill bench engine|serve|load|idle ... (docs/performance.md)
   gpu-exporter  Prometheus exporter of this node's GPUs via NVML (quill gpu-exporter --port 9400)
 """
 
@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         return _front_door("monitoring.gpu_exporter", rest)
     if cmd == "bench":
         if not rest or rest[0] in ("-h", "--help"):
-            print("usage: quill bench engine|serve|load [args]  (quill bench <name> --help)")
+            print("usage: quill bench engine|serve|load|idle [args]  (quill bench <name> --help)")
             return 0 if rest else 2
         return _front_door(f"bench.{rest[0]}", rest[1:])
     print(f"quill: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
