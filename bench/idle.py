@@ -1,12 +1,13 @@
 """What an idle `quill serve` costs the machine: CPU and wake-ups a second, by process.
 
-    quill bench idle [--model small] [--seconds 20] [--settle 10] [--quick] [--out FILE] [--section KEY]
+    quill bench idle [--model small | --registry FILE] [--seconds 20] [--settle 10] [--quick] [--out FILE] [--section KEY]
 
 Starts `quill serve` as a user starts it, on the one-model registry of `bench serve --workload
-burst` (bench/burst.py), waits until it serves and `--settle` seconds more, then reads `/proc`
-twice, `--seconds` apart, for every process in the server's session (the server and the Ray it
-starts: GCS, raylet, agents, log monitor, Serve's actors, HAProxy): each thread's CPU time and
-context switches (voluntary and involuntary), and reports them a second, per process.
+burst` (bench/burst.py) or on `--registry` (yours: what your deployment costs idle), waits until
+it serves and `--settle` seconds more, then reads `/proc` twice, `--seconds` apart, for every
+process in the server's session (the server and the Ray it starts: GCS, raylet, agents, log
+monitor, Serve's actors, HAProxy): each thread's CPU time and context switches (voluntary and
+involuntary), and reports them a second, per process.
 
 Why wake-ups and not only CPU: on a small box each one lands on a core that an engine thread is
 using, and the engine's threads wait for each other at the end of every op. On the 2-core build
@@ -36,6 +37,7 @@ TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="quill bench idle", description=__doc__.split("\n")[0])
     p.add_argument("--model", choices=["tiny", "small", "medium"], default="small")
+    p.add_argument("--registry", type=Path, default=None, help="serve this registry instead of one random-weight --model")
     p.add_argument("--seconds", type=float, default=20.0, help="how long to count")
     p.add_argument("--settle", type=float, default=10.0, help="seconds after the server is ready before counting")
     p.add_argument("--threads", type=int, default=15, help="how many of the busiest threads to list")
@@ -48,6 +50,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.model, args.settle, args.seconds = "tiny", 3.0, 3.0
     if args.seconds <= 0:
         p.error("--seconds must be above 0")
+    if args.registry is not None and not args.registry.is_file():
+        p.error(f"--registry {args.registry}: no such file")
     return args
 
 
@@ -124,11 +128,15 @@ def run(args, argv: list[str] | None) -> int:
     entry_args = argparse.Namespace(dtype="auto", writers=32, max_tokens=64)
     report = {"command": "quill bench idle " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
               "machine": machine_info(), "args": {k: getattr(args, k) for k in ("model", "seconds", "settle")}}
+    if args.registry:
+        report["args"]["model"] = f"registry {args.registry}"
     with tempfile.TemporaryDirectory(prefix="quill-bench-idle-") as tmp:
         workdir = Path(tmp)
-        checkpoint = make_checkpoint(args.model, workdir / "model", args.seed)
-        registry = workdir / "registry.json"
-        registry.write_text(json.dumps({"models": [burst.registry_entry(checkpoint, entry_args)]}))  # JSON is YAML
+        registry = args.registry
+        if registry is None:
+            checkpoint = make_checkpoint(args.model, workdir / "model", args.seed)
+            registry = workdir / "registry.json"
+            registry.write_text(json.dumps({"models": [burst.registry_entry(checkpoint, entry_args)]}))  # JSON is YAML
         server = Server(registry, workdir / "serve.log")
         try:
             report["startup_s"] = round(server.wait_ready(), 1)
@@ -141,7 +149,7 @@ def run(args, argv: list[str] | None) -> int:
     text = render(report, args.threads)
     print(text)
     if args.out:
-        key = args.section or f"serve-idle-{args.model}"
+        key = args.section or ("serve-idle-registry" if args.registry else f"serve-idle-{args.model}")
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
         (RESULTS_DIR / f"{key}.json").write_text(json.dumps(report, indent=1))
         write_section(Path(args.out), key, text)
@@ -151,7 +159,8 @@ def run(args, argv: list[str] | None) -> int:
 def render(report: dict, top_threads: int = 15) -> str:
     m, a, t = report["machine"], report["args"], report["total"]
     lines = [
-        f"### An idle `quill serve`: CPU and wake-ups by process ({a['model']} shape, one model)",
+        f"### An idle `quill serve`: CPU and wake-ups by process ({a['model']}"
+        f"{'' if a['model'].startswith('registry') else ' shape, one model'})",
         "",
         f"Command: `{report['command']}`  ",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; Python {m['python']}, torch "

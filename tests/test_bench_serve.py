@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 from bench import burst
+from tests.conftest import save_tiny_gpt2
+from tests.processes import registry_entry, write_registry
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,17 +64,18 @@ def test_burst_bench_measures_every_phase_and_writes_its_section(tmp_path):
     assert "the engine beside an idle server" in text
 
 
-def test_idle_bench_reports_cpu_and_wakeups_for_every_process_of_the_server(tmp_path):
+def test_idle_bench_reports_cpu_and_wakeups_for_every_process_of_a_users_registry(tmp_path):
     out = tmp_path / "perf.md"
-    proc = subprocess.run([sys.executable, "-m", "bench.idle", "--quick", "--out", str(out), "--section", "idle-smoke-test"],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    registry = write_registry(tmp_path / "registry.yaml", [registry_entry("tiny", save_tiny_gpt2(tmp_path / "tiny"))])
+    proc = subprocess.run([sys.executable, "-m", "bench.idle", "--quick", "--registry", str(registry), "--out", str(out),
+                           "--section", "idle-smoke-test"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((REPO / "bench" / "results" / "idle-smoke-test.json").read_text())
     (REPO / "bench" / "results" / "idle-smoke-test.json").unlink()
     names = [r["process"] for r in report["processes"]]
     # The server's own Ray, found through its session: the C++ daemons and Serve's actors.
     assert {"raylet", "gcs_server"} <= set(names), names
-    assert any(n.startswith(f"ray::ServeReplica:quill:model-{burst.MODEL}") for n in names), names  # the model
+    assert any(n.startswith("ray::ServeReplica:quill:model-tiny") for n in names), names  # the registry's model
     assert any(n.startswith("ray::ServeReplica:quill:Ingress") for n in names), names
     assert any(n.startswith("ray::ServeController") for n in names), names
     assert report["total"]["wakeups_per_s"] > 0 and report["total"]["processes"] == len(names)
