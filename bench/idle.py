@@ -12,7 +12,7 @@ involuntary), and reports them a second, per process.
 Why wake-ups and not only CPU: on a small box each one lands on a core that an engine thread is
 using, and the engine's threads wait for each other at the end of every op. On the 2-core build
 VM, 1,000 wake-ups a second of processes that did nothing else cost the engine beside them about
-9% of its speed, and an idle server's ~1,600 about 11% (docs/performance.md).
+9% of its speed, and an idle server's ~1,600 about 8% (docs/performance.md).
 
 Linux only (`/proc`).
 """
