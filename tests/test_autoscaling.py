@@ -78,7 +78,9 @@ class _Load:
                 try:
                     with client.stream("POST", self.url + "/v1/completions", json=body) as r:
                         lines = [line for line in r.iter_lines() if line]
-                    ok = (r.status_code == 200 and lines[-1] == "data: [DONE]" and '"finish_reason":"length"' in lines[-2]
+                    # "stop" too: the random model samples its end-of-text token now and then.
+                    ok = (r.status_code == 200 and lines[-1] == "data: [DONE]"
+                          and any(f'"finish_reason":"{why}"' in lines[-2] for why in ("length", "stop"))
                           and not any(line.startswith("event: error") for line in lines))
                     problem = None if ok else f"HTTP {r.status_code}: {lines[-3:]}"
                 except Exception as exc:  # noqa: BLE001 - counted and reported
