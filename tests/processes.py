@@ -234,8 +234,9 @@ class RayCluster:
 @contextlib.contextmanager
 def ray_cluster(workdir: Path, num_cpus: int = 1, env: dict[str, str] | None = None):
     """A head node (`ray start --head`, with its dashboard for the state API) on private ports;
-    add workers with `add_worker`; `env` is set on every node. Every node is stopped after by killing its process group,
-    never with `ray stop`, which would stop every Ray on the machine."""
+    add workers with `add_worker`; `env` is set on every node. Every node is stopped after by
+    killing every process in its session (`kill_group`), never with `ray stop`, which would stop
+    every Ray on the machine."""
     # Ray's socket paths must stay under 108 bytes: a short temp dir, not pytest's tmp_path.
     temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
     gcs_port, dashboard_port, client_port = free_ports(3)
