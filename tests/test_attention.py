@@ -16,14 +16,14 @@ def _sdpa(q, k_cache, v_cache, positions, scale):
     """Each row's attention over its positions 0..p, one row at a time."""
     rows = []
     for b, p in enumerate(positions):
-        k, v = k_cache[b, :, : p + 1], v_cache[b, :, : p + 1]
+        k, v = k_cache[b, : p + 1].transpose(0, 1), v_cache[b, : p + 1].transpose(0, 1)
         rows.append(F.scaled_dot_product_attention(q[b][:, None], k, v, scale=scale)[:, 0].reshape(-1))
     return torch.stack(rows)
 
 
 def test_matches_sdpa_and_writes_the_new_key_and_value():
     g = torch.Generator().manual_seed(0)
-    k_cache, v_cache = (torch.randn(SLOTS, H, MAX_LEN, D, generator=g) for _ in range(2))
+    k_cache, v_cache = (torch.randn(SLOTS, MAX_LEN, H, D, generator=g) for _ in range(2))
     positions = np.array([0, 5, 63, 17], np.int64)  # a first token, the cache's last position
     B, E = len(positions), H * D
     qkv = torch.randn(B, 3 * E, generator=g)
@@ -33,8 +33,8 @@ def test_matches_sdpa_and_writes_the_new_key_and_value():
 
     new_k, new_v = qkv[:, E : 2 * E].view(B, H, D), qkv[:, 2 * E :].view(B, H, D)
     for b, p in enumerate(positions):
-        assert torch.equal(k_cache[b, :, p], new_k[b]) and torch.equal(v_cache[b, :, p], new_v[b])
-        before_k[b, :, p], before_v[b, :, p] = new_k[b], new_v[b]
+        assert torch.equal(k_cache[b, p], new_k[b]) and torch.equal(v_cache[b, p], new_v[b])
+        before_k[b, p], before_v[b, p] = new_k[b], new_v[b]
     assert torch.equal(k_cache, before_k) and torch.equal(v_cache, before_v)  # nothing else touched
     want = _sdpa(qkv[:, :E].view(B, H, D), k_cache, v_cache, positions, 0.3)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
@@ -43,7 +43,7 @@ def test_matches_sdpa_and_writes_the_new_key_and_value():
 def test_a_row_gets_the_same_bits_whatever_the_other_rows():
     """A seeded request's text must not depend on who shares its batch, nor on their lengths."""
     g = torch.Generator().manual_seed(1)
-    k_cache, v_cache = (torch.randn(SLOTS, H, MAX_LEN, D, generator=g) for _ in range(2))
+    k_cache, v_cache = (torch.randn(SLOTS, MAX_LEN, H, D, generator=g) for _ in range(2))
     qkv = torch.randn(SLOTS, 3 * H * D, generator=g)
     alone = decode_attention(qkv[:1], k_cache.clone(), v_cache.clone(), np.array([9]), 0.25)
     crowd = decode_attention(qkv, k_cache.clone(), v_cache.clone(), np.array([9, 60, 1, 33, 2, 50]), 0.25)
@@ -52,7 +52,7 @@ def test_a_row_gets_the_same_bits_whatever_the_other_rows():
 
 def test_bfloat16_rows_are_cast_in():
     g = torch.Generator().manual_seed(2)
-    k_cache, v_cache = (torch.randn(SLOTS, H, MAX_LEN, D, generator=g) for _ in range(2))
+    k_cache, v_cache = (torch.randn(SLOTS, MAX_LEN, H, D, generator=g) for _ in range(2))
     qkv = torch.randn(2, 3 * H * D, generator=g).bfloat16()
     out = decode_attention(qkv, k_cache, v_cache, np.array([3, 7]), 0.25)
     want = _sdpa(qkv[:, : H * D].float().view(2, H, D), k_cache, v_cache, [3, 7], 0.25)
@@ -62,17 +62,19 @@ def test_bfloat16_rows_are_cast_in():
 
 def test_a_bfloat16_cache_is_read_and_written_as_bfloat16():
     """Half the bytes to read: the cache keeps bf16, the new keys and values are stored rounded
-    to bf16, and the answer is float32 attention over exactly those bf16 values."""
+    to bf16, and the answer is float32 attention over exactly those bf16 values (the query
+    rounded to bf16 too, as a bf16 model's matmul hands it over)."""
     g = torch.Generator().manual_seed(3)
-    k_cache, v_cache = (torch.randn(SLOTS, H, MAX_LEN, D, generator=g).bfloat16() for _ in range(2))
+    k_cache, v_cache = (torch.randn(SLOTS, MAX_LEN, H, D, generator=g).bfloat16() for _ in range(2))
     positions = np.array([0, 40, 12], np.int64)
     B, E = len(positions), H * D
     qkv = torch.randn(B, 3 * E, generator=g)
     out = decode_attention(qkv, k_cache, v_cache, positions, 0.25)
     for b, p in enumerate(positions):
-        assert torch.equal(k_cache[b, :, p], qkv[b, E : 2 * E].view(H, D).bfloat16())
-        assert torch.equal(v_cache[b, :, p], qkv[b, 2 * E :].view(H, D).bfloat16())
-    want = _sdpa(qkv[:, :E].view(B, H, D), k_cache.float(), v_cache.float(), positions, 0.25)
+        assert torch.equal(k_cache[b, p], qkv[b, E : 2 * E].view(H, D).bfloat16())
+        assert torch.equal(v_cache[b, p], qkv[b, 2 * E :].view(H, D).bfloat16())
+    q = qkv[:, :E].bfloat16().float().view(B, H, D)
+    want = _sdpa(q, k_cache.float(), v_cache.float(), positions, 0.25)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
 
 

@@ -7,9 +7,10 @@ chunks in one pass, and logits for the last position of a prompt only. The arith
 transformers' (the same operations in the same order; the matmuls by the fastest kernel at hand,
 see `linear.py`), so greedy decoding matches `generate` token for token.
 
-The cache is `[layer, slot, head, position, head_dim]`. Running sequences occupy slots
-`0..B-1` with no holes (the engine keeps them packed), so a decode step reads the cache through
-views `k[l, :B, :, :L]` and copies nothing.
+The cache is `[layer, slot, position, head, head_dim]`: a slot's keys for every head at a
+position sit together, so a decode step reads each sequence's cache as one run of memory
+(attention.py). Running sequences occupy slots `0..B-1` with no holes (the engine keeps them
+packed), so a decode step reads the cache through views `k[l, :B, :L]` and copies nothing.
 """
 from __future__ import annotations
 
@@ -34,8 +35,8 @@ def cache_dtype(weights: torch.dtype, device: torch.device) -> torch.dtype:
     with AMX a bf16 cache took 1.9 ms a layer against 3.4 for float32 (64 sequences, 200
     positions); on an EPYC with AVX512-BF16, 2.1 ms against 0.4 at 80 positions and 4.9 against
     1.9 at 200 (`bench/profile_step.py`, docs/engine.md). attention.py's loop reads a bf16 cache
-    as it comes, and there half the bytes pay: 0.69 ms a layer against 0.94 for float32 at
-    contexts of 16-80, 1.45 against 1.83 at 16-383 (the EPYC, 32 sequences, 2 threads)."""
+    as it comes, and there half the bytes pay: 0.36 ms a layer against 0.56 for float32 at
+    contexts of 16-80, 1.10 against 1.75 at 16-383 (the EPYC, 32 sequences, 2 threads)."""
     if (device.type == "cpu" and weights == torch.bfloat16 and not cpu_has_amx()
             and not fused_decode_serves(device, torch.bfloat16)):
         return torch.float32
@@ -116,7 +117,7 @@ class GPT2Runner:
         # (`cache_dtype`). A bf16 cache halves what attention reads; where SDPA's bf16 kernel is
         # fast (AMX) that is what pays.
         self.cache_dtype = cache_dtype(self.dtype, self.device)
-        shape = (cfg.n_layer, max_batch_size, cfg.n_head, max_seq_len, self.head_dim)
+        shape = (cfg.n_layer, max_batch_size, max_seq_len, cfg.n_head, self.head_dim)
         # Allocated and zeroed once, at start. Masked positions are still multiplied (by a
         # probability of 0), so every position a pass reads must hold a finite number; zeroing
         # it all up front also means a replica holds every byte it will use from its first
@@ -195,11 +196,10 @@ class GPT2Runner:
             return attend_fused
         L = int(pos.max()) + 1  # row b reads positions 0..L-1 of slot b, its own and beyond
         H, D = self.n_head, self.head_dim
-        # Where row b's new key goes for each head, as a row of the layer's cache seen as
-        # [slot * head * position, D]: one `index_copy_` writes them all (the advanced-index
-        # assignment `k_cache[i, rows, :, pos] = k` took 0.4 ms a layer at B=32).
-        heads = torch.arange(B * H, device=self.device).view(B, H)  # slot b, head h -> b * H + h
-        flat = (heads * self.max_seq_len + pos[:, None]).view(-1)
+        # Where row b's new keys go, as a row of the layer's cache seen as [slot * position, H,
+        # D]: one `index_copy_` writes them all (the advanced-index assignment
+        # `k_cache[i, rows, pos] = k` took 0.4 ms a layer at B=32, in the earlier layout).
+        flat = torch.arange(B, device=self.device) * self.max_seq_len + pos
         # Each row attends to its own positions 0..pos[b]; the rest of the first L is masked
         # (an additive mask: 5-10% faster in SDPA than a boolean one).
         beyond = torch.arange(L, device=self.device)[None, :] > pos[:, None]
@@ -208,13 +208,13 @@ class GPT2Runner:
 
         def attend(i: int, qkv: torch.Tensor) -> torch.Tensor:
             q, k, v = (t.view(B, H, D).to(self.cache_dtype) for t in qkv[:B].split(self.embed, 1))
-            self.k_cache[i].view(-1, D).index_copy_(0, flat, k.reshape(B * H, D))
-            self.v_cache[i].view(-1, D).index_copy_(0, flat, v.reshape(B * H, D))
+            self.k_cache[i].view(-1, H, D).index_copy_(0, flat, k)
+            self.v_cache[i].view(-1, H, D).index_copy_(0, flat, v)
             # SDPA over the cache views (one query per sequence). On a 2-thread AMX Xeon, per
             # layer: float32 as fast as the two 4-d matmuls before it or faster (3.4 vs 3.4 ms at
             # B=64, L=200; 0.7 vs 1.1 at B=32, L=81); with a bf16 cache 1.9 ms at B=64, L=200.
             a = F.scaled_dot_product_attention(
-                q[:, :, None], self.k_cache[i, :B, :, :L], self.v_cache[i, :B, :, :L],
+                q[:, :, None], self.k_cache[i, :B, :L].transpose(1, 2), self.v_cache[i, :B, :L].transpose(1, 2),
                 attn_mask=mask, scale=self.scales[i],
             )
             return a.view(B, self.embed).to(self.dtype)
@@ -233,16 +233,15 @@ class GPT2Runner:
 
         def attend(i: int, qkv: torch.Tensor) -> torch.Tensor:
             rows = qkv[offset : offset + T]
-            q, k, v = (t.view(T, self.n_head, self.head_dim).transpose(0, 1)
-                       for t in rows.split(self.embed, 1))
-            self.k_cache[i, slot, :, start : start + T] = k
-            self.v_cache[i, slot, :, start : start + T] = v
+            q, k, v = (t.view(T, self.n_head, self.head_dim) for t in rows.split(self.embed, 1))
+            self.k_cache[i, slot, start : start + T] = k
+            self.v_cache[i, slot, start : start + T] = v
             # 4-d, [1, H, T, D]: PyTorch's CPU flash kernel takes only 4-d inputs and runs the
             # rest by its math path (a bmm, a softmax and masking passes over [H, T, T]).
-            keys = self.k_cache[i, slot : slot + 1, :, : start + T].to(self.chunk_dtype)
-            values = self.v_cache[i, slot : slot + 1, :, : start + T].to(self.chunk_dtype)
+            keys = self.k_cache[i, slot : slot + 1, : start + T].transpose(1, 2).to(self.chunk_dtype)
+            values = self.v_cache[i, slot : slot + 1, : start + T].transpose(1, 2).to(self.chunk_dtype)
             a = F.scaled_dot_product_attention(
-                q[None].to(self.chunk_dtype), keys, values,
+                q.transpose(0, 1)[None].to(self.chunk_dtype), keys, values,
                 attn_mask=mask, is_causal=mask is None, scale=self.scales[i],
             )
             return a[0].transpose(0, 1).reshape(T, self.embed).to(self.dtype)
@@ -252,8 +251,8 @@ class GPT2Runner:
     def copy_slot(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` cached positions of one slot to another (n choices, packing,
         moving a half-prefilled prompt)."""
-        self.k_cache[:, dst, :, :length] = self.k_cache[:, src, :, :length]
-        self.v_cache[:, dst, :, :length] = self.v_cache[:, src, :, :length]
+        self.k_cache[:, dst, :length] = self.k_cache[:, src, :length]
+        self.v_cache[:, dst, :length] = self.v_cache[:, src, :length]
 
     def kv_cache_bytes(self) -> int:
         """Bytes of the KV cache: all of it resident from the start (zeroed at allocation)."""

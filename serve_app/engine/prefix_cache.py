@@ -43,11 +43,11 @@ class _Block:
 class PrefixCache:
     def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor, capacity_tokens: int,
                  block_tokens: int = BLOCK_TOKENS):
-        """`k_cache`/`v_cache` are the runner's [layer, slot, head, position, head_dim] caches."""
+        """`k_cache`/`v_cache` are the runner's [layer, slot, position, head, head_dim] caches."""
         self.block_tokens = block_tokens
         self.capacity_blocks = capacity_tokens // block_tokens
-        layers, _, heads, _, dim = k_cache.shape
-        shape = (layers, self.capacity_blocks, heads, block_tokens, dim)
+        layers, _, _, heads, dim = k_cache.shape
+        shape = (layers, self.capacity_blocks, block_tokens, heads, dim)
         # Zeroed at start, like the runner's cache: the budget is resident from the first second
         # rather than creeping up as blocks are first written (which looked like a leak).
         self.k = torch.zeros(shape, device=k_cache.device, dtype=k_cache.dtype)
@@ -88,9 +88,9 @@ class PrefixCache:
         n = len(chain) * self.block_tokens
         rows = torch.tensor([b.index for b in chain], device=self.k.device)
         for cache, blocks in ((self._k_cache, self.k), (self._v_cache, self.v)):
-            layers, _, heads, _, dim = blocks.shape
-            # [layer, block, head, t, dim] -> [layer, head, block * t, dim], positions 0..n-1
-            cache[:, slot, :, :n] = blocks[:, rows].permute(0, 2, 1, 3, 4).reshape(layers, heads, n, dim)
+            layers, _, _, heads, dim = blocks.shape
+            # [layer, block, t, head, dim] -> [layer, block * t, head, dim], positions 0..n-1
+            cache[:, slot, :n] = blocks[:, rows].reshape(layers, n, heads, dim)
         self.hit_tokens += n
         return n
 
@@ -106,8 +106,8 @@ class PrefixCache:
             if index is None:
                 return
             start, end = i * self.block_tokens, (i + 1) * self.block_tokens
-            self.k[:, index] = self._k_cache[:, slot, :, start:end]
-            self.v[:, index] = self._v_cache[:, slot, :, start:end]
+            self.k[:, index] = self._k_cache[:, slot, start:end]
+            self.v[:, index] = self._v_cache[:, slot, start:end]
             block = _Block(next(self._nodes), index, parent, (parent, tuple(prompt_ids[start:end])))
             self._blocks[block.key] = block
             parent = block.node
