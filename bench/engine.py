@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from serve_app.config import set_openmp_env
+from serve_app.config import TORCH_ENV, set_torch_env
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER_DIR = REPO / "models" / "gpt2-tokenizer"
@@ -315,8 +315,7 @@ def render(report: dict) -> str:
         f"{', '.join(str(x) for x in m['load_average_at_start'])}.  ",
         f"Versions: Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}.  ",
         f"Threads: {report['settings']['threads']} torch thread(s) in every system; "
-        f"OMP_WAIT_POLICY={report['env'].get('OMP_WAIT_POLICY') or 'unset'}, "
-        f"GOMP_SPINCOUNT={report['env'].get('GOMP_SPINCOUNT') or 'unset'}.  ",
+        f"{_env_settings(report['env'])}.  ",
         f"Conditions: {report['conditions']}",
         "",
         f"Workload (seed {wl['seed']}, identical for every system of a model): {wl['requests']} requests, "
@@ -386,6 +385,10 @@ def render(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _env_settings(env: dict) -> str:
+    return ", ".join(f"{k}={v or 'unset'}" for k, v in env.items())
+
+
 def _short_command(command: str) -> str:
     """The exact command, except that the free text of --conditions/--note (printed in full
     beside it) is shown as '...'."""
@@ -426,7 +429,7 @@ def write_section(path: Path, key: str, body: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    set_openmp_env()  # before torch loads, and inherited by the children: as `quill serve` runs
+    set_torch_env()  # before torch loads, and inherited by the children: as `quill serve` runs
     args = parse_args(argv)
     if args.render_only:
         report = json.loads(Path(args.render_only).read_text())
@@ -447,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         "mode": "quick smoke check" if args.quick else "full",
         "command": "quill bench engine " + " ".join(shlex.quote(a) for a in shown),
         "machine": machine_info(),
-        "env": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")},
+        "env": {k: os.environ.get(k) for k in TORCH_ENV},
         "conditions": args.conditions,
         "settings": {
             "threads": args.threads, "max_batch_size": args.max_batch_size, "max_seq_len": 512,

@@ -39,7 +39,7 @@ from urllib.parse import urlsplit
 
 from bench.engine import RESULTS_DIR, percentile, write_section
 from bench.load_writers import Document, Record, Target, Turn, WsWriter, held_out_pieces, http_stream
-from serve_app.config import set_openmp_env
+from serve_app.config import set_torch_env
 
 CHANNELS = ("sse", "native", "ws")
 CHANNEL_NAMES = {"sse": "SSE /v1/completions", "native": "native /generate", "ws": "WebSocket /v1/stream"}
@@ -380,7 +380,7 @@ def _memory_lines(report: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    set_openmp_env()  # before torch loads, and inherited by the children: as `quill serve` runs
+    set_torch_env()  # before torch loads, and inherited by the children: as `quill serve` runs
     args = parse_args(argv)
     args.headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     with tempfile.TemporaryDirectory(prefix="quill-bench-load-") as tmp:

@@ -20,7 +20,7 @@ import random
 import statistics
 import time
 
-from serve_app.config import set_openmp_env
+from serve_app.config import set_torch_env
 
 
 def _median_ms(fn, reps: int = 5) -> float:
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kernels", action="store_true",
                    help="also time a whole stack of layer matmuls, and the LM head, with each CPU kernel")
     args = p.parse_args(argv)
-    set_openmp_env()  # before torch loads, and inherited by the children: as `quill serve` runs
+    set_torch_env()  # before torch loads, and inherited by the children: as `quill serve` runs
 
     import torch
     import torch.nn.functional as F

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from bench.engine import DEFAULT_OUT, RESULTS_DIR, make_checkpoint, percentile, write_section
 from bench.machine import machine_info
-from serve_app.config import set_openmp_env
+from serve_app.config import set_torch_env
 
 BUCKETS = ((0, 200), (200, 400), (400, 550), (550, 700), (700, 10_000))  # prompt tokens
 MODEL = "writer"
@@ -299,7 +299,7 @@ def render(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    set_openmp_env()  # before torch loads, and inherited by the children: as `quill serve` runs
+    set_torch_env()  # before torch loads, and inherited by the children: as `quill serve` runs
     args = parse_args(argv)
     if args.workload == "burst":
         from bench.burst import run

@@ -25,7 +25,7 @@ import threading
 import time
 
 from serve_app import local_ray
-from serve_app.config import (DEFAULT_REGISTRY, RegistryError, load_registry, required_cpus, required_gpus, set_openmp_env,
+from serve_app.config import (DEFAULT_REGISTRY, RegistryError, load_registry, required_cpus, required_gpus, set_torch_env,
                               share_cpus)
 
 
@@ -99,7 +99,7 @@ def serve_main(argv: list[str]) -> int:
     # Before Ray starts, so its workers inherit them: a local run needs no token auth, and
     # OpenMP workers that spin long steal the few cores from the other replicas.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    set_openmp_env()
+    set_torch_env()
     # Serve's controller wakes every 0.1 s by default: 3.3% of a core with nothing to do, and
     # each wake-up preempts an engine thread on a small box (an idle 20 s of `quill serve`: every
     # Ray process together 13.0% of a core, 9.6% at 0.5 s). Its work (autoscaling over windows

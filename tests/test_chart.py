@@ -252,6 +252,18 @@ def test_optional_parts_follow_the_values():
     assert "QUILL_API_KEYS" not in env
 
 
+def test_every_ray_pod_runs_torch_with_the_settings_quill_serve_gives_it():
+    """The chart's pods set by hand what a local `quill serve` sets from `TORCH_ENV` (OpenMP's
+    wait policy, huge pages for tensors): a setting added there and forgotten here fails."""
+    from serve_app.config import TORCH_ENV
+
+    docs = helm_template(GPU_REGISTRY, "--values", str(GPU_VALUES))
+    pods = [*worker_groups(docs).values(), of_kind(docs, "RayService")[0]["spec"]["rayClusterConfig"]["headGroupSpec"]]
+    for pod in pods:
+        env = {e["name"]: e.get("value") for e in pod["template"]["spec"]["containers"][0]["env"]}
+        assert {k: env.get(k) for k in TORCH_ENV} == TORCH_ENV
+
+
 def test_render_k8s_prints_what_helm_template_prints(tmp_path):
     out = render_k8s("--registry", str(GPU_REGISTRY), "--values", str(GPU_VALUES), "--namespace", "writers")
     assert out.returncode == 0, out.stderr

@@ -239,16 +239,17 @@ def test_quill_serve_refuses_a_busy_port(tmp_path):
     assert r.returncode == 2 and "already in use" in r.stderr
 
 
-def test_openmp_defaults_fill_what_is_unset_and_keep_what_the_user_set(monkeypatch):
+def test_torch_defaults_fill_what_is_unset_and_keep_what_the_user_set(monkeypatch):
     """`quill serve` and the benchmarks set these before torch loads; a value in the
     environment (a user's own OMP_WAIT_POLICY, say) is kept."""
-    from serve_app.config import set_openmp_env
+    from serve_app.config import set_torch_env
 
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
-    set_openmp_env()
+    for key in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "THP_MEM_ALLOC_ENABLE"):
+        monkeypatch.delenv(key, raising=False)
+    set_torch_env()
     assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE" and os.environ["GOMP_SPINCOUNT"] == "1000"
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == "1"
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     monkeypatch.setenv("GOMP_SPINCOUNT", "0")
-    set_openmp_env()
+    set_torch_env()
     assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE" and os.environ["GOMP_SPINCOUNT"] == "0"

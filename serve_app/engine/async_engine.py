@@ -46,7 +46,7 @@ class AsyncEngine:
         futex wake-up. Loading and warming the model on one thread and stepping it on another
         made that so: a gpt2-small bf16 burst of 32 x 64 tokens with GOMP_SPINCOUNT=10000, 2
         threads, ran at 573-577 tokens/s instead of 616-649 (9,000 sleeps of the worker against
-        840). Built here, the short spin `quill serve` sets (serve_app/config.py `OPENMP_ENV`), or
+        840). Built here, the short spin `quill serve` sets (serve_app/config.py `TORCH_ENV`), or
         an operator's own GOMP_SPINCOUNT, takes effect in a replica as it does in-process."""
         self._streams: dict[str, _Stream] = {}  # by request id
         self._lock = threading.Lock()

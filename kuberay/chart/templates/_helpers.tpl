@@ -166,7 +166,8 @@ replica, rounded up, so the group holds every model at its max_replicas at once.
 
 {{/*
 Environment of every Ray container (head and workers): the ingress and the model replicas
-read their settings from it.
+read their settings from it. The torch settings are serve_app/config.py's TORCH_ENV (a test
+checks that every one of them is here).
 */}}
 {{- define "quill.env" -}}
 - name: QUILL_WEIGHTS_DIR
@@ -175,6 +176,8 @@ read their settings from it.
   value: PASSIVE
 - name: GOMP_SPINCOUNT
   value: "1000"
+- name: THP_MEM_ALLOC_ENABLE
+  value: "1"
 {{- if .Values.auth.existingSecret }}
 - name: QUILL_API_KEYS
   valueFrom:
