@@ -133,14 +133,18 @@ TORCH_ENV = {
     # An idle worker sleeps instead of spinning for its default 3 ms, which on a small box
     # steals the core another replica, the ingress or the proxy needs.
     "OMP_WAIT_POLICY": "PASSIVE",
-    # ...but first it spins a little (libgomp lets the count override PASSIVE): long enough to
-    # catch the next op of the same step, a few tens of microseconds of Python later, without
-    # a futex wake-up each (a step has about a hundred parallel ops), short enough to sleep
-    # through the gaps between steps where the request path runs. On the 2-core EPYC a
-    # 32-writer burst through `quill serve` gave 581 tokens/s against 555 without (three
-    # alternating rounds of six bursts, all three in its favour) for 4% more replica CPU; a spin
-    # of 10000 (about 0.1 ms) bought nothing there and cost 20% more CPU (docs/performance.md).
-    "GOMP_SPINCOUNT": "1000",
+    # ...but first it spins a while (libgomp lets the count override PASSIVE), about 0.1 ms:
+    # long enough to catch the next op of the same step without a futex wake-up each (a step
+    # has a few hundred parallel ops), short enough to sleep through the gaps between steps.
+    # In a replica the Python between two ops is often slower than in-process (the GIL, Ray's
+    # threads), and a spin of 1000 ran out: the worker slept 9,000 times in a 32-writer burst
+    # (bf16 gpt2-small, the 2-core EPYC) against 1,700-2,200 with 10000, at the same replica
+    # CPU (5.0-5.5 CPU-s a burst), and the bursts ran at 694-730 tokens/s against 568-642 (four
+    # each). In-process the engine gained 2-3% (846-861 against 832-833). 3000 gave 644-701;
+    # 30000 713-742, within the spread of 10000. Before HAProxy took the HTTP path (Serve's
+    # Python proxy in the replica's way) 10000 had cost `quill serve` more than it gained
+    # (docs/performance.md).
+    "GOMP_SPINCOUNT": "10000",
     # Tensors of 2 MiB and more go on transparent huge pages (madvise; the kernel's default mode
     # gives them none unless asked): a step reads every weight and each sequence's cache, and with
     # 4 KiB pages that is hundreds of thousands of page-table entries, each TLB miss a two-level

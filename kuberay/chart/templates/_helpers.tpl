@@ -175,7 +175,7 @@ checks that every one of them is here).
 - name: OMP_WAIT_POLICY
   value: PASSIVE
 - name: GOMP_SPINCOUNT
-  value: "1000"
+  value: "10000"
 - name: THP_MEM_ALLOC_ENABLE
   value: "1"
 {{- if .Values.auth.existingSecret }}
