@@ -138,9 +138,9 @@ TORCH_ENV = {
     # has a few hundred parallel ops), short enough to sleep through the gaps between steps.
     # In a replica the Python between two ops is often slower than in-process (the GIL, Ray's
     # threads), and a spin of 1000 ran out: the worker slept 9,000 times in a 32-writer burst
-    # (bf16 gpt2-small, the 2-core EPYC) against 1,700-2,200 with 10000, at the same replica
-    # CPU (5.0-5.5 CPU-s a burst), and the bursts ran at 694-730 tokens/s against 568-642 (four
-    # each). In-process the engine gained 2-3% (846-861 against 832-833). 3000 gave 644-701;
+    # (bf16 gpt2-small, the 2-core EPYC) against 1,500-2,200 with 10000, at the same replica
+    # CPU (5.0-5.5 CPU-s a burst), and the bursts ran at 675-730 tokens/s against 568-642 (four
+    # and eight). In-process the engine gained 2-3% (846-861 against 832-833). 3000 gave 644-701;
     # 30000 713-742, within the spread of 10000. Before HAProxy took the HTTP path (Serve's
     # Python proxy in the replica's way) 10000 had cost `quill serve` more than it gained
     # (docs/performance.md).
