@@ -29,7 +29,12 @@ from tests.processes import REPO, free_port, kill_group, registry_entry, start_q
 @pytest.fixture(scope="module")
 def server(tiny_checkpoints, tmp_path_factory, redis_url):
     root = tmp_path_factory.mktemp("serve")
-    registry = write_registry(root / "registry.yaml", [registry_entry(n, p) for n, p in tiny_checkpoints.items()])
+    # Every step streamed as it comes (stream_messages_per_s 0): a tiny model makes a dozen
+    # tokens inside one hold of the default budget, and then a WebSocket generation has no
+    # progress to push before its `done`; the hold itself is tested in test_api.py.
+    engine = "{max_batch_size: 8, max_seq_len: 256, stream_messages_per_s: 0}"
+    registry = write_registry(root / "registry.yaml",
+                              [registry_entry(n, p, engine=engine) for n, p in tiny_checkpoints.items()])
     quill = start_quill_serve(registry, root, env={"REDIS_URL": redis_url, "QUILL_CACHE_TTL": "120"})
     try:
         # The URL is printed once every model has loaded, so /readyz must already agree.
