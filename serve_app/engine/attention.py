@@ -145,8 +145,9 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     """Write row b's new key and value at `positions[b]` of slot b, and return its attention over
     positions 0..positions[b]: [B, H*D] float32.
 
-    `qkv` [B, 3*H*D] in any float dtype, `k_cache` / `v_cache` one layer's [slots, max_len, H, D]
-    in float32 or bfloat16, `positions` int64 [B]. Uses as many threads as torch does."""
+    `qkv` [B, 3*H*D] in any float dtype (read in the cache's: a float32 `qkv` over a bfloat16
+    cache has its query rounded too), `k_cache` / `v_cache` one layer's [slots, max_len, H, D] in
+    float32 or bfloat16, `positions` int64 [B]. Uses as many threads as torch does."""
     kernels, numba = _kernel()
     qkv = qkv.to(k_cache.dtype).contiguous()  # as the step's matmul left it: no copy
     out = torch.empty(qkv.shape[0], qkv.shape[1] // 3)
