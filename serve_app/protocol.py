@@ -19,7 +19,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from serve_app.config import ModelEntry
 from serve_app.engine.types import MAX_OPENAI_PENALTY, MAX_REPETITION_PENALTY, RequestRejected, SamplingParams
@@ -29,11 +29,25 @@ MAX_STOP = 4  # as OpenAI
 SHOWN_CHARS = 60  # of a client's value quoted back in an error message
 
 
-class _Request(BaseModel):
+class _Body(BaseModel):
+    """A JSON object of the API. A `null` value is the parameter left out, as in OpenAI's API,
+    where every optional parameter is nullable: clients that serialise every field they know
+    (`"n": null, "stream": null`) get the defaults, not a 400."""
+
     # allow_inf_nan=False: JSON's `Infinity`, `NaN` and `1e999` parse to floats that would
     # otherwise pass `ge=0` and sample from a uniform distribution. strict: no coercion between
     # JSON types (pydantic's lax mode reads "yes" as true and true as 1).
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_absent(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if value is not None}
+        return data
+
+
+class _Request(_Body):
 
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0)
@@ -100,8 +114,7 @@ class _Request(BaseModel):
         )
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+class StreamOptions(_Body):
     include_usage: bool = False
 
 
@@ -169,8 +182,7 @@ class WsGenerate(_Request):
     every: int = Field(5, ge=1, le=1000)  # push the growing suggestions every this many tokens
 
 
-class WsCancel(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+class WsCancel(_Body):
     type: Literal["cancel"]
     id: str | None = None
 

@@ -72,6 +72,24 @@ def test_prompt_as_token_ids_and_one_element_list(app_client):
     assert a["choices"][0]["text"] == b["choices"][0]["text"]
 
 
+def test_a_null_parameter_is_the_parameter_left_out_as_in_openais_api(app_client):
+    # Some clients serialise every field they know, unset ones as null.
+    nulls = {"n": None, "stream": None, "echo": None, "temperature": None, "top_p": None, "stop": None,
+             "max_tokens": None, "seed": None, "user": None, "logprobs": None, "best_of": None, "suffix": None}
+    r = app_client.post("/v1/completions", json={"model": "tiny-a", "prompt": "Hi", **nulls})
+    assert r.status_code == 200, r.text
+    body = r.json()  # not a stream, one choice, the registry's max_tokens of 8
+    assert len(body["choices"]) == 1 and body["usage"]["completion_tokens"] == 8
+    streamed = app_client.post("/v1/completions", json={"model": "tiny-a", "prompt": "Hi", "max_tokens": 3, "stream": True,
+                                                        "stream_options": {"include_usage": None}})
+    assert sse_events(streamed.text)[-1] == (None, "[DONE]")
+    assert all(json.loads(d)["choices"] for _, d in sse_events(streamed.text)[:-1])  # no usage chunk
+    native = app_client.post("/v1/models/tiny-a/generate", json={"prompt": "Hi", "n": None, "stream": None, "max_tokens": 2})
+    assert native.status_code == 200 and len(native.json()["texts"]) == 1
+    missing = app_client.post("/v1/completions", json={"model": "tiny-a", "prompt": None})
+    assert missing.status_code == 400 and "prompt" in missing.json()["error"]["message"]
+
+
 def test_streaming_completion_framing(app_client):
     r = app_client.post("/v1/completions", json={"model": "tiny-a", "prompt": "Hi", "max_tokens": 5, "stream": True,
                                                  "stream_options": {"include_usage": True}})
