@@ -88,6 +88,13 @@ def test_a_null_parameter_is_the_parameter_left_out_as_in_openais_api(app_client
     assert native.status_code == 200 and len(native.json()["texts"]) == 1
     missing = app_client.post("/v1/completions", json={"model": "tiny-a", "prompt": None})
     assert missing.status_code == 400 and "prompt" in missing.json()["error"]["message"]
+    with app_client.websocket_connect("/v1/stream") as ws:
+        ws.send_text(json.dumps({"type": "generate", "id": "w", "model": "tiny-a", "prompt": "Hi", "max_tokens": 2,
+                                 "n": None, "every": None, "seed": None}))
+        msgs = [json.loads(ws.receive_text())]
+        while msgs[-1]["type"] not in ("done", "error"):
+            msgs.append(json.loads(ws.receive_text()))
+        assert msgs[-1]["type"] == "done" and len(msgs[-1]["texts"]) == 1, msgs[-1]
 
 
 def test_streaming_completion_framing(app_client):
