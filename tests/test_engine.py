@@ -1,6 +1,7 @@
 """The generation engine on a tiny random GPT-2, checked against transformers itself."""
 from __future__ import annotations
 
+import json
 import asyncio
 import contextlib
 import threading
@@ -678,6 +679,43 @@ def test_pickled_weights_are_refused(tmp_path):
     AutoTokenizer.from_pretrained(TOKENIZER_DIR).save_pretrained(tmp_path)
     with pytest.raises(CheckpointError, match="safetensors"):
         make_engine(tmp_path)
+
+
+def test_a_checkpoint_that_would_load_as_random_weights_is_refused_by_name(tmp_path):
+    """transformers fills what a checkpoint lacks with random weights and only logs it; served,
+    that is noise. Another architecture, a missing tensor, shapes config.json contradicts, and
+    no config.json at all are each refused with what to fix."""
+    from safetensors.torch import load_file, save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from serve_app.engine import CheckpointError
+
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    llama = tmp_path / "llama"
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(llama)
+    tokenizer.save_pretrained(llama)
+    with pytest.raises(CheckpointError, match="type 'llama'.*GPT-2"):
+        make_engine(llama)
+
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2)).save_pretrained(gpt2)
+    tokenizer.save_pretrained(gpt2)
+    weights = load_file(gpt2 / "model.safetensors")
+    del weights["transformer.h.1.mlp.c_fc.weight"]
+    save_file(weights, gpt2 / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"lacks 1 of the model's weights.*transformer\.h\.1\.mlp\.c_fc\.weight"):
+        make_engine(gpt2)
+
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2)).save_pretrained(gpt2)
+    config = json.loads((gpt2 / "config.json").read_text())
+    (gpt2 / "config.json").write_text(json.dumps({**config, "n_embd": 64}))
+    with pytest.raises(CheckpointError, match="shapes do not match its config.json"):
+        make_engine(gpt2)
+
+    (gpt2 / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="no config.json"):
+        make_engine(gpt2)
 
 
 async def test_many_concurrent_callers_some_leaving_early(checkpoint):

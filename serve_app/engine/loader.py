@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, GPT2LMHeadModel, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, GPT2LMHeadModel, PretrainedConfig, PreTrainedTokenizerBase
 
 from serve_app.engine import linear
 
@@ -93,12 +93,40 @@ def load_model(
     path = _local_path(source)
     if Path(path).is_dir() and not any(Path(path).glob("*.safetensors")):
         raise CheckpointError(f"{source!r} has no .safetensors weights (pickled weights are refused)")
-    model = GPT2LMHeadModel.from_pretrained(
-        path, use_safetensors=True, trust_remote_code=False, dtype=torch.float32
-    )
+    _check_architecture(source, path)
+    try:
+        model, info = GPT2LMHeadModel.from_pretrained(
+            path, use_safetensors=True, trust_remote_code=False, dtype=torch.float32, output_loading_info=True
+        )
+    except (OSError, RuntimeError, ValueError) as exc:  # e.g. weights whose shapes config.json contradicts
+        why = ("its weights' shapes do not match its config.json" if "mismatch" in str(exc).lower()
+               else str(exc).splitlines()[0][:300])
+        raise CheckpointError(f"{source!r} cannot be loaded: {why}") from None
+    # transformers fills weights a checkpoint lacks (or holds in another shape) with random
+    # values and only logs it: a model that would generate noise is refused instead.
+    absent = sorted(info["missing_keys"]) + sorted(str(k[0] if isinstance(k, tuple) else k) for k in info["mismatched_keys"])
+    if absent:
+        raise CheckpointError(f"{source!r} lacks {len(absent)} of the model's weights or holds them in another "
+                              f"shape ({', '.join(absent[:3])}{', ...' if len(absent) > 3 else ''}); "
+                              "re-save the checkpoint with save_pretrained")
     if adapter:
         model = _merge_adapter(model, adapter)
     return model.to(device=device, dtype=dtype).eval()
+
+
+def _check_architecture(source: str, path: str) -> None:
+    """The engine's runner is GPT-2's forward pass: a checkpoint of another architecture would
+    load into it as random weights, so its config.json must say GPT-2."""
+    if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
+        raise CheckpointError(f"{source!r} has no config.json; save the model with save_pretrained(folder)")
+    try:
+        config, _ = PretrainedConfig.get_config_dict(path)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{source!r}: its config.json cannot be read ({exc})") from None
+    model_type = config.get("model_type")
+    if model_type != "gpt2":
+        raise CheckpointError(f"{source!r} holds a model of type {model_type!r} (config.json model_type); "
+                              "Quill's engine serves GPT-2-architecture models (model_type 'gpt2')")
 
 
 def _merge_adapter(model: GPT2LMHeadModel, adapter: str) -> GPT2LMHeadModel:
