@@ -683,8 +683,8 @@ def test_pickled_weights_are_refused(tmp_path):
 
 def test_a_checkpoint_that_would_load_as_random_weights_is_refused_by_name(tmp_path):
     """transformers fills what a checkpoint lacks with random weights and only logs it; served,
-    that is noise. Another architecture, a missing tensor, shapes config.json contradicts, and
-    no config.json at all are each refused with what to fix."""
+    that is noise. Another architecture, a missing tensor, shapes config.json contradicts, no
+    config.json at all, and a tokenizer the vocabulary cannot hold are each refused with what to fix."""
     from safetensors.torch import load_file, save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -715,6 +715,11 @@ def test_a_checkpoint_that_would_load_as_random_weights_is_refused_by_name(tmp_p
 
     (gpt2 / "config.json").unlink()
     with pytest.raises(CheckpointError, match="no config.json"):
+        make_engine(gpt2)
+
+    # A tokenizer bigger than the model's vocabulary: text would encode past the embedding.
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=500)).save_pretrained(gpt2)
+    with pytest.raises(CheckpointError, match="tokenizer has 50257 tokens but the model's vocabulary has 500"):
         make_engine(gpt2)
 
 

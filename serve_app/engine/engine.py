@@ -32,7 +32,7 @@ import torch
 from serve_app.engine.config import EngineConfig
 from serve_app.engine.detokenize import TextStream, token_bytes_table
 from serve_app.engine.gpt2 import GPT2Runner, PromptChunk
-from serve_app.engine.loader import load_model, load_tokenizer, resolve_device, resolve_dtype
+from serve_app.engine.loader import CheckpointError, load_model, load_tokenizer, resolve_device, resolve_dtype
 from serve_app.engine.penalties import TokenHistory
 from serve_app.engine.prefix_cache import PrefixCache
 from serve_app.engine.sampling import RowParams, choice_seed, sample
@@ -96,6 +96,11 @@ class Engine:
         model = model or load_model(
             config.source, config.adapter, device, resolve_dtype(config.dtype, device)
         )
+        if len(self.tokenizer) > model.config.vocab_size:
+            # Text would encode to ids past the embedding: every request would fail at its first step.
+            raise CheckpointError(f"{config.source!r}: its tokenizer has {len(self.tokenizer)} tokens but the model's "
+                                  f"vocabulary has {model.config.vocab_size}; pair the model with the tokenizer "
+                                  "it was trained with")
         self.max_seq_len = min(config.max_seq_len, model.config.n_positions)
         self.runner = GPT2Runner(model, config.max_batch_size, self.max_seq_len,
                                  max_rows=config.max_batch_size + config.max_prefill_tokens)
