@@ -689,6 +689,7 @@ def test_a_checkpoint_that_would_load_as_random_weights_is_refused_by_name(tmp_p
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from serve_app.engine import CheckpointError
+    from serve_app.engine.loader import load_model
 
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
     llama = tmp_path / "llama"
@@ -716,6 +717,20 @@ def test_a_checkpoint_that_would_load_as_random_weights_is_refused_by_name(tmp_p
     (gpt2 / "config.json").unlink()
     with pytest.raises(CheckpointError, match="no config.json"):
         make_engine(gpt2)
+
+    # ...while the hub's own GPT-2 layout (no "transformer." prefix, no lm_head: it is tied, and
+    # the old attention-mask buffers) loads, with the same logits.
+    hub = tmp_path / "hub"
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64)).eval()
+    model.config.save_pretrained(hub)
+    tokenizer.save_pretrained(hub)
+    weights = {k.removeprefix("transformer."): v.contiguous() for k, v in model.state_dict().items()
+               if not k.startswith("lm_head")}
+    weights.update({f"h.{i}.attn.bias": torch.tril(torch.ones(64, 64)).view(1, 1, 64, 64) for i in range(2)})
+    save_file(weights, hub / "model.safetensors", metadata={"format": "pt"})
+    ids = torch.tensor([[1, 2, 3]])
+    loaded = load_model(str(hub), None, torch.device("cpu"), torch.float32)
+    assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-5)
 
     # A tokenizer bigger than the model's vocabulary: text would encode past the embedding.
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=500)).save_pretrained(gpt2)
