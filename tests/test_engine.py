@@ -705,7 +705,7 @@ def test_a_checkpoint_that_would_load_as_random_weights_is_refused_by_name(tmp_p
     weights = load_file(gpt2 / "model.safetensors")
     del weights["transformer.h.1.mlp.c_fc.weight"]
     save_file(weights, gpt2 / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(CheckpointError, match=r"lacks 1 of the model's weights.*transformer\.h\.1\.mlp\.c_fc\.weight"):
+    with pytest.raises(CheckpointError, match=r"lacks 1 of the model.s weights \(transformer\.h\.1\.mlp\.c_fc\.weight"):
         make_engine(gpt2)
 
     GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2)).save_pretrained(gpt2)

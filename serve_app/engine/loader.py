@@ -102,12 +102,13 @@ def load_model(
         why = ("its weights' shapes do not match its config.json" if "mismatch" in str(exc).lower()
                else str(exc).splitlines()[0][:300])
         raise CheckpointError(f"{source!r} cannot be loaded: {why}") from None
-    # transformers fills weights a checkpoint lacks (or holds in another shape) with random
-    # values and only logs it: a model that would generate noise is refused instead.
-    absent = sorted(info["missing_keys"]) + sorted(str(k[0] if isinstance(k, tuple) else k) for k in info["mismatched_keys"])
+    # transformers fills the weights a checkpoint lacks with random values and only logs it: a
+    # model that would generate noise is refused instead. (Shapes that contradict config.json
+    # raise above.)
+    absent = sorted(info["missing_keys"])
     if absent:
-        raise CheckpointError(f"{source!r} lacks {len(absent)} of the model's weights or holds them in another "
-                              f"shape ({', '.join(absent[:3])}{', ...' if len(absent) > 3 else ''}); "
+        raise CheckpointError(f"{source!r} lacks {len(absent)} of the model's weights "
+                              f"({', '.join(absent[:3])}{', ...' if len(absent) > 3 else ''}); "
                               "re-save the checkpoint with save_pretrained")
     if adapter:
         model = _merge_adapter(model, adapter)
