@@ -684,7 +684,8 @@ def test_pickled_weights_are_refused(tmp_path):
 def test_a_checkpoint_that_would_load_as_random_weights_is_refused_by_name(tmp_path):
     """transformers fills what a checkpoint lacks with random weights and only logs it; served,
     that is noise. Another architecture, a missing tensor, shapes config.json contradicts, no
-    config.json at all, and a tokenizer the vocabulary cannot hold are each refused with what to fix."""
+    config.json at all, a LoRA adapter of another base, and a tokenizer the vocabulary cannot hold
+    are each refused with what to fix."""
     from safetensors.torch import load_file, save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -731,6 +732,14 @@ def test_a_checkpoint_that_would_load_as_random_weights_is_refused_by_name(tmp_p
     ids = torch.tensor([[1, 2, 3]])
     loaded = load_model(str(hub), None, torch.device("cpu"), torch.float32)
     assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-5)
+
+    # A LoRA adapter trained on another base (wider layers) is refused by name too.
+    from peft import LoraConfig, get_peft_model
+
+    wider = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, n_positions=64))
+    get_peft_model(wider, LoraConfig(r=4, target_modules=["c_attn"])).save_pretrained(tmp_path / "adapter")
+    with pytest.raises(CheckpointError, match="does not fit its base model.*size mismatch"):
+        make_engine(hub, adapter=str(tmp_path / "adapter"))
 
     # A tokenizer bigger than the model's vocabulary: text would encode past the embedding.
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=500)).save_pretrained(gpt2)

@@ -137,5 +137,8 @@ def _merge_adapter(model: GPT2LMHeadModel, adapter: str) -> GPT2LMHeadModel:
         raise CheckpointError(f"adapter {adapter!r}: remote URIs must be synced to a local folder first")
     if not os.path.exists(os.path.join(adapter, "adapter_model.safetensors")):
         raise CheckpointError(f"adapter {adapter!r} has no adapter_model.safetensors")
-    merged = PeftModel.from_pretrained(model, adapter, is_trainable=False).merge_and_unload()
-    return merged
+    try:
+        return PeftModel.from_pretrained(model, adapter, is_trainable=False).merge_and_unload()
+    except (OSError, RuntimeError, ValueError, KeyError) as exc:  # trained on another base, or not LoRA
+        why = " ".join(line.strip() for line in str(exc).strip().splitlines()[:2])[:300] or type(exc).__name__
+        raise CheckpointError(f"adapter {adapter!r} does not fit its base model: {why}") from None
