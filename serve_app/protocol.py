@@ -48,6 +48,7 @@ class _Body(BaseModel):
 
 
 class _Request(_Body):
+    """What every generation request shares: the sampling parameters and the prompt's rule."""
 
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0)
