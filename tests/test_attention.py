@@ -1,5 +1,7 @@
 """The CPU decode attention (serve_app/engine/attention.py) against PyTorch's SDPA: the same
 answer, the new keys and values in the cache, and rows that do not depend on each other."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -120,3 +122,23 @@ def test_a_loop_that_fails_to_compile_leaves_the_runner_on_sdpa(monkeypatch, cap
         assert runner.forward([4], [3]).shape == (1, 97)
     finally:
         attention._compiles.cache_clear()
+
+
+def test_a_second_process_loads_the_compiled_loop_from_disk_instead_of_compiling_it():
+    """Compiling the loop takes 7-10 s on a small box, in every replica that starts; numba's
+    cache keeps the machine code, so only the first process on a machine compiles it."""
+    import subprocess
+    import sys
+
+    from serve_app.engine import attention
+
+    assert attention._compiles(torch.float32)  # compiled here, or loaded: either way on disk now
+    probe = (
+        "import torch; from serve_app.engine import attention; assert attention._compiles(torch.float32); "
+        "s = attention._kernel()[0].stats; print(sum(s.cache_hits.values()), sum(s.cache_misses.values()))"
+    )
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 0, run.stderr[-2000:]
+    hits, misses = map(int, run.stdout.split())
+    assert (hits, misses) == (1, 0)  # loaded, not compiled

@@ -17,8 +17,9 @@ a short sequence beside a long one costs what it is, and a row's output does not
 other rows. A bfloat16 cache is read as stored (a bf16 number is the top half of a float32), so
 it reads half the bytes.
 
-numba compiles the loop with LLVM when a runner is built (about a second; no C compiler
-involved). It serves float32 and bfloat16 caches on a CPU; GPUs keep SDPA, and so does any
+numba compiles the loop with LLVM when a runner is built (no C compiler involved): 7-10 s on
+a 2-core box, once per CPU and version of this file, after which every process that builds a
+runner loads the machine code numba cached on disk (`_kernel`). It serves float32 and bfloat16 caches on a CPU; GPUs keep SDPA, and so does any
 machine where numba is missing or fails to compile (docs/engine.md).
 """
 from __future__ import annotations
@@ -37,86 +38,102 @@ log = logging.getLogger(__name__)
 _LAUNCH = threading.Lock()
 
 
-@lru_cache(maxsize=1)
-def _kernel():
-    """The loop for each cache dtype (numba compiles it on first call: `_compiles`), or None
-    where numba is missing."""
-    try:
-        import numba
-        from numba import njit, prange
-    except ImportError:
-        return None
+try:
+    import numba
+    from numba import prange
+    from numba.extending import overload
+except ImportError:  # the runner keeps SDPA (fused_decode_serves)
+    numba = None
 
-    def build(bfloat16: bool):
-        """The loop for a float32 cache, or a bfloat16 one (seen as uint16). `bfloat16` is a
-        constant of the closure: numba compiles only its branch of `read`."""
 
-        @njit(inline="always")
-        def read(cached, bits, row):
-            """One cached row as float32. A bfloat16 row is written into `row` through `bits`
-            (uint32), which shares its memory (a bfloat16 is the top half of a float32); a
-            float32 row is read in place."""
-            if bfloat16:
+def _read(cached, bits, row):
+    """One cached row as float32. numba compiles one of `_read_for`'s bodies in its place, by the
+    cache's element type."""
+    raise NotImplementedError("compiled by numba only")
+
+
+if numba is not None:
+
+    @overload(_read, inline="always")
+    def _read_for(cached, bits, row):
+        if cached.dtype == numba.types.uint16:
+            # A bfloat16 row (seen as its bits) is written into `row` through `bits` (uint32),
+            # which shares its memory: a bfloat16 is the top half of a float32.
+            def widen(cached, bits, row):
                 for i in range(bits.shape[0]):
                     bits[i] = np.uint32(cached[i]) << 16
                 return row
-            return cached
 
-        # fastmath lets LLVM vectorise the dot products over the head dimension (it reorders
-        # the sums: within 1e-6 of SDPA on unit-scale values); nogil lets the replica's event
-        # loop run while a step is in here.
-        @njit(parallel=True, fastmath=True, nogil=True, cache=False)
-        def decode_attention(qkv, k_cache, v_cache, positions, scale, out):
-            # qkv [B, 3*H*D]: queries, new keys, new values, head-major, in the cache's element
-            # type. k_cache, v_cache [slots, max_len, H, D]. Sequence b is in slot b, its new
-            # token at positions[b]. out [B, H*D] float32.
-            B = qkv.shape[0]
-            H, D = k_cache.shape[2], k_cache.shape[3]
-            E = H * D
-            for b in prange(B):
-                p = positions[b]
-                n = p + 1
-                keys = k_cache[b]
-                values = v_cache[b]
-                for h in range(H):
-                    keys[p, h, :] = qkv[b, E + h * D : E + (h + 1) * D]
-                    values[p, h, :] = qkv[b, 2 * E + h * D : 2 * E + (h + 1) * D]
-                bits = np.empty(E, np.uint32)
-                row = bits.view(np.float32)  # every head's key (or value) at one position
-                q = np.empty(E, np.float32)
-                q[:] = read(qkv[b, :E], bits, row)
-                scores = np.empty((H, n), np.float32)
-                for t in range(n):
-                    k = read(keys[t].ravel(), bits, row)
-                    for h in range(H):
-                        s = np.float32(0.0)
-                        for d in range(D):
-                            s += q[h * D + d] * k[h * D + d]
-                        scores[h, t] = s * scale
-                for h in range(H):
-                    top = -np.inf
-                    for t in range(n):
-                        top = max(top, scores[h, t])
-                    total = np.float32(0.0)
-                    for t in range(n):
-                        w = np.exp(scores[h, t] - top)
-                        scores[h, t] = w
-                        total += w
-                    inv = np.float32(1.0) / total
-                    for t in range(n):
-                        scores[h, t] *= inv
-                acc = np.zeros(E, np.float32)
-                for t in range(n):
-                    v = read(values[t].ravel(), bits, row)
-                    for h in range(H):
-                        w = scores[h, t]
-                        for d in range(D):
-                            acc[h * D + d] += w * v[h * D + d]
-                out[b, :] = acc
+            return widen
+        return lambda cached, bits, row: cached  # a float32 row is read in place
 
-        return decode_attention
 
-    return {torch.bfloat16: build(True), torch.float32: build(False)}, numba
+def _decode_attention(qkv, k_cache, v_cache, positions, scale, out):
+    # qkv [B, 3*H*D]: queries, new keys, new values, head-major, in the cache's element type.
+    # k_cache, v_cache [slots, max_len, H, D]. Sequence b is in slot b, its new token at
+    # positions[b]. out [B, H*D] float32.
+    B = qkv.shape[0]
+    H, D = k_cache.shape[2], k_cache.shape[3]
+    E = H * D
+    for b in prange(B):
+        p = positions[b]
+        n = p + 1
+        keys = k_cache[b]
+        values = v_cache[b]
+        for h in range(H):
+            keys[p, h, :] = qkv[b, E + h * D : E + (h + 1) * D]
+            values[p, h, :] = qkv[b, 2 * E + h * D : 2 * E + (h + 1) * D]
+        bits = np.empty(E, np.uint32)
+        row = bits.view(np.float32)  # every head's key (or value) at one position
+        q = np.empty(E, np.float32)
+        q[:] = _read(qkv[b, :E], bits, row)
+        scores = np.empty((H, n), np.float32)
+        for t in range(n):
+            k = _read(keys[t].ravel(), bits, row)
+            for h in range(H):
+                s = np.float32(0.0)
+                for d in range(D):
+                    s += q[h * D + d] * k[h * D + d]
+                scores[h, t] = s * scale
+        for h in range(H):
+            top = -np.inf
+            for t in range(n):
+                top = max(top, scores[h, t])
+            total = np.float32(0.0)
+            for t in range(n):
+                w = np.exp(scores[h, t] - top)
+                scores[h, t] = w
+                total += w
+            inv = np.float32(1.0) / total
+            for t in range(n):
+                scores[h, t] *= inv
+        acc = np.zeros(E, np.float32)
+        for t in range(n):
+            v = _read(values[t].ravel(), bits, row)
+            for h in range(H):
+                w = scores[h, t]
+                for d in range(D):
+                    acc[h * D + d] += w * v[h * D + d]
+        out[b, :] = acc
+
+
+@lru_cache(maxsize=1)
+def _kernel():
+    """The compiled loop (numba compiles it on first call, once per cache dtype: `_compiles`),
+    and numba; or None where numba is missing."""
+    if numba is None:
+        return None
+    # fastmath lets LLVM vectorise the dot products over the head dimension (it reorders the
+    # sums: within 1e-6 of SDPA on unit-scale values); nogil lets the replica's event loop run
+    # while a step is in here. cache: compiling takes 7-10 s on a 2-core box, in every replica
+    # that starts, and numba keeps the machine code on disk (beside this file, or in the user's
+    # cache where that is read-only), keyed by this file and the CPU it was compiled for.
+    options = dict(parallel=True, fastmath=True, nogil=True)
+    try:
+        return numba.njit(cache=True, **options)(_decode_attention), numba
+    except RuntimeError:  # no writable place for the cache: compile in every process
+        log.info("numba has nowhere to cache the CPU decode attention; it compiles at each start")
+        return numba.njit(**options)(_decode_attention), numba
 
 
 @lru_cache(maxsize=2)
@@ -148,15 +165,14 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     `qkv` [B, 3*H*D] in any float dtype (read in the cache's: a float32 `qkv` over a bfloat16
     cache has its query rounded too), `k_cache` / `v_cache` one layer's [slots, max_len, H, D] in
     float32 or bfloat16, `positions` int64 [B]. Uses as many threads as torch does."""
-    kernels, numba = _kernel()
+    kernel, numba = _kernel()
     qkv = qkv.to(k_cache.dtype).contiguous()  # as the step's matmul left it: no copy
     out = torch.empty(qkv.shape[0], qkv.shape[1] // 3)
     threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
     with _LAUNCH:
         if numba.get_num_threads() != threads:
             numba.set_num_threads(threads)
-        kernels[k_cache.dtype](_as_numpy(qkv), _as_numpy(k_cache), _as_numpy(v_cache),
-                               positions, np.float32(scale), out.numpy())
+        kernel(_as_numpy(qkv), _as_numpy(k_cache), _as_numpy(v_cache), positions, np.float32(scale), out.numpy())
     return out
 
 
