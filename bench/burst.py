@@ -209,13 +209,7 @@ def run(args, argv: list[str] | None) -> int:
             runs += [peer(*p) for p in peers]
             report["rounds"].append(runs)
 
-    # One row per system: its median round; the rates below capacity after the server's rows.
-    rows = [median_of([runs[i] for runs in report["rounds"]]) for i in range(len(report["rounds"][0]))]
-    report["rows"] = rows[:2] + rates + rows[2:]
-    phases = [r["phase"] for r in report["rounds"][0]]
-    report["round_ratios"] = {name: [_ratio(runs[phases.index(a)], runs[phases.index(b)]) for runs in report["rounds"]]
-                              for name, (a, b) in RATIOS.items() if b in phases}
-    report["ratios"] = {name: _median(each) for name, each in report["round_ratios"].items()}
+    report.update(fold_rounds(report["rounds"], rates))
     print(render(report))
     if args.out:
         key = args.section or f"serve-burst-{args.model}-{settings['dtype']}"
@@ -223,6 +217,18 @@ def run(args, argv: list[str] | None) -> int:
         (RESULTS_DIR / f"{key}.json").write_text(json.dumps(report, indent=1))
         write_section(Path(args.out), key, render(report))
     return 0 if all(not r.get("errors") and not r.get("error") for r in report["rows"]) else 1
+
+
+def fold_rounds(rounds: list[list[dict]], rates: list[dict]) -> dict:
+    """The report's `rows` (each system's median round, the rates below capacity after the
+    server's two rows), `round_ratios` (each ratio within each round) and `ratios` (their
+    medians), from the rounds' rows, each round's systems in the same order."""
+    rows = [median_of([runs[i] for runs in rounds]) for i in range(len(rounds[0]))]
+    phases = [r["phase"] for r in rounds[0]]
+    round_ratios = {name: [_ratio(runs[phases.index(a)], runs[phases.index(b)]) for runs in rounds]
+                    for name, (a, b) in RATIOS.items() if b in phases}
+    return {"rows": rows[:2] + rates + rows[2:], "round_ratios": round_ratios,
+            "ratios": {name: _median(each) for name, each in round_ratios.items()}}
 
 
 # Each ratio: the phases of a round it divides. The last two split serve ÷ engine in two: what
