@@ -52,8 +52,11 @@ def kill_group(proc: subprocess.Popen, grace: float = 45) -> None:
     no longer reach them), then SIGKILL for everything in its session: the process was started
     in a session of its own, and Ray's processes (gcs, raylet, workers, and the HAProxy a Serve
     actor starts) inherit it. Not just its process group: each Ray worker leads a group of its
-    own, and an HAProxy whose manager was killed outlives the raylet, holding its port."""
-    if proc.poll() is None:
+    own, and an HAProxy whose manager was killed outlives the raylet, holding its port.
+
+    grace=0: SIGKILL at once, for a fixture's teardown where the stop is not what is tested
+    (test_api_serve, test_faults and test_cluster test `quill serve`'s own stop)."""
+    if proc.poll() is None and grace > 0:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             proc.send_signal(signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -138,7 +141,7 @@ def quill_serve(registry: Path, workdir: Path, *args: str, env: dict | None = No
     try:
         yield server
     finally:
-        kill_group(server.proc)
+        kill_group(server.proc, grace=0)
 
 
 def wait_until(what: str, check, timeout: float, every: float = 0.5):
@@ -249,5 +252,5 @@ def ray_cluster(workdir: Path, num_cpus: int = 1, env: dict[str, str] | None = N
         yield cluster
     finally:
         for proc in reversed(cluster.nodes):
-            kill_group(proc, grace=10)
+            kill_group(proc, grace=0)
         shutil.rmtree(temp_dir, ignore_errors=True)

@@ -50,7 +50,7 @@ def server(tiny_checkpoints, tmp_path_factory):
         # Leave the server's Ray before it stops: a driver whose cluster vanishes ends its process.
         ray.shutdown()
         ray_constants.ENABLE_RAY_CLUSTER = clusters
-        kill_group(quill.proc)
+        kill_group(quill.proc, grace=0)
 
 
 def _running_replicas() -> int:

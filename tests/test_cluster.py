@@ -52,7 +52,7 @@ def deployed(request, tmp_path_factory):
         try:
             yield cluster, server
         finally:
-            kill_group(server.proc)
+            kill_group(server.proc, grace=0)
 
 
 def _placement(cluster) -> dict[str, set[str]]:

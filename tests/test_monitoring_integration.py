@@ -161,7 +161,7 @@ def stack(tiny_checkpoints, tmp_path_factory):
         if fake_server is not None:
             fake_server.shutdown()
         for proc in reversed(procs):
-            kill_group(proc, grace=15)  # a clean Serve shutdown is test_api_serve's concern
+            kill_group(proc, grace=0)  # a clean Serve shutdown is test_api_serve's concern
 
 
 @pytest.mark.parametrize("path", ["local", "cluster"])
