@@ -110,8 +110,7 @@ def test_a_loop_that_fails_to_compile_leaves_the_runner_on_sdpa(monkeypatch, cap
     def broken(*args):
         raise RuntimeError("no LLVM target for this CPU")
 
-    kernel, numba = attention._kernel()
-    monkeypatch.setattr(attention, "_kernel", lambda: (broken, numba))
+    monkeypatch.setattr(attention, "_kernel", lambda: broken)
     attention._compiles.cache_clear()
     try:
         torch.manual_seed(0)
@@ -135,7 +134,7 @@ def test_a_second_process_loads_the_compiled_loop_from_disk_instead_of_compiling
     assert attention._compiles(torch.float32)  # compiled here, or loaded: either way on disk now
     probe = (
         "import torch; from serve_app.engine import attention; assert attention._compiles(torch.float32); "
-        "s = attention._kernel()[0].stats; print(sum(s.cache_hits.values()), sum(s.cache_misses.values()))"
+        "s = attention._kernel().stats; print(sum(s.cache_hits.values()), sum(s.cache_misses.values()))"
     )
     run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300,
                          cwd=Path(__file__).resolve().parents[1])

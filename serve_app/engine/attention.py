@@ -19,8 +19,9 @@ it reads half the bytes.
 
 numba compiles the loop with LLVM when a runner is built (no C compiler involved): 7-10 s on
 a 2-core box, once per CPU and version of this file, after which every process that builds a
-runner loads the machine code numba cached on disk (`_kernel`). It serves float32 and bfloat16 caches on a CPU; GPUs keep SDPA, and so does any
-machine where numba is missing or fails to compile (docs/engine.md).
+runner loads the machine code numba cached on disk (`_kernel`). It serves float32 and bfloat16
+caches on a CPU; GPUs keep SDPA, and so does any machine where numba is missing or fails to
+compile (docs/engine.md).
 """
 from __future__ import annotations
 
@@ -120,7 +121,7 @@ def _decode_attention(qkv, k_cache, v_cache, positions, scale, out):
 @lru_cache(maxsize=1)
 def _kernel():
     """The compiled loop (numba compiles it on first call, once per cache dtype: `_compiles`),
-    and numba; or None where numba is missing."""
+    or None where numba is missing."""
     if numba is None:
         return None
     # fastmath lets LLVM vectorise the dot products over the head dimension (it reorders the
@@ -130,10 +131,10 @@ def _kernel():
     # cache where that is read-only), keyed by this file and the CPU it was compiled for.
     options = dict(parallel=True, fastmath=True, nogil=True)
     try:
-        return numba.njit(cache=True, **options)(_decode_attention), numba
+        return numba.njit(cache=True, **options)(_decode_attention)
     except RuntimeError:  # no writable place for the cache: compile in every process
         log.info("numba has nowhere to cache the CPU decode attention; it compiles at each start")
-        return numba.njit(**options)(_decode_attention), numba
+        return numba.njit(**options)(_decode_attention)
 
 
 @lru_cache(maxsize=2)
@@ -165,7 +166,7 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     `qkv` [B, 3*H*D] in any float dtype (read in the cache's: a float32 `qkv` over a bfloat16
     cache has its query rounded too), `k_cache` / `v_cache` one layer's [slots, max_len, H, D] in
     float32 or bfloat16, `positions` int64 [B]. Uses as many threads as torch does."""
-    kernel, numba = _kernel()
+    kernel = _kernel()
     qkv = qkv.to(k_cache.dtype).contiguous()  # as the step's matmul left it: no copy
     out = torch.empty(qkv.shape[0], qkv.shape[1] // 3)
     threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
