@@ -36,6 +36,9 @@ def test_burst_bench_measures_every_phase_and_writes_its_section(tmp_path):
     saturated = [r for r in report["rows"] if "capacity" not in r["phase"]]
     assert len(saturated) >= 5 and len(report["rounds"]) == 1
     assert [r["phase"] for r in report["rounds"][0]] == [r["phase"] for r in saturated]
+    # Its rows and ratios are its own round folded (fold_rounds, checked on made-up rounds below).
+    folded = burst.fold_rounds(report["rounds"], [r for r in report["rows"] if "capacity" in r["phase"]])
+    assert report["ratios"] == folded["ratios"] and report["rows"] == folded["rows"]
     # A round: the server's bursts, the engine beside that server while it idles, then the peers.
     order = [r["phase"] for r in report["rounds"][0]]
     assert order[:4] == [burst.SSE, burst.WEBSOCKET, burst.BESIDE_IDLE, burst.ENGINE], order
