@@ -25,6 +25,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bench.serve import kill_session
+
 REPO = Path(__file__).resolve().parents[1]
 STARTUP_TIMEOUT = 240  # a loaded 2-core box has needed ~70 s
 
@@ -49,10 +51,8 @@ def free_ports(n: int) -> list[int]:
 def kill_group(proc: subprocess.Popen, grace: float = 45) -> None:
     """SIGTERM to the process itself (`quill serve` drains and takes its own Ray down: 7.7 s
     here, against about 40 s when every Ray process got the signal at once and the server could
-    no longer reach them), then SIGKILL for everything in its session: the process was started
-    in a session of its own, and Ray's processes (gcs, raylet, workers, and the HAProxy a Serve
-    actor starts) inherit it. Not just its process group: each Ray worker leads a group of its
-    own, and an HAProxy whose manager was killed outlives the raylet, holding its port.
+    no longer reach them), then SIGKILL for everything in its session (`kill_session`: Ray's
+    processes, and the HAProxy a Serve actor starts, inherit it).
 
     grace=0: SIGKILL at once, for a fixture's teardown where the stop is not what is tested
     (test_api_serve, test_faults and test_cluster test `quill serve`'s own stop)."""
@@ -61,21 +61,7 @@ def kill_group(proc: subprocess.Popen, grace: float = 45) -> None:
             proc.send_signal(signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(grace)
-    for pid in [proc.pid, *_session_members(proc.pid)]:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(10)
-
-
-def _session_members(session: int) -> list[int]:
-    members = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != session:
-            with contextlib.suppress(OSError):
-                if os.getsid(int(entry)) == session:
-                    members.append(int(entry))
-    return members
+    kill_session(proc)
 
 
 def registry_entry(name: str, source: str | Path, **fields: str) -> str:
