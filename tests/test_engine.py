@@ -747,6 +747,46 @@ def test_a_checkpoint_that_would_load_as_random_weights_is_refused_by_name(tmp_p
         make_engine(gpt2)
 
 
+def test_the_loader_reads_what_transformers_loads_from_one_file_or_shards_and_keeps_lm_head_tied(tmp_path):
+    """The engine reads a checkpoint's safetensors itself (loader.py): the same tensors as
+    transformers' `from_pretrained`, from a sharded save too, and GPT-2's tied lm_head stays one
+    tensor in the served dtype, not a second copy of the embedding."""
+    from serve_app.engine.loader import load_weights
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=64, n_head=4, n_positions=64)).eval()
+    model.save_pretrained(tmp_path / "one")
+    model.save_pretrained(tmp_path / "shards", max_shard_size="100KB")
+    assert len(list((tmp_path / "shards").glob("*.safetensors"))) > 1
+    want = GPT2LMHeadModel.from_pretrained(tmp_path / "one").state_dict()
+    for folder in ("one", "shards"):
+        got = load_weights(str(tmp_path / folder), None, torch.device("cpu"), torch.float32).tensors
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k]) for k in want), folder
+    half = load_weights(str(tmp_path / "shards"), None, torch.device("cpu"), torch.bfloat16).tensors
+    assert half["lm_head.weight"].dtype == torch.bfloat16
+    assert half["lm_head.weight"].data_ptr() == half["transformer.wte.weight"].data_ptr()
+
+
+def test_an_engine_starts_without_importing_transformers_model_classes(checkpoint):
+    """A model replica's start: importing transformers' GPT-2 model module costs 3.3 s on a
+    2-core box (it pulls in torch._dynamo and torch.distributed.tensor); a plain checkpoint
+    needs none of it. In a fresh process, as a replica starts."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from serve_app.engine import Engine, EngineConfig, GenerationRequest, SamplingParams\n"
+            f"e = Engine(EngineConfig(source={str(checkpoint)!r}, max_batch_size=2, max_seq_len=64))\n"
+            "e.add(GenerationRequest('Hello', SamplingParams(max_tokens=3, temperature=0)))\n"
+            "while e.has_work: e.step()\n"
+            "print(sorted(m for m in sys.modules if m.startswith('transformers.models.gpt2.modeling')"
+            " or m.startswith('torch._dynamo')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout[-500:]
+
+
 async def test_many_concurrent_callers_some_leaving_early(checkpoint):
     """20 callers at once on an 8-slot engine; every third leaves after its first delta."""
     engine = make_engine(checkpoint, max_batch_size=8)

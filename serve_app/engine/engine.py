@@ -32,7 +32,7 @@ import torch
 from serve_app.engine.config import EngineConfig
 from serve_app.engine.detokenize import TextStream, token_bytes_table
 from serve_app.engine.gpt2 import GPT2Runner, PromptChunk
-from serve_app.engine.loader import CheckpointError, load_model, load_tokenizer, resolve_device, resolve_dtype
+from serve_app.engine.loader import CheckpointError, load_tokenizer, load_weights, resolve_device, resolve_dtype
 from serve_app.engine.penalties import TokenHistory
 from serve_app.engine.prefix_cache import PrefixCache
 from serve_app.engine.sampling import RowParams, choice_seed, sample
@@ -93,7 +93,7 @@ class Engine:
             torch.set_num_threads(config.threads)
         device = resolve_device(config.device)
         self.tokenizer = tokenizer or load_tokenizer(config.source)
-        model = model or load_model(
+        model = model or load_weights(
             config.source, config.adapter, device, resolve_dtype(config.dtype, device)
         )
         if len(self.tokenizer) > model.config.vocab_size:

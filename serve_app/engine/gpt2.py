@@ -1,6 +1,6 @@
 """GPT-2's forward pass over a KV cache that is allocated once.
 
-transformers' `GPT2LMHeadModel` gives us the weights; the forward pass is ours, because a
+The weights are a checkpoint's (loader.py reads them); the forward pass is ours, because a
 continuous batch needs what `generate` does not offer: every row at its own position, keys and
 values written straight into a fixed slot of a preallocated cache, decode rows and prompt
 chunks in one pass, and logits for the last position of a prompt only. The arithmetic is
@@ -19,11 +19,22 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from transformers import GPT2LMHeadModel
-from transformers.activations import ACT2FN
 
 from serve_app.engine.attention import decode_attention, fused_decode_serves
 from serve_app.engine.linear import Linear, cpu_has_amx, linear, warm_up
+from serve_app.engine.loader import CheckpointError, GPT2Weights, as_weights
+
+# config.json's `activation_function`, as transformers computes each. GPT-2's own is
+# "gelu_new", the tanh formula, here one fused kernel instead of transformers' seven
+# elementwise passes (within 3e-7; 2 ms against 18 on a [320, 3072] activation here).
+ACTIVATIONS = {
+    "gelu_new": partial(F.gelu, approximate="tanh"),
+    "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+}
 
 
 def cache_dtype(weights: torch.dtype, device: torch.device) -> torch.dtype:
@@ -63,29 +74,30 @@ class _Layer:
     out: Linear  # 4E -> E
 
 
-def _conv1d(conv) -> Linear:
+def _conv1d(w: GPT2Weights, name: str) -> Linear:
     """transformers' Conv1D stores its weight [in, out]: `x @ W + b`."""
-    return linear(conv.weight.detach().t(), conv.bias.detach())
+    return linear(w.tensors[name + ".weight"].t(), w.tensors[name + ".bias"])
 
 
 class GPT2Runner:
-    def __init__(self, model: GPT2LMHeadModel, max_batch_size: int, max_seq_len: int,
+    def __init__(self, model: GPT2Weights, max_batch_size: int, max_seq_len: int,
                  max_rows: int | None = None):
-        """`max_rows`: the most rows one pass carries (decode rows plus prompt-chunk tokens);
-        the matmul kernels for every row count up to it are built here (engine/linear.py)."""
-        cfg = model.config
+        """`model`: a checkpoint's weights (loader.load_weights), or a transformers
+        `GPT2LMHeadModel`. `max_rows`: the most rows one pass carries (decode rows plus
+        prompt-chunk tokens); the matmul kernels for every row count up to it are built here
+        (engine/linear.py)."""
+        w = as_weights(model)
+        cfg = w.config
         if getattr(cfg, "add_cross_attention", False):
             raise ValueError("cross-attention GPT-2 variants are not supported")
+        if cfg.activation_function not in ACTIVATIONS:
+            raise CheckpointError(f"activation_function {cfg.activation_function!r} (config.json) is not one of "
+                                  f"{sorted(ACTIVATIONS)}")
         self.n_head = cfg.n_head
         self.embed = cfg.n_embd
         self.head_dim = cfg.n_embd // cfg.n_head
         self.eps = cfg.layer_norm_epsilon
-        self.act = ACT2FN[cfg.activation_function]
-        if cfg.activation_function in ("gelu_new", "gelu_pytorch_tanh"):
-            # GPT-2's GELU, the same tanh formula as transformers' NewGELUActivation (within
-            # 3e-7) in one fused kernel instead of seven elementwise passes: 2 ms against 18 on
-            # a [320, 3072] activation here.
-            self.act = partial(F.gelu, approximate="tanh")
+        self.act = ACTIVATIONS[cfg.activation_function]
         self.vocab_size = cfg.vocab_size
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
@@ -95,21 +107,21 @@ class GPT2Runner:
             for i in range(cfg.n_layer)
         ]
 
-        t = model.transformer
-        self.wte = t.wte.weight.detach()
-        self.wpe = t.wpe.weight.detach()
-        self.ln_f = (t.ln_f.weight.detach(), t.ln_f.bias.detach())
-        self.lm_head = linear(model.lm_head.weight.detach())  # [V, E], tied to wte in GPT-2
+        t = w.tensors
+        self.wte = t["transformer.wte.weight"]
+        self.wpe = t["transformer.wpe.weight"]
+        self.ln_f = (t["transformer.ln_f.weight"], t["transformer.ln_f.bias"])
+        self.lm_head = linear(t["lm_head.weight"])  # [V, E], tied to wte in GPT-2
         self.layers = [
             _Layer(
-                ln_1=(b.ln_1.weight.detach(), b.ln_1.bias.detach()),
-                attn=_conv1d(b.attn.c_attn),
-                proj=_conv1d(b.attn.c_proj),
-                ln_2=(b.ln_2.weight.detach(), b.ln_2.bias.detach()),
-                fc=_conv1d(b.mlp.c_fc),
-                out=_conv1d(b.mlp.c_proj),
+                ln_1=(t[f"{h}.ln_1.weight"], t[f"{h}.ln_1.bias"]),
+                attn=_conv1d(w, f"{h}.attn.c_attn"),
+                proj=_conv1d(w, f"{h}.attn.c_proj"),
+                ln_2=(t[f"{h}.ln_2.weight"], t[f"{h}.ln_2.bias"]),
+                fc=_conv1d(w, f"{h}.mlp.c_fc"),
+                out=_conv1d(w, f"{h}.mlp.c_proj"),
             )
-            for b in t.h
+            for h in (f"transformer.h.{i}" for i in range(cfg.n_layer))
         ]
         self.device = self.wte.device
         self.dtype = self.wte.dtype

@@ -3,14 +3,24 @@
 Safety by default: weights come from safetensors only (a pickle can run code when loaded), and
 never with `trust_remote_code`. A LoRA adapter in peft format is merged into the base weights at
 load, so serving it costs nothing extra per token.
+
+The engine reads a checkpoint's tensors straight from its safetensors files (`load_weights`), not
+through transformers' `GPT2LMHeadModel`: importing that module pulls in torch._dynamo and
+torch.distributed.tensor, 3.3 s of every model replica's start on a 2-core box, where the whole
+replica took about 15 s. transformers' model is built from the same tensors where a
+`GPT2LMHeadModel` is wanted (`load_model`: training/evaluate.py scores what the server serves)
+and for peft to merge an adapter.
 """
 from __future__ import annotations
 
+import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from transformers import AutoTokenizer, GPT2LMHeadModel, PretrainedConfig, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, GPT2Config, PretrainedConfig, PreTrainedTokenizerBase
 
 from serve_app.engine import linear
 
@@ -87,32 +97,134 @@ def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_model(
-    source: str, adapter: str | None, device: torch.device, dtype: torch.dtype
-) -> GPT2LMHeadModel:
+@dataclass
+class GPT2Weights:
+    """A GPT-2 checkpoint as the engine's runner reads it: its config and its tensors, named as
+    in transformers' `GPT2LMHeadModel.state_dict()` ("transformer.h.0.attn.c_attn.weight", ...)."""
+
+    config: GPT2Config
+    tensors: dict[str, torch.Tensor]
+
+    @classmethod
+    def of_model(cls, model) -> GPT2Weights:
+        """The weights of a transformers `GPT2LMHeadModel` in memory (a test's, a bench's)."""
+        return cls(model.config, {k: v.detach() for k, v in model.state_dict().items()})
+
+
+def as_weights(model: GPT2Weights | Any) -> GPT2Weights:
+    return model if isinstance(model, GPT2Weights) else GPT2Weights.of_model(model)
+
+
+def load_weights(source: str, adapter: str | None, device: torch.device, dtype: torch.dtype) -> GPT2Weights:
+    """The checkpoint's tensors in `dtype` on `device`, the adapter merged in; refused with
+    what to fix where GPT-2's forward pass would not get every weight it reads."""
     path = _local_path(source)
     if Path(path).is_dir() and not any(Path(path).glob("*.safetensors")):
         raise CheckpointError(f"{source!r} has no .safetensors weights (pickled weights are refused)")
     _check_architecture(source, path)
+    folder = Path(path) if Path(path).is_dir() else _download(source, path)
+    config = GPT2Config.from_pretrained(folder)
+    # In float32 until the adapter is merged (its product adds in full precision), then moved.
+    weights = GPT2Weights(config, _converted(_gpt2_tensors(source, config, _read_safetensors(source, folder)),
+                                             dtype=torch.float32))
+    if adapter:
+        weights = _merge_adapter(weights, adapter)
+    return GPT2Weights(config, _converted(weights.tensors, device=device, dtype=dtype))
+
+
+def _converted(tensors: dict[str, torch.Tensor], **to) -> dict[str, torch.Tensor]:
+    """`tensor.to(**to)` for each, converting a tied tensor once (GPT-2's lm_head is its token
+    embedding: two copies would be 77 MB more on a GPU for gpt2-small in float16)."""
+    done: dict[tuple, torch.Tensor] = {}
+    out = {}
+    for name, t in tensors.items():
+        key = (t.data_ptr(), tuple(t.shape), t.dtype)
+        if key not in done:
+            done[key] = t.to(**to)
+        out[name] = done[key]
+    return out
+
+
+def load_model(source: str, adapter: str | None, device: torch.device, dtype: torch.dtype):
+    """The same weights as the engine serves, as a transformers `GPT2LMHeadModel` (in eval mode)."""
+    return _hf_model(load_weights(source, adapter, device, dtype)).eval()
+
+
+def _hf_model(weights: GPT2Weights):
+    from transformers import GPT2LMHeadModel  # imported here: only adapters and evaluate need it
+
+    with torch.device("meta"):  # no random initialisation of weights about to be replaced
+        model = GPT2LMHeadModel(weights.config)
+    model.load_state_dict(weights.tensors, strict=True, assign=True)
+    return model
+
+
+def _download(source: str, repo_id: str) -> Path:
+    """An `hf://` checkpoint: its config and safetensors from the hub (or its local cache)."""
+    from huggingface_hub import snapshot_download
+
     try:
-        model, info = GPT2LMHeadModel.from_pretrained(
-            path, use_safetensors=True, trust_remote_code=False, dtype=torch.float32, output_loading_info=True
-        )
-    except (OSError, RuntimeError, ValueError) as exc:  # e.g. weights whose shapes config.json contradicts
-        why = ("its weights' shapes do not match its config.json" if "mismatch" in str(exc).lower()
-               else str(exc).splitlines()[0][:300])
-        raise CheckpointError(f"{source!r} cannot be loaded: {why}") from None
-    # transformers fills the weights a checkpoint lacks with random values and only logs it: a
-    # model that would generate noise is refused instead. (Shapes that contradict config.json
-    # raise above.)
-    absent = sorted(info["missing_keys"])
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"]))
+    except Exception as exc:  # noqa: BLE001 - offline, unknown repo, no access: all say the same to the user
+        raise CheckpointError(f"{source!r} cannot be fetched from the hub: {str(exc).splitlines()[0][:300]}") from None
+
+
+def _read_safetensors(source: str, folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():  # sharded: the index names each tensor's file
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (folder / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise CheckpointError(f"{source!r} has no model.safetensors (nor a model.safetensors.index.json); "
+                              "save the model with save_pretrained(folder)")
+    tensors: dict[str, torch.Tensor] = {}
+    for name in files:
+        try:
+            tensors.update(load_file(folder / name))
+        except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
+            raise CheckpointError(f"{source!r} cannot be loaded: {name}: {str(exc).splitlines()[0][:300]}") from None
+    return tensors
+
+
+def _gpt2_tensors(source: str, config: GPT2Config, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors GPT-2's forward pass reads, by their transformers names. As transformers
+    loads them: the hub's own GPT-2 names its tensors without the "transformer." prefix, stores
+    no lm_head (tied to the token embedding) and old attention-mask buffers, which are ignored."""
+    named = {k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}": v for k, v in stored.items()}
+    shapes = _expected_shapes(config)
+    if getattr(config, "tie_word_embeddings", True) and "transformer.wte.weight" in named:
+        named["lm_head.weight"] = named["transformer.wte.weight"]
+    absent = sorted(k for k in shapes if k not in named)
     if absent:
+        # Served, a missing weight would be noise (transformers fills it randomly and only logs it).
         raise CheckpointError(f"{source!r} lacks {len(absent)} of the model's weights "
                               f"({', '.join(absent[:3])}{', ...' if len(absent) > 3 else ''}); "
                               "re-save the checkpoint with save_pretrained")
-    if adapter:
-        model = _merge_adapter(model, adapter)
-    return model.to(device=device, dtype=dtype).eval()
+    wrong = [k for k, shape in shapes.items() if tuple(named[k].shape) != shape]
+    if wrong:
+        raise CheckpointError(f"{source!r} cannot be loaded: its weights' shapes do not match its config.json "
+                              f"({wrong[0]} is {list(named[wrong[0]].shape)}, config.json implies {list(shapes[wrong[0]])})")
+    return {k: named[k] for k in shapes}
+
+
+def _expected_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
+    e, inner = config.n_embd, config.n_inner or 4 * config.n_embd
+    shapes = {"transformer.wte.weight": (config.vocab_size, e), "transformer.wpe.weight": (config.n_positions, e),
+              "transformer.ln_f.weight": (e,), "transformer.ln_f.bias": (e,)}
+    for i in range(config.n_layer):
+        h = f"transformer.h.{i}."
+        shapes.update({  # transformers' Conv1D stores its weight [in, out]
+            h + "ln_1.weight": (e,), h + "ln_1.bias": (e,), h + "ln_2.weight": (e,), h + "ln_2.bias": (e,),
+            h + "attn.c_attn.weight": (e, 3 * e), h + "attn.c_attn.bias": (3 * e,),
+            h + "attn.c_proj.weight": (e, e), h + "attn.c_proj.bias": (e,),
+            h + "mlp.c_fc.weight": (e, inner), h + "mlp.c_fc.bias": (inner,),
+            h + "mlp.c_proj.weight": (inner, e), h + "mlp.c_proj.bias": (e,),
+        })
+    shapes["lm_head.weight"] = (config.vocab_size, e)
+    return shapes
 
 
 def _check_architecture(source: str, path: str) -> None:
@@ -130,7 +242,7 @@ def _check_architecture(source: str, path: str) -> None:
                               "Quill's engine serves GPT-2-architecture models (model_type 'gpt2')")
 
 
-def _merge_adapter(model: GPT2LMHeadModel, adapter: str) -> GPT2LMHeadModel:
+def _merge_adapter(weights: GPT2Weights, adapter: str) -> GPT2Weights:
     from peft import PeftModel  # imported here: only adapters need it
 
     if "://" in adapter:
@@ -138,7 +250,8 @@ def _merge_adapter(model: GPT2LMHeadModel, adapter: str) -> GPT2LMHeadModel:
     if not os.path.exists(os.path.join(adapter, "adapter_model.safetensors")):
         raise CheckpointError(f"adapter {adapter!r} has no adapter_model.safetensors")
     try:
-        return PeftModel.from_pretrained(model, adapter, is_trainable=False).merge_and_unload()
+        merged = PeftModel.from_pretrained(_hf_model(weights), adapter, is_trainable=False).merge_and_unload()
     except (OSError, RuntimeError, ValueError, KeyError) as exc:  # trained on another base, or not LoRA
         why = " ".join(line.strip() for line in str(exc).strip().splitlines()[:2])[:300] or type(exc).__name__
         raise CheckpointError(f"adapter {adapter!r} does not fit its base model: {why}") from None
+    return GPT2Weights.of_model(merged)
