@@ -35,7 +35,7 @@ def _haproxy_env() -> dict[str, str]:
     stats, metrics = free_ports(2)  # HAProxy's defaults (8404, 9101) may be taken on this machine
     # Serve otherwise holds a stopping ingress replica 30 s for external load balancers to
     # deregister it (SIGTERM to `quill serve --address` took 32 s); none stands in front here, and
-    # `quill serve` has drained the ingress before it deletes the app (kuberay/README.md).
+    # `quill serve` has drained the ingress before it deletes the app (docs/cluster.md, "Tests").
     return {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
             "RAY_SERVE_HAPROXY_STATS_PORT": str(stats), "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics),
             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
