@@ -124,12 +124,10 @@ def load_weights(source: str, adapter: str | None, device: torch.device, dtype: 
     _check_architecture(source, path)
     folder = Path(path) if Path(path).is_dir() else _download(source, path)
     config = GPT2Config.from_pretrained(folder)
-    # In float32 until the adapter is merged (its product adds in full precision), then moved.
-    weights = GPT2Weights(config, _converted(_gpt2_tensors(source, config, _read_safetensors(source, folder)),
-                                             dtype=torch.float32))
-    if adapter:
-        weights = _merge_adapter(weights, adapter)
-    return GPT2Weights(config, _converted(weights.tensors, device=device, dtype=dtype))
+    tensors = _gpt2_tensors(source, config, _read_safetensors(source, folder))
+    if adapter:  # merged in float32 (its product adds in full precision), then moved
+        tensors = _merge_adapter(GPT2Weights(config, _converted(tensors, dtype=torch.float32)), adapter).tensors
+    return GPT2Weights(config, _converted(tensors, device=device, dtype=dtype))
 
 
 def _converted(tensors: dict[str, torch.Tensor], **to) -> dict[str, torch.Tensor]:
