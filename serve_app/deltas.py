@@ -15,15 +15,19 @@ class Accumulator:
     texts: dict[int, str] = field(default_factory=dict)
     finish: dict[int, str | None] = field(default_factory=dict)
     completion: dict[int, int] = field(default_factory=dict)
-    prompt_tokens: int = 0
-    cached_tokens: int = 0  # of the prompt, served by the engine's prefix cache
     error: str | None = None  # the first choice that ended in error or cancelled says why
+    # A batched /v1/completions request numbers prompt p's choices p * n .. p * n + n - 1: with
+    # n here, usage counts each prompt's tokens once. 0: every choice continues one prompt.
+    choices_per_prompt: int = 0
+    prompts: dict[int, int] = field(default_factory=dict)  # prompt tokens, by prompt
+    cached: dict[int, int] = field(default_factory=dict)  # of those, served by the engine's prefix cache
 
     def add(self, d: Delta) -> None:
         self.texts[d.index] = self.texts.get(d.index, "") + d.text
         self.completion[d.index] = max(self.completion.get(d.index, 0), d.completion_tokens)
-        self.prompt_tokens = max(self.prompt_tokens, d.prompt_tokens)
-        self.cached_tokens = max(self.cached_tokens, d.cached_tokens)
+        p = d.index // self.choices_per_prompt if self.choices_per_prompt else 0
+        self.prompts[p] = max(self.prompts.get(p, 0), d.prompt_tokens)
+        self.cached[p] = max(self.cached.get(p, 0), d.cached_tokens)
         if d.finish_reason is not None:
             self.finish[d.index] = d.finish_reason
             if d.finish_reason in ("error", "cancelled") and self.error is None:
@@ -33,6 +37,14 @@ class Accumulator:
         for d in deltas:
             self.add(d)
         return self
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(self.prompts.values())
+
+    @property
+    def cached_tokens(self) -> int:
+        return sum(self.cached.values())
 
     @property
     def status(self) -> str:

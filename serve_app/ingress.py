@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -127,6 +128,24 @@ class Service:
 
         return self.drain.track(chained())
 
+    async def open_streams(
+        self, model: str, prompts: list[str | list[int]], body: Any, use_cache: bool = True
+    ) -> AsyncIterator[list[Delta]]:
+        """`open_stream` for a batch of prompts, as one stream: prompt p's choice i is choice
+        p * n + i. If any prompt is refused (too long, the model overloaded), the others are
+        cancelled and that error is raised, so a batch is answered whole or not at all."""
+        if len(prompts) == 1:
+            return await self.open_stream(model, prompts[0], body, use_cache)
+        opened = await asyncio.gather(*(self.open_stream(model, p, body, use_cache) for p in prompts),
+                                      return_exceptions=True)
+        failed = [r for r in opened if isinstance(r, BaseException)]
+        if failed:
+            for r in opened:
+                if not isinstance(r, BaseException):
+                    await r.aclose()
+            raise failed[0]
+        return _merged(opened, body.n)
+
     async def readiness(self) -> dict[str, bool]:
         # Asked afresh each time, so a model whose replicas are lost (a dead node) turns unready
         # and ready again once Serve has replaced them. A backend must answer this without
@@ -166,9 +185,42 @@ def _use_cache(request: Request) -> bool:
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-async def _collect(stream: AsyncIterator[list[Delta]]) -> Accumulator:
+async def _merged(streams: list[AsyncIterator[list[Delta]]], n: int) -> AsyncIterator[list[Delta]]:
+    """Several prompts' streams as one, each message passed on as it arrives, renumbered: prompt
+    p's choice i becomes choice p * n + i. Closing it (a client gone) cancels every prompt."""
+    queue: asyncio.Queue = asyncio.Queue(maxsize=len(streams))
+    done = object()
+
+    async def pump(p: int, stream: AsyncIterator[list[Delta]]) -> None:
+        try:
+            async for batch in stream:
+                await queue.put([dataclasses.replace(d, index=p * n + d.index) for d in batch])
+        except Exception as exc:  # passed on: the route ends the answer with this error
+            await queue.put(exc)
+        await queue.put(done)
+
+    pumps = [asyncio.create_task(pump(p, s)) for p, s in enumerate(streams)]
+    try:
+        open_ = len(pumps)
+        while open_:
+            item = await queue.get()
+            if item is done:
+                open_ -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in pumps:
+            task.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
+        for stream in streams:
+            await stream.aclose()
+
+
+async def _collect(stream: AsyncIterator[list[Delta]], choices_per_prompt: int = 0) -> Accumulator:
     """The whole answer, for a non-streaming request; a failed generation is a 500."""
-    acc = Accumulator()
+    acc = Accumulator(choices_per_prompt=choices_per_prompt)
     async with contextlib.aclosing(stream):
         async for batch in stream:
             acc.add_all(batch)
@@ -181,6 +233,7 @@ def _sse_response(
     stream: AsyncIterator[list[Delta]],
     frame_delta: Callable[[Delta], str],
     frame_end: Callable[[Accumulator], str | None],
+    choices_per_prompt: int = 0,
 ) -> StreamingResponse:
     """Server-sent events: one frame per delta with text, an end frame, then [DONE]. A failure
     mid-stream becomes an error event before [DONE], so the client always learns how it ended.
@@ -191,7 +244,7 @@ def _sse_response(
     sends each event on its own)."""
 
     async def events() -> AsyncIterator[str]:
-        acc = Accumulator()
+        acc = Accumulator(choices_per_prompt=choices_per_prompt)
         failed = False
         async with contextlib.aclosing(stream):
             try:
@@ -251,11 +304,12 @@ def create_app(service: Service, security: SecuritySettings | None = None) -> Fa
         err = to_api_error(exc)
         return JSONResponse(err.body(), status_code=err.status, headers=err.headers())
 
-    @app.get("/healthz")
+    # HEAD too: some load balancers' health checks send it.
+    @app.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz():
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.api_route("/readyz", methods=["GET", "HEAD"])
     async def readyz():
         service.drain.refuse_if_draining()  # a load balancer stops sending here
         models = await service.readiness()
@@ -287,7 +341,8 @@ def create_app(service: Service, security: SecuritySettings | None = None) -> Fa
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        stream = await service.open_stream(body.model, body.prompt, body, _use_cache(request))
+        prompts = body.prompts
+        stream = await service.open_streams(body.model, prompts, body, _use_cache(request))
         cid, created = new_id("cmpl"), now()
 
         def chunk(choices: list[dict], **extra: Any) -> dict:
@@ -295,8 +350,8 @@ def create_app(service: Service, security: SecuritySettings | None = None) -> Fa
                     "choices": choices, **extra}
 
         if not body.stream:
-            acc = await _collect(stream)
-            texts, reasons = acc.ordered(body.n)
+            acc = await _collect(stream, body.n)
+            texts, reasons = acc.ordered(len(prompts) * body.n)
             choices = [{"text": t, "index": i, "logprobs": None, "finish_reason": r}
                        for i, (t, r) in enumerate(zip(texts, reasons))]
             return chunk(choices, usage=acc.usage())
@@ -308,6 +363,7 @@ def create_app(service: Service, security: SecuritySettings | None = None) -> Fa
                                    "finish_reason": d.finish_reason}])),
             # as OpenAI: with include_usage, a last chunk with no choices
             lambda acc: _sse(chunk([], usage=acc.usage())) if include_usage else None,
+            body.n,
         )
 
     @app.post("/v1/models/{name}/generate")

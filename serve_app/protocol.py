@@ -128,8 +128,9 @@ class CompletionRequest(_Request):
     """
 
     model: str
-    # OpenAI's four shapes: text, a list of texts, token ids, a list of token-id lists. Quill
-    # runs one prompt per request, so a list of either kind must hold exactly one.
+    # OpenAI's four shapes: text, a list of texts, token ids, a list of token-id lists. A list of
+    # several texts or token-id lists is a batch: each prompt is its own engine request, and
+    # prompt p's choice i is choice p * n + i of the answer (OpenAI's and vLLM's numbering).
     prompt: str | list[str] | list[int] | list[list[int]]
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -142,14 +143,25 @@ class CompletionRequest(_Request):
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, v: str | list[str] | list[int] | list[list[int]]) -> str | list[int]:
-        if isinstance(v, list) and v and isinstance(v[0], (str, list)):
-            if len(v) != 1:
-                raise ValueError("send one prompt per request (batched prompts are not supported)")
-            if not v[0]:
-                raise ValueError("prompt must not be empty")
-            return v[0]
+    def _each_prompt(cls, v: str | list[str] | list[int] | list[list[int]]):
+        if _is_batch(v) and any(isinstance(p, list) and not p for p in v):
+            raise ValueError("prompt must not be empty (a batch holds an empty token-id list)")
         return v
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts of this request, one or more."""
+        return list(self.prompt) if _is_batch(self.prompt) else [self.prompt]
+
+    def to_sampling(self, entry: ModelEntry) -> SamplingParams:
+        sequences, batch = len(self.prompts) * self.n, entry.engine.max_batch_size
+        if len(self.prompts) > 1 and sequences > batch:
+            # One request asks at most for what one replica runs at once, so that it never
+            # queues behind itself (and one client cannot fill the queue with one body).
+            raise RequestRejected(
+                f"{len(self.prompts)} prompts x n {self.n} = {sequences} sequences exceeds this model's "
+                f"batch of {batch} (engine.max_batch_size); send fewer prompts per request")
+        return super().to_sampling(entry)
 
     @field_validator("logit_bias")
     @classmethod
@@ -164,6 +176,10 @@ class CompletionRequest(_Request):
         if v not in (None, 1):
             raise ValueError("best_of is not supported by Quill (use n)")
         return None
+
+
+def _is_batch(prompt: str | list) -> bool:
+    return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], (str, list))
 
 
 class GenerateRequest(_Request):
@@ -235,8 +251,8 @@ def invalid(message: str, **extra: Any) -> ApiError:
 # What a field takes, said once for the fields whose type is a union (pydantic reports one error
 # per member of the union, which reads as a riddle).
 _EXPECTED = {
-    "prompt": ("a string or a list of token ids (on /v1/completions also a one-element list of "
-               "strings or of token-id lists)"),
+    "prompt": ("a string or a list of token ids (on /v1/completions also a list of strings or "
+               "of token-id lists: one prompt each)"),
     "stop": f"a string or a list of up to {MAX_STOP} strings",
 }
 

@@ -134,7 +134,7 @@ def test_a_coalesced_sse_stream_carries_every_token_in_order_then_finish_and_usa
         ({"model": "tiny-a", "prompt": "x", "top_p": 0}, 400, "invalid_request_error", "top_p"),
         ({"model": "tiny-a", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "invalid_request_error", "at most 4"),
         ({"model": "tiny-a", "prompt": "x", "logprobs": 2}, 400, "invalid_request_error", "logprobs"),
-        ({"model": "tiny-a", "prompt": ["a", "b"]}, 400, "invalid_request_error", "one prompt per request"),
+        ({"model": "tiny-a", "prompt": ["a", "b", "c"], "n": 3}, 400, "invalid_request_error", "max_batch_size"),
         ({"model": "tiny-a", "prompt": "word " * 100}, 400, "invalid_request_error", "prompt"),
         ({"prompt": "x"}, 400, "invalid_request_error", "model"),
     ],
@@ -177,9 +177,45 @@ def test_a_prompt_of_one_token_id_list_is_the_same_as_the_token_ids(app_client):
     a = app_client.post("/v1/completions", json={**ask, "prompt": [15496, 995]}).json()
     b = app_client.post("/v1/completions", json={**ask, "prompt": [[15496, 995]]}).json()
     assert b["usage"]["prompt_tokens"] == 2 and a["choices"][0]["text"] == b["choices"][0]["text"]
-    for bad, fragment in (([[1], [2]], "one prompt per request"), ([[]], "must not be empty")):
+    for bad in ([[]], [[1], []]):
         r = app_client.post("/v1/completions", json={**ask, "prompt": bad})
-        assert r.status_code == 400 and fragment in r.json()["error"]["message"]
+        assert r.status_code == 400 and "must not be empty" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("prompts", [["Hello world", "The law is"], [[15496, 995], [464, 1099, 318]]])
+def test_a_batch_of_prompts_answers_each_prompt_as_its_own_request_would(app_client, prompts):
+    """OpenAI's batched shapes: prompt p's choice i is choice p * n + i, each the text the prompt
+    gets alone, and usage counts every prompt's tokens once."""
+    ask = {"model": "tiny-a", "seed": 5, "max_tokens": 5, "n": 2, "temperature": 1.0}
+    alone = [app_client.post("/v1/completions", json={**ask, "prompt": p}).json() for p in prompts]
+    batch = app_client.post("/v1/completions", json={**ask, "prompt": prompts},
+                            headers={"Cache-Control": "no-cache"}).json()
+    assert [c["index"] for c in batch["choices"]] == [0, 1, 2, 3]
+    assert [c["text"] for c in batch["choices"]] == [c["text"] for a in alone for c in a["choices"]]
+    assert batch["usage"]["prompt_tokens"] == sum(a["usage"]["prompt_tokens"] for a in alone)
+    assert batch["usage"]["completion_tokens"] == 20
+
+    r = app_client.post("/v1/completions", json={**ask, "prompt": prompts, "stream": True,
+                                                  "stream_options": {"include_usage": True}},
+                        headers={"Cache-Control": "no-cache"})
+    events = sse_events(r.text)
+    assert events[-1] == (None, "[DONE]")
+    chunks = [json.loads(data) for _, data in events[:-1]]
+    texts, reasons = [""] * 4, [None] * 4
+    for c in chunks[:-1]:
+        (choice,) = c["choices"]
+        assert reasons[choice["index"]] is None  # nothing after a choice's finish
+        texts[choice["index"]] += choice["text"]
+        reasons[choice["index"]] = choice["finish_reason"]
+    assert texts == [c["text"] for c in batch["choices"]] and reasons == ["length"] * 4
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == batch["usage"]
+
+
+def test_a_batch_with_one_refused_prompt_is_refused_whole(app_client):
+    r = app_client.post("/v1/completions", json={"model": "tiny-a", "prompt": ["Hi", "word " * 100], "max_tokens": 3})
+    assert r.status_code == 400 and "at most 64" in r.json()["error"]["message"]
+    ok = app_client.post("/v1/completions", json={"model": "tiny-a", "prompt": ["Hi", "there"], "max_tokens": 3})
+    assert ok.status_code == 200 and len(ok.json()["choices"]) == 2
 
 
 def test_native_generate_whole_and_stream(app_client):
@@ -202,6 +238,8 @@ def test_native_generate_whole_and_stream(app_client):
 def test_models_health_ready_metrics(app_client):
     assert app_client.get("/healthz").json() == {"status": "ok"}
     assert app_client.get("/readyz").status_code == 200
+    for probe in ("/healthz", "/readyz"):  # load balancers that check with HEAD
+        assert app_client.head(probe).status_code == 200
     data = app_client.get("/v1/models").json()["data"]
     assert [m["id"] for m in data] == ["tiny-a", "tiny-b"] and data[0]["limits"]["max_tokens"] == 100
     assert app_client.get("/v1/models/tiny-b").json()["id"] == "tiny-b"

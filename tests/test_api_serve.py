@@ -138,6 +138,23 @@ def test_n_choices(client):
     assert r.usage.completion_tokens == 12
 
 
+def test_the_openai_client_sends_a_batch_of_prompts(client):
+    """OpenAI's batched prompt shape through `quill serve`: prompt p's choice i is choice p * n + i,
+    streamed or whole, each the text its prompt gets alone."""
+    prompts, ask = [_prompt(), _prompt() + " in a land"], {"model": "tiny-a", "max_tokens": 5, "n": 2, "seed": 3}
+    whole = client.completions.create(prompt=prompts, **ask)
+    assert [c.index for c in whole.choices] == [0, 1, 2, 3]
+    fresh = {"Cache-Control": "no-cache"}  # generated again, not replayed from the batch's cache entries
+    alone = [client.completions.create(prompt=p, extra_headers=fresh, **ask) for p in prompts]
+    assert [c.text for c in whole.choices] == [c.text for r in alone for c in r.choices]
+    assert whole.usage.prompt_tokens == sum(r.usage.prompt_tokens for r in alone)
+    texts = [""] * 4
+    for chunk in client.completions.create(prompt=prompts, stream=True, extra_headers=fresh, **ask):
+        for c in chunk.choices:
+            texts[c.index] += c.text
+    assert texts == [c.text for c in whole.choices]
+
+
 def test_stop(client):
     prompt = _prompt()
     full = client.completions.create(model="tiny-a", prompt=prompt, max_tokens=24, seed=3, temperature=0).choices[0].text
@@ -293,15 +310,18 @@ def test_websocket_stream_cancel_and_errors(server):
     asyncio.run(session())
 
 
-def test_client_disconnect_cancels_the_generation(server):
+@pytest.mark.parametrize("prompts", [1, 3], ids=["one prompt", "a batch of three"])
+def test_client_disconnect_cancels_the_generation(server, prompts):
     url = server["url"]
     before = _settled(url, "quill_requests_total", model="tiny-a", status="cancelled")
+    prompt = _prompt() if prompts == 1 else [_prompt() for _ in range(prompts)]
     with httpx.stream("POST", url + "/v1/completions", timeout=60,
-                      json={"model": "tiny-a", "prompt": _prompt(), "max_tokens": 96, "stream": True}) as r:
+                      json={"model": "tiny-a", "prompt": prompt, "max_tokens": 96, "stream": True}) as r:
         for line in r.iter_lines():
             if line.startswith("data: "):
                 break  # got the first token; walk away
-    assert _wait_for(url, "quill_requests_total", before + 1, model="tiny-a", status="cancelled") == before + 1
+    after = before + prompts  # every prompt of a batch is its own request, each cancelled
+    assert _wait_for(url, "quill_requests_total", after, model="tiny-a", status="cancelled") == after
 
 
 def test_identical_seeded_requests_generate_once_via_redis(server):

@@ -115,6 +115,8 @@ def test_probes_and_the_page_stay_public_when_keys_are_set(client_with):
     client = client_with(api_keys={KEY})
     for path in ("/healthz", "/readyz", "/"):
         assert client.get(path).status_code == 200, path
+    for path in ("/healthz", "/readyz"):
+        assert client.head(path).status_code == 200, path
 
 
 def test_the_websocket_takes_the_key_from_the_authorization_header(client_with):
