@@ -122,6 +122,10 @@ class Limits(_Section):
     max_prompt_tokens: int = Field(768, ge=1)
     max_tokens: int = Field(512, ge=1)
     max_n: int = Field(8, ge=1)
+    # Prompts in one /v1/completions request (OpenAI's batched shape; docs/api.md). Each is its
+    # own request to the engine, so a batch is bounded like that many clients: the queue
+    # (engine.max_waiting) refuses what it cannot hold. 32 takes LangChain's batches of 20.
+    max_prompts: int = Field(32, ge=1)
 
 
 # Settings for every process that runs the engine, read by torch's native libraries (libgomp, its

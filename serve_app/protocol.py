@@ -154,13 +154,9 @@ class CompletionRequest(_Request):
         return list(self.prompt) if _is_batch(self.prompt) else [self.prompt]
 
     def to_sampling(self, entry: ModelEntry) -> SamplingParams:
-        sequences, batch = len(self.prompts) * self.n, entry.engine.max_batch_size
-        if len(self.prompts) > 1 and sequences > batch:
-            # One request asks at most for what one replica runs at once, so that it never
-            # queues behind itself (and one client cannot fill the queue with one body).
-            raise RequestRejected(
-                f"{len(self.prompts)} prompts x n {self.n} = {sequences} sequences exceeds this model's "
-                f"batch of {batch} (engine.max_batch_size); send fewer prompts per request")
+        if len(self.prompts) > entry.limits.max_prompts:
+            raise RequestRejected(f"{len(self.prompts)} prompts exceed this model's limit of "
+                                  f"{entry.limits.max_prompts} prompts per request (limits.max_prompts)")
         return super().to_sampling(entry)
 
     @field_validator("logit_bias")

@@ -19,7 +19,7 @@ from serve_app.model_server import ModelServer
 @pytest.fixture(scope="module")
 def app_client(tiny_checkpoints):
     common = {"cpus_per_replica": 0.5, "engine": {"max_batch_size": 8, "max_seq_len": 256},
-              "defaults": {"max_tokens": 8}, "limits": {"max_prompt_tokens": 64, "max_tokens": 100, "max_n": 4}}
+              "defaults": {"max_tokens": 8}, "limits": {"max_prompt_tokens": 64, "max_tokens": 100, "max_n": 4, "max_prompts": 5}}
     registry = parse_registry(
         {"models": [{"name": n, "source": str(p), **common} for n, p in tiny_checkpoints.items()]}, None
     )
@@ -134,7 +134,7 @@ def test_a_coalesced_sse_stream_carries_every_token_in_order_then_finish_and_usa
         ({"model": "tiny-a", "prompt": "x", "top_p": 0}, 400, "invalid_request_error", "top_p"),
         ({"model": "tiny-a", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "invalid_request_error", "at most 4"),
         ({"model": "tiny-a", "prompt": "x", "logprobs": 2}, 400, "invalid_request_error", "logprobs"),
-        ({"model": "tiny-a", "prompt": ["a", "b", "c"], "n": 3}, 400, "invalid_request_error", "max_batch_size"),
+        ({"model": "tiny-a", "prompt": ["a"] * 6}, 400, "invalid_request_error", "limit of 5 prompts"),
         ({"model": "tiny-a", "prompt": "word " * 100}, 400, "invalid_request_error", "prompt"),
         ({"prompt": "x"}, 400, "invalid_request_error", "model"),
     ],

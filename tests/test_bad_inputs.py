@@ -74,7 +74,7 @@ HTTP_CASES = [
     Http("prompt mixes ids and text", C, completion(prompt=[1, "a"]), fragment="prompt"),
     Http("prompt token id beyond the vocabulary", C, completion(prompt=[99_999_999]), fragment="prompt token ids"),
     Http("negative prompt token id", G, {"prompt": [-1, 5]}, fragment="prompt token ids"),
-    Http("a batch over the model's batch", C, completion(prompt=["a", "b", "c"], n=3), fragment="max_batch_size"),
+    Http("a batch over the model's limit", C, completion(prompt=[[5]] * 6), fragment="limits.max_prompts"),
     Http("a batch holding an empty token-id list", C, completion(prompt=[[5], []]), fragment="must not be empty"),
     Http("prompt over the model's limit", C, completion(prompt="word " * 100), fragment="at most 64"),
     Http("prompt missing", C, {"model": "tiny-a"}, fragment="prompt"),
