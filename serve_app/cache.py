@@ -54,8 +54,8 @@ class LeaderGone(Exception):
 
 def cache_key(model: str, prompt: str | list[int], params: SamplingParams) -> str | None:
     """A stable key for a deterministic request, or None when the request must not be cached."""
-    if params.seed is None:
-        return None
+    if params.seed is None or params.logprobs is not None:
+        return None  # unseeded: not deterministic; logprobs: a Result keeps text, not logprobs
     blob = json.dumps({"model": model, "prompt": prompt, "params": asdict(params)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from serve_app.engine.types import Delta
+from serve_app.engine.types import Delta, TokenLogprob
 
 
 @dataclass
@@ -21,8 +21,13 @@ class Accumulator:
     choices_per_prompt: int = 0
     prompts: dict[int, int] = field(default_factory=dict)  # prompt tokens, by prompt
     cached: dict[int, int] = field(default_factory=dict)  # of those, served by the engine's prefix cache
+    # By choice: each token's logprobs and where in the choice's text its delta's text starts.
+    logprobs: dict[int, list[tuple[int, TokenLogprob]]] = field(default_factory=dict)
 
     def add(self, d: Delta) -> None:
+        if d.logprobs:
+            at = len(self.texts.get(d.index, ""))
+            self.logprobs.setdefault(d.index, []).extend((at, lp) for lp in d.logprobs)
         self.texts[d.index] = self.texts.get(d.index, "") + d.text
         self.completion[d.index] = max(self.completion.get(d.index, 0), d.completion_tokens)
         p = d.index // self.choices_per_prompt if self.choices_per_prompt else 0

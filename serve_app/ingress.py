@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from serve_app.cache import SingleFlight, cache_key
 from serve_app.config import ModelEntry, Registry
 from serve_app.metrics import Metrics
-from serve_app.engine.types import Delta, GenerationRequest, RequestRejected, SamplingParams
+from serve_app.engine.types import Delta, GenerationRequest, RequestRejected, SamplingParams, TokenLogprob
 from serve_app.deltas import Accumulator
 from serve_app.drain import Drain
 from serve_app.errors import ApiError, error_body, to_api_error
@@ -185,6 +185,18 @@ def _use_cache(request: Request) -> bool:
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
+def _openai_logprobs(tokens: list[tuple[int, TokenLogprob]] | None) -> dict | None:
+    """A choice's `logprobs` in OpenAI's completions shape, from (text offset, logprob) pairs."""
+    if tokens is None:
+        return None
+    return {
+        "tokens": [lp.token for _, lp in tokens],
+        "token_logprobs": [lp.logprob for _, lp in tokens],
+        "top_logprobs": [dict(lp.top) for _, lp in tokens],
+        "text_offset": [at for at, _ in tokens],
+    }
+
+
 async def _merged(streams: list[AsyncIterator[list[Delta]]], n: int) -> AsyncIterator[list[Delta]]:
     """Several prompts' streams as one, each message passed on as it arrives, renumbered: prompt
     p's choice i becomes choice p * n + i. Closing it (a client gone) cancels every prompt."""
@@ -231,7 +243,7 @@ async def _collect(stream: AsyncIterator[list[Delta]], choices_per_prompt: int =
 
 def _sse_response(
     stream: AsyncIterator[list[Delta]],
-    frame_delta: Callable[[Delta], str],
+    frame_delta: Callable[[Delta, int], str],
     frame_end: Callable[[Accumulator], str | None],
     choices_per_prompt: int = 0,
 ) -> StreamingResponse:
@@ -251,13 +263,14 @@ def _sse_response(
                 async for batch in stream:
                     frames = []
                     for d in batch:
+                        at = len(acc.texts.get(d.index, ""))  # where this delta's text starts in its choice
                         acc.add(d)
                         if acc.error:
                             frames.append(_sse_error(acc.error))
                             failed = True
                             break
-                        if d.text or d.finish_reason:
-                            frames.append(frame_delta(d))
+                        if d.text or d.finish_reason or d.logprobs:
+                            frames.append(frame_delta(d, at))
                     if frames:
                         yield "".join(frames)
                     if failed:
@@ -352,15 +365,19 @@ def create_app(service: Service, security: SecuritySettings | None = None) -> Fa
         if not body.stream:
             acc = await _collect(stream, body.n)
             texts, reasons = acc.ordered(len(prompts) * body.n)
-            choices = [{"text": t, "index": i, "logprobs": None, "finish_reason": r}
+            wanted = body.logprobs is not None
+            choices = [{"text": t, "index": i, "finish_reason": r,
+                        "logprobs": _openai_logprobs(acc.logprobs.get(i, []) if wanted else None)}
                        for i, (t, r) in enumerate(zip(texts, reasons))]
             return chunk(choices, usage=acc.usage())
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return _sse_response(
             stream,
-            lambda d: _sse(chunk([{"text": d.text, "index": d.index, "logprobs": None,
-                                   "finish_reason": d.finish_reason}])),
+            lambda d, at: _sse(chunk([{
+                "text": d.text, "index": d.index, "finish_reason": d.finish_reason,
+                "logprobs": _openai_logprobs([(at, lp) for lp in d.logprobs] if body.logprobs is not None else None),
+            }])),
             # as OpenAI: with include_usage, a last chunk with no choices
             lambda acc: _sse(chunk([], usage=acc.usage())) if include_usage else None,
             body.n,
@@ -379,7 +396,7 @@ def create_app(service: Service, security: SecuritySettings | None = None) -> Fa
             return final(await _collect(stream))
         return _sse_response(
             stream,
-            lambda d: _sse({"index": d.index, "text": d.text, "finish_reason": d.finish_reason}, "delta"),
+            lambda d, _: _sse({"index": d.index, "text": d.text, "finish_reason": d.finish_reason}, "delta"),
             lambda acc: _sse(final(acc), "done"),
         )
 

@@ -12,6 +12,7 @@ field, and echo at most a short piece of what the client sent.
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import sys
@@ -22,7 +23,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from serve_app.config import ModelEntry
-from serve_app.engine.types import MAX_OPENAI_PENALTY, MAX_REPETITION_PENALTY, RequestRejected, SamplingParams
+from serve_app.engine.types import (MAX_LOGPROBS, MAX_OPENAI_PENALTY, MAX_REPETITION_PENALTY, RequestRejected,
+                                    SamplingParams)
 from serve_app.errors import ApiError
 
 MAX_STOP = 4  # as OpenAI
@@ -122,8 +124,9 @@ class StreamOptions(_Body):
 class CompletionRequest(_Request):
     """POST /v1/completions, the OpenAI legacy completions body.
 
-    Parameters OpenAI defines but Quill does not implement are accepted only at their neutral
-    value, so clients that always send them (as some SDKs do) keep working, and clients that
+    `logprobs` (0-5) adds each token's log-probability and its likeliest alternatives to the
+    choices (OpenAI's shape; docs/api.md). Parameters OpenAI defines but Quill does not
+    implement are accepted only at their neutral value, so clients that always send them (as some SDKs do) keep working, and clients that
     rely on them get a clear 400 instead of a quietly different answer.
     """
 
@@ -136,7 +139,7 @@ class CompletionRequest(_Request):
     stream_options: StreamOptions | None = None
     user: str | None = None
     echo: Literal[False] = False
-    logprobs: None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     best_of: int | None = None
     suffix: None = None
     logit_bias: dict[str, float] | None = None
@@ -157,7 +160,7 @@ class CompletionRequest(_Request):
         if len(self.prompts) > entry.limits.max_prompts:
             raise RequestRejected(f"{len(self.prompts)} prompts exceed this model's limit of "
                                   f"{entry.limits.max_prompts} prompts per request (limits.max_prompts)")
-        return super().to_sampling(entry)
+        return dataclasses.replace(super().to_sampling(entry), logprobs=self.logprobs)
 
     @field_validator("logit_bias")
     @classmethod
@@ -284,7 +287,7 @@ def invalid_fields(errors: list[dict]) -> str:
 
 
 # OpenAI parameters accepted only at their neutral value (see CompletionRequest).
-_UNSUPPORTED = {"echo", "logprobs", "suffix"}
+_UNSUPPORTED = {"echo", "suffix"}
 
 
 def _known_parameters() -> set[str]:

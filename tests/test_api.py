@@ -133,7 +133,7 @@ def test_a_coalesced_sse_stream_carries_every_token_in_order_then_finish_and_usa
         ({"model": "tiny-a", "prompt": "x", "n": 5}, 400, "invalid_request_error", "limit of 4"),
         ({"model": "tiny-a", "prompt": "x", "top_p": 0}, 400, "invalid_request_error", "top_p"),
         ({"model": "tiny-a", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "invalid_request_error", "at most 4"),
-        ({"model": "tiny-a", "prompt": "x", "logprobs": 2}, 400, "invalid_request_error", "logprobs"),
+        ({"model": "tiny-a", "prompt": "x", "logprobs": 6}, 400, "invalid_request_error", "logprobs"),
         ({"model": "tiny-a", "prompt": ["a"] * 6}, 400, "invalid_request_error", "limit of 5 prompts"),
         ({"model": "tiny-a", "prompt": "word " * 100}, 400, "invalid_request_error", "prompt"),
         ({"prompt": "x"}, 400, "invalid_request_error", "model"),
@@ -209,6 +209,29 @@ def test_a_batch_of_prompts_answers_each_prompt_as_its_own_request_would(app_cli
         reasons[choice["index"]] = choice["finish_reason"]
     assert texts == [c["text"] for c in batch["choices"]] and reasons == ["length"] * 4
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == batch["usage"]
+
+
+def test_logprobs_come_with_every_token_in_openais_shape_streamed_or_whole(app_client):
+    ask = {"model": "tiny-a", "prompt": "The court held that", "max_tokens": 6, "temperature": 0, "logprobs": 2}
+    whole = app_client.post("/v1/completions", json=ask).json()
+    (choice,) = whole["choices"]
+    lp = choice["logprobs"]
+    assert set(lp) == {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 6
+    for token, logprob, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+        assert len(top) == 2 and logprob <= 0
+        assert top[token] == logprob == max(top.values())  # greedy: the chosen token is the likeliest
+    assert lp["text_offset"] == sorted(lp["text_offset"]) and lp["text_offset"][0] == 0
+
+    r = app_client.post("/v1/completions", json={**ask, "stream": True})
+    streamed = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for _, data in sse_events(r.text)[:-1]:
+        for key, values in json.loads(data)["choices"][0]["logprobs"].items():
+            streamed[key] += values
+    assert streamed == lp
+
+    plain = app_client.post("/v1/completions", json={**ask, "logprobs": None}).json()
+    assert plain["choices"][0]["logprobs"] is None and plain["choices"][0]["text"] == choice["text"]
 
 
 def test_a_batch_with_one_refused_prompt_is_refused_whole(app_client):

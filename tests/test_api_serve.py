@@ -155,6 +155,13 @@ def test_the_openai_client_sends_a_batch_of_prompts(client):
     assert texts == [c.text for c in whole.choices]
 
 
+def test_the_openai_client_reads_logprobs(client):
+    r = client.completions.create(model="tiny-a", prompt=_prompt(), max_tokens=4, temperature=0, logprobs=1)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 4
+    assert all(top == {token: value} for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs))
+
+
 def test_stop(client):
     prompt = _prompt()
     full = client.completions.create(model="tiny-a", prompt=prompt, max_tokens=24, seed=3, temperature=0).choices[0].text

@@ -113,6 +113,51 @@ def test_greedy_single_request_matches_transformers(checkpoint, hf):
     assert reasons[("a", 0)] == "length"
 
 
+def test_logprobs_are_transformers_log_softmax_of_each_chosen_token_and_its_likeliest(checkpoint, hf):
+    """With `logprobs` k: each token's log-probability under the model (transformers' own logits,
+    log-softmaxed) and the k likeliest tokens, likeliest first; a request beside it without
+    logprobs gets none, and sampling with a temperature does not change what is reported."""
+    model, tok = hf
+    engine = make_engine(checkpoint)
+    deltas: dict[str, list[Delta]] = {}
+    for r in (GenerationRequest(PROMPTS[0], greedy(6, logprobs=3), "lp"),
+              GenerationRequest(PROMPTS[0], SamplingParams(max_tokens=6, temperature=1.5, seed=3, logprobs=0), "hot"),
+              GenerationRequest(PROMPTS[1], greedy(6), "plain")):
+        engine.add(r)
+    while engine.has_work:
+        for d in engine.step():
+            deltas.setdefault(d.request_id, []).append(d)
+    assert all(not d.logprobs for d in deltas["plain"])
+    token_bytes = token_bytes_table(tok)
+
+    def text(token: int) -> str:  # a token that is part of a character is written as OpenAI writes it
+        raw = token_bytes[token]
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+    for rid, k in (("lp", 3), ("hot", 0)):
+        ids = [t for d in deltas[rid] for t in d.token_ids]
+        lps = [lp for d in deltas[rid] for lp in d.logprobs]
+        assert len(lps) == len(ids) == 6
+        prompt_ids = tok(PROMPTS[0]).input_ids
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt_ids + ids])).logits[0, len(prompt_ids) - 1 : -1]
+        expected = torch.log_softmax(logits.float(), dim=-1)
+        for step, (token, lp) in enumerate(zip(ids, lps)):
+            assert lp.token == text(token)
+            assert lp.logprob == pytest.approx(float(expected[step, token]), abs=1e-4)
+            assert len(lp.top) == k
+            top_ids = expected[step].topk(k).indices.tolist() if k else []
+            assert [t for t, _ in lp.top] == [text(i) for i in top_ids]
+            assert [p for _, p in lp.top] == pytest.approx([float(expected[step, i]) for i in top_ids], abs=1e-4)
+        if rid == "lp":  # greedy: the chosen token is the likeliest
+            assert all(lp.top[0] == (lp.token, lp.logprob) for lp in lps)
+    partial = next(t for t in range(len(token_bytes)) if text(t).startswith("bytes:"))  # e.g. half of "—"
+    assert engine._token_text(partial) == text(partial) and "\\x" in text(partial)
+
+
 def test_greedy_batch_of_different_lengths_joining_mid_flight(checkpoint, hf):
     engine = make_engine(checkpoint)
     first = [GenerationRequest(p, greedy(20), f"r{i}") for i, p in enumerate(PROMPTS[:2])]

@@ -43,6 +43,7 @@ from serve_app.engine.types import (
     GenerationRequest,
     RequestRejected,
     SamplingParams,
+    TokenLogprob,
 )
 
 log = logging.getLogger("quill.engine")
@@ -76,6 +77,7 @@ class _Sequence:
     next_token: int = -1  # sampled, not yet run through the model
     generated: int = 0
     finish_reason: FinishReason | None = None
+    logprob: TokenLogprob | None = None  # of next_token, for a request that asks for logprobs
 
     @property
     def params(self) -> SamplingParams:
@@ -305,7 +307,29 @@ class Engine:
         tokens = sample(logits, [s.row() for s in seqs])
         if guarded:
             self.token_history.record(slots, [tokens[i] for i in guarded])
+        wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        if wanted:
+            self._note_logprobs(logits, [seqs[i] for i in wanted], wanted, [tokens[i] for i in wanted])
         return tokens
+
+    def _note_logprobs(self, logits: torch.Tensor, seqs: list[_Sequence], rows: list[int], tokens: list[int]) -> None:
+        """Each row's chosen token's log-probability and its likeliest alternatives, kept on
+        the sequence for its delta. Only rows that ask pay for the log-softmax."""
+        logp = torch.log_softmax(logits[rows].float(), dim=-1)
+        chosen = logp.gather(1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
+        k = max(s.params.logprobs for s in seqs)
+        top_p, top_i = logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long())
+        top_p, top_i = top_p.tolist(), top_i.tolist()
+        for j, seq in enumerate(seqs):
+            top = tuple((self._token_text(t), p) for t, p in zip(top_i[j], top_p[j]))[: seq.params.logprobs]
+            seq.logprob = TokenLogprob(self._token_text(tokens[j]), chosen[j], top)
+
+    def _token_text(self, token: int) -> str:
+        raw = self._token_bytes[token]
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:  # part of a character: OpenAI's way of writing the bytes
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
     def _advance(self, seq: _Sequence, token: int) -> Delta:
         """Account for one sampled token: text, stop conditions, the delta to send."""
@@ -322,9 +346,10 @@ class Engine:
             elif seq.generated >= params.max_tokens:
                 seq.finish_reason = "length"
                 text += seq.stream.finish()
+        logprobs = (seq.logprob,) if seq.logprob is not None else ()
         return Delta(
             seq.owner.id, seq.index, text, (token,), seq.finish_reason,
-            len(seq.owner.prompt_ids), seq.generated, cached_tokens=seq.owner.cached,
+            len(seq.owner.prompt_ids), seq.generated, cached_tokens=seq.owner.cached, logprobs=logprobs,
         )
 
     def _release_finished(self) -> None:

@@ -18,6 +18,7 @@ FinishReason = Literal["stop", "length", "cancelled", "error"]
 # so that a typo such as 120 for 1.2 is refused rather than served as a wall against every seen token.
 MAX_OPENAI_PENALTY = 2.0
 MAX_REPETITION_PENALTY = 10.0
+MAX_LOGPROBS = 5  # alternatives per token, as OpenAI's completions allow
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,10 @@ class SamplingParams:
     # HF's and vLLM's, over the prompt's tokens and the generated ones: a seen token's logit is
     # divided by it when positive, multiplied by it when negative. 1 turns it off.
     repetition_penalty: float = 1.0
+    # With each token, its log-probability and those of the `logprobs` likeliest tokens (0: the
+    # chosen token's alone); None: none. From the distribution sampling starts from: the model's,
+    # after the repetition guards, before temperature, top-k and top-p (docs/api.md).
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         # Values the engine cannot act on are refused here, so every caller gets the same
@@ -66,6 +71,8 @@ class SamplingParams:
                 raise RequestRejected(f"{name} must be in [-{MAX_OPENAI_PENALTY:g}, {MAX_OPENAI_PENALTY:g}]")
         if not 0 < self.repetition_penalty <= MAX_REPETITION_PENALTY:
             raise RequestRejected(f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}] (1 turns it off)")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise RequestRejected(f"logprobs must be in [0, {MAX_LOGPROBS}]")
 
     @property
     def greedy(self) -> bool:
@@ -87,6 +94,17 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token as text, its log-probability, and the likeliest tokens at its step
+    (a request's `logprobs` of them, likeliest first). A token that is not whole UTF-8 on its
+    own is written as OpenAI writes it: `bytes:\\xe2\\x80`."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class Delta:
     """What one choice of one request produced in one engine step.
 
@@ -103,6 +121,7 @@ class Delta:
     completion_tokens: int = 0  # generated so far for this choice
     error: str | None = None
     cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token in token_ids, if the request asked
 
     @property
     def finished(self) -> bool:
