@@ -114,6 +114,7 @@ class _Request(_Body):
             stop=tuple(self.stop or ()),
             seed=self.seed,
             truncate_prompt_tokens=truncate,
+            fit_max_tokens=self.max_tokens is None,
         )
 
 

@@ -14,6 +14,7 @@ from serve_app.config import parse_registry
 from serve_app.engine.types import Delta
 from serve_app.ingress import LocalBackend, Service, create_app
 from serve_app.model_server import ModelServer
+from tests.conftest import save_tiny_gpt2
 
 
 @pytest.fixture(scope="module")
@@ -232,6 +233,24 @@ def test_logprobs_come_with_every_token_in_openais_shape_streamed_or_whole(app_c
 
     plain = app_client.post("/v1/completions", json={**ask, "logprobs": None}).json()
     assert plain["choices"][0]["logprobs"] is None and plain["choices"][0]["text"] == choice["text"]
+
+
+def test_a_model_with_a_short_context_answers_a_request_without_max_tokens_with_what_fits(tmp_path):
+    """A checkpoint of 32 positions under a registry entry with the defaults (64 tokens): a long
+    prompt without max_tokens gets the tokens that fit, finish_reason "length", not a 400."""
+    entry = {"name": "short", "source": str(save_tiny_gpt2(tmp_path / "short", n_positions=32)), "cpus_per_replica": 0.5}
+    registry = parse_registry({"models": [entry]}, None)
+    server = ModelServer(registry.models[0])
+    try:
+        with TestClient(create_app(Service(registry, {"short": LocalBackend(server)}))) as client:
+            prompt = list(range(1000, 1028))  # 28 tokens
+            r = client.post("/v1/completions", json={"model": "short", "prompt": prompt, "temperature": 0})
+            assert r.status_code == 200, r.text
+            assert r.json()["usage"]["completion_tokens"] == 4 and r.json()["choices"][0]["finish_reason"] == "length"
+            asked = client.post("/v1/completions", json={"model": "short", "prompt": prompt, "max_tokens": 10})
+            assert asked.status_code == 400 and "context of 32 tokens" in asked.json()["error"]["message"]
+    finally:
+        server.shutdown()
 
 
 def test_a_batch_with_one_refused_prompt_is_refused_whole(app_client):

@@ -330,6 +330,19 @@ def test_limits_refuse_oversized_requests_with_a_reason(checkpoint, request_, me
     assert not engine.has_work
 
 
+def test_a_default_max_tokens_is_cut_to_the_room_the_prompt_leaves(checkpoint):
+    """A client that sent no max_tokens gets what fits in the context ("length"), not a 400; one
+    that asked for more than fits is still refused, and a prompt that fills the context too."""
+    engine = make_engine(checkpoint, max_prompt_tokens=200, max_tokens=64, max_seq_len=96)
+    prompt = engine.tokenizer.encode("word " * 90)[:90]
+    tokens, _, reasons = run(engine, [GenerationRequest(prompt, greedy(60, fit_max_tokens=True), "fit")])
+    assert len(tokens[("fit", 0)]) == 6 and reasons[("fit", 0)] == "length"
+    with pytest.raises(RequestRejected, match="context of 96 tokens"):
+        engine.add(GenerationRequest(prompt, greedy(60)))
+    with pytest.raises(RequestRejected, match="leave no room to generate"):
+        engine.add(GenerationRequest(prompt + prompt[:6], greedy(60, fit_max_tokens=True)))
+
+
 def test_bad_sampling_values_are_refused():
     with pytest.raises(RequestRejected, match="temperature"):
         SamplingParams(temperature=-1)

@@ -25,7 +25,7 @@ import logging
 import random
 import threading
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -150,7 +150,14 @@ class Engine:
                     f"{self.config.max_waiting} requests are already waiting; try again shortly"
                 )
             self._live_ids.add(request.request_id)
-            self._inbox.append(_Request(request, prompt_ids))
+            self._inbox.append(_Request(self._fitted(request, len(prompt_ids)), prompt_ids))
+
+    def _fitted(self, request: GenerationRequest, prompt_len: int) -> GenerationRequest:
+        """A default max_tokens cut to the room the prompt leaves (SamplingParams.fit_max_tokens)."""
+        room, p = self.max_seq_len - prompt_len, request.params
+        if p.fit_max_tokens and p.max_tokens > room:
+            return replace(request, params=replace(p, max_tokens=room))
+        return request
 
     def cancel(self, request_id: str) -> None:
         """Stop a request; its slots are free for others at the next step."""
@@ -443,7 +450,12 @@ class Engine:
             raise RequestRejected(f"max_tokens is {p.max_tokens}; this model allows at most {c.max_tokens}")
         if p.n > min(c.max_n, c.max_batch_size):
             raise RequestRejected(f"n is {p.n}; this model allows at most {min(c.max_n, c.max_batch_size)}")
-        if len(prompt_ids) + p.max_tokens > self.max_seq_len:
+        if len(prompt_ids) >= self.max_seq_len:
+            raise RequestRejected(
+                f"the prompt has {len(prompt_ids)} tokens, which fill this model's context of "
+                f"{self.max_seq_len} tokens and leave no room to generate; shorten the prompt"
+            )
+        if len(prompt_ids) + p.max_tokens > self.max_seq_len and not p.fit_max_tokens:
             raise RequestRejected(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({p.max_tokens}) exceeds this "
                 f"model's context of {self.max_seq_len} tokens; lower max_tokens or shorten the prompt"

@@ -43,6 +43,10 @@ class SamplingParams:
     # chosen token's alone); None: none. From the distribution sampling starts from: the model's,
     # after the repetition guards, before temperature, top-k and top-p (docs/api.md).
     logprobs: int | None = None
+    # max_tokens is the model's default, not the client's: where the prompt leaves less room
+    # in the context, generate what fits (finish_reason "length") instead of refusing, as a
+    # client that never asked for a length expects.
+    fit_max_tokens: bool = False
 
     def __post_init__(self) -> None:
         # Values the engine cannot act on are refused here, so every caller gets the same
