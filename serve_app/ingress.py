@@ -136,15 +136,21 @@ class Service:
         cancelled and that error is raised, so a batch is answered whole or not at all."""
         if len(prompts) == 1:
             return await self.open_stream(model, prompts[0], body, use_cache)
-        opened = await asyncio.gather(*(self.open_stream(model, p, body, use_cache) for p in prompts),
-                                      return_exceptions=True)
-        failed = [r for r in opened if isinstance(r, BaseException)]
-        if failed:
-            for r in opened:
-                if not isinstance(r, BaseException):
-                    await r.aclose()
-            raise failed[0]
-        return _merged(opened, body.n)
+        opening = [asyncio.ensure_future(self.open_stream(model, p, body, use_cache)) for p in prompts]
+        try:
+            await asyncio.gather(*opening, return_exceptions=True)
+            failed = next((t.exception() for t in opening if t.exception() is not None), None)
+            if failed is not None:
+                raise failed
+        except BaseException:  # a refused prompt, or this request cancelled (its client gone)
+            for task in opening:
+                task.cancel()
+            await asyncio.gather(*opening, return_exceptions=True)
+            for task in opening:
+                if not task.cancelled() and task.exception() is None:
+                    await task.result().aclose()
+            raise
+        return _merged([t.result() for t in opening], body.n)
 
     async def readiness(self) -> dict[str, bool]:
         # Asked afresh each time, so a model whose replicas are lost (a dead node) turns unready
