@@ -231,6 +231,10 @@ def test_logprobs_come_with_every_token_in_openais_shape_streamed_or_whole(app_c
             streamed[key] += values
     assert streamed == lp
 
+    sampled = app_client.post("/v1/completions", json={**ask, "temperature": 5.0, "seed": 1, "logprobs": 0}).json()
+    slp = sampled["choices"][0]["logprobs"]  # with 0: the chosen token alone, as OpenAI answers
+    assert slp["top_logprobs"] == [{t: v} for t, v in zip(slp["tokens"], slp["token_logprobs"])]
+
     plain = app_client.post("/v1/completions", json={**ask, "logprobs": None}).json()
     assert plain["choices"][0]["logprobs"] is None and plain["choices"][0]["text"] == choice["text"]
 
