@@ -139,7 +139,7 @@ class CompletionRequest(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    echo: Literal[False] = False
+    echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     best_of: int | None = None
     suffix: None = None
@@ -158,10 +158,15 @@ class CompletionRequest(_Request):
         return list(self.prompt) if _is_batch(self.prompt) else [self.prompt]
 
     def to_sampling(self, entry: ModelEntry) -> SamplingParams:
+        if self.echo and self.logprobs is not None:
+            # OpenAI then scores the prompt's tokens too; the engine computes logits only where
+            # it samples.
+            raise RequestRejected("echo with logprobs is not supported (Quill does not score prompt "
+                                  "tokens); send one of them")
         if len(self.prompts) > entry.limits.max_prompts:
             raise RequestRejected(f"{len(self.prompts)} prompts exceed this model's limit of "
                                   f"{entry.limits.max_prompts} prompts per request (limits.max_prompts)")
-        return dataclasses.replace(super().to_sampling(entry), logprobs=self.logprobs)
+        return dataclasses.replace(super().to_sampling(entry), logprobs=self.logprobs, echo=self.echo)
 
     @field_validator("logit_bias")
     @classmethod
@@ -288,7 +293,7 @@ def invalid_fields(errors: list[dict]) -> str:
 
 
 # OpenAI parameters accepted only at their neutral value (see CompletionRequest).
-_UNSUPPORTED = {"echo", "suffix"}
+_UNSUPPORTED = {"suffix"}
 
 
 def _known_parameters() -> set[str]:

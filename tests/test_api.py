@@ -257,6 +257,22 @@ def test_a_model_with_a_short_context_answers_a_request_without_max_tokens_with_
         server.shutdown()
 
 
+def test_echo_returns_the_prompt_before_each_choice_streamed_or_whole(app_client):
+    ask = {"model": "tiny-a", "prompt": "The court held that", "max_tokens": 4, "seed": 9, "n": 2}
+    plain = app_client.post("/v1/completions", json=ask).json()
+    echoed = app_client.post("/v1/completions", json={**ask, "echo": True}).json()
+    assert [c["text"] for c in echoed["choices"]] == ["The court held that" + c["text"] for c in plain["choices"]]
+    assert echoed["usage"] == plain["usage"]
+    r = app_client.post("/v1/completions", json={**ask, "echo": True, "stream": True})
+    texts = ["", ""]
+    for _, data in sse_events(r.text)[:-1]:
+        choice = json.loads(data)["choices"][0]
+        texts[choice["index"]] += choice["text"]
+    assert texts == [c["text"] for c in echoed["choices"]]
+    both = app_client.post("/v1/completions", json={**ask, "echo": True, "logprobs": 1})
+    assert both.status_code == 400 and "echo with logprobs is not supported" in both.json()["error"]["message"]
+
+
 def test_a_batch_with_one_refused_prompt_is_refused_whole(app_client):
     r = app_client.post("/v1/completions", json={"model": "tiny-a", "prompt": ["Hi", "word " * 100], "max_tokens": 3})
     assert r.status_code == 400 and "at most 64" in r.json()["error"]["message"]

@@ -158,6 +158,22 @@ def test_logprobs_are_transformers_log_softmax_of_each_chosen_token_and_its_like
     assert engine._token_text(partial) == text(partial) and "\\x" in text(partial)
 
 
+def test_echo_starts_each_choice_with_the_prompt_the_model_read(checkpoint):
+    engine = make_engine(checkpoint)
+    ids = engine.tokenizer.encode(PROMPTS[1])
+    _, texts, _ = run(engine, [
+        GenerationRequest(PROMPTS[1], greedy(5), "plain"),
+        GenerationRequest(PROMPTS[1], greedy(5, echo=True, n=2), "text"),
+        GenerationRequest(ids, greedy(5, echo=True), "ids"),
+        GenerationRequest(PROMPTS[1], greedy(5, echo=True, truncate_prompt_tokens=4), "cut"),
+        GenerationRequest("", greedy(5, echo=True), "empty"),
+    ])
+    plain = texts[("plain", 0)]
+    assert texts[("text", 0)] == texts[("text", 1)] == texts[("ids", 0)] == PROMPTS[1] + plain
+    assert texts[("cut", 0)].startswith(engine.tokenizer.decode(ids[-4:])) and not texts[("cut", 0)].startswith(PROMPTS[1])
+    assert not texts[("empty", 0)].startswith("<|endoftext|>")  # the model reads "" as end-of-text; echo gives ""
+
+
 def test_greedy_batch_of_different_lengths_joining_mid_flight(checkpoint, hf):
     engine = make_engine(checkpoint)
     first = [GenerationRequest(p, greedy(20), f"r{i}") for i, p in enumerate(PROMPTS[:2])]

@@ -331,6 +331,14 @@ class Engine:
             top = tuple((self._token_text(t), p) for t, p in zip(top_i[j], top_p[j]))[: seq.params.logprobs]
             seq.logprob = TokenLogprob(self._token_text(tokens[j]), chosen[j], top)
 
+    def _echoed(self, req: _Request) -> str:
+        """The prompt as `echo` returns it: the client's text where the model read all of it
+        (an empty one too, which the model reads as end-of-text), else the tokens it read."""
+        prompt = req.request.prompt
+        if isinstance(prompt, str) and req.request.params.truncate_prompt_tokens is None:
+            return prompt
+        return self.tokenizer.decode(req.prompt_ids)
+
     def _token_text(self, token: int) -> str:
         raw = self._token_bytes[token]
         try:
@@ -353,6 +361,8 @@ class Engine:
             elif seq.generated >= params.max_tokens:
                 seq.finish_reason = "length"
                 text += seq.stream.finish()
+        if seq.generated == 1 and params.echo:
+            text = self._echoed(seq.owner) + text
         logprobs = (seq.logprob,) if seq.logprob is not None else ()
         return Delta(
             seq.owner.id, seq.index, text, (token,), seq.finish_reason,

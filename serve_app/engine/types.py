@@ -47,6 +47,9 @@ class SamplingParams:
     # in the context, generate what fits (finish_reason "length") instead of refusing, as a
     # client that never asked for a length expects.
     fit_max_tokens: bool = False
+    # Each choice's text starts with the prompt (OpenAI's `echo`), as the model read it: after
+    # truncate_prompt_tokens, decoded from its tokens.
+    echo: bool = False
 
     def __post_init__(self) -> None:
         # Values the engine cannot act on are refused here, so every caller gets the same
