@@ -239,12 +239,14 @@ def test_logprobs_come_with_every_token_in_openais_shape_streamed_or_whole(app_c
     assert plain["choices"][0]["logprobs"] is None and plain["choices"][0]["text"] == choice["text"]
 
 
-def test_a_model_with_a_short_context_answers_a_request_without_max_tokens_with_what_fits(tmp_path):
+def test_a_model_with_a_short_context_answers_a_request_without_max_tokens_with_what_fits(tmp_path, caplog):
     """A checkpoint of 32 positions under a registry entry with the defaults (64 tokens): a long
-    prompt without max_tokens gets the tokens that fit, finish_reason "length", not a 400."""
+    prompt without max_tokens gets the tokens that fit, finish_reason "length", not a 400; the
+    replica's log says the registry's prompt limit is beyond the model's positions."""
     entry = {"name": "short", "source": str(save_tiny_gpt2(tmp_path / "short", n_positions=32)), "cpus_per_replica": 0.5}
     registry = parse_registry({"models": [entry]}, None)
     server = ModelServer(registry.models[0])
+    assert "has 32 positions" in caplog.text and "limits.max_prompt_tokens is 768" in caplog.text
     try:
         with TestClient(create_app(Service(registry, {"short": LocalBackend(server)}))) as client:
             prompt = list(range(1000, 1028))  # 28 tokens

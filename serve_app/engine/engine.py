@@ -104,6 +104,13 @@ class Engine:
                                   f"vocabulary has {model.config.vocab_size}; pair the model with the tokenizer "
                                   "it was trained with")
         self.max_seq_len = min(config.max_seq_len, model.config.n_positions)
+        positions = model.config.n_positions
+        if positions < config.max_seq_len and config.max_prompt_tokens >= positions:
+            # The registry checked its limits against engine.max_seq_len; the checkpoint's own
+            # positions are fewer. Served anyway: a request that fits is answered.
+            log.warning("%s has %d positions (fewer than engine.max_seq_len, %d): prompts of %d tokens or more "
+                        "are refused although limits.max_prompt_tokens is %d", config.source, positions,
+                        config.max_seq_len, positions, config.max_prompt_tokens)
         self.runner = GPT2Runner(model, config.max_batch_size, self.max_seq_len,
                                  max_rows=config.max_batch_size + config.max_prefill_tokens)
         self.prefix_cache = (
