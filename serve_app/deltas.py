@@ -43,6 +43,10 @@ class Accumulator:
             self.add(d)
         return self
 
+    def logprobs_of(self, d: Delta) -> list[tuple[int, TokenLogprob]]:
+        """The (text offset, logprob) entries of a delta already added: its own tokens'."""
+        return self.logprobs[d.index][-len(d.logprobs):] if d.logprobs else []
+
     @property
     def prompt_tokens(self) -> int:
         return sum(self.prompts.values())

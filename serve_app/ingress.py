@@ -250,12 +250,13 @@ async def _collect(stream: AsyncIterator[list[Delta]], choices_per_prompt: int =
 
 def _sse_response(
     stream: AsyncIterator[list[Delta]],
-    frame_delta: Callable[[Delta, int], str],
+    frame_delta: Callable[[Delta, Accumulator], str],
     frame_end: Callable[[Accumulator], str | None],
     choices_per_prompt: int = 0,
 ) -> StreamingResponse:
-    """Server-sent events: one frame per delta with text, an end frame, then [DONE]. A failure
-    mid-stream becomes an error event before [DONE], so the client always learns how it ended.
+    """Server-sent events: one frame per delta with text (or logprobs), framed once the delta
+    is folded into the answer so far, an end frame, then [DONE]. A failure mid-stream becomes
+    an error event before [DONE], so the client always learns how it ended.
 
     The frames of deltas that arrived together are written as one body chunk: each chunk is an
     ASGI message that Ray Serve carries from this replica to its proxy, so fewer, larger chunks
@@ -270,14 +271,13 @@ def _sse_response(
                 async for batch in stream:
                     frames = []
                     for d in batch:
-                        at = len(acc.texts.get(d.index, ""))  # where this delta's text starts in its choice
                         acc.add(d)
                         if acc.error:
                             frames.append(_sse_error(acc.error))
                             failed = True
                             break
                         if d.text or d.finish_reason or d.logprobs:
-                            frames.append(frame_delta(d, at))
+                            frames.append(frame_delta(d, acc))
                     if frames:
                         yield "".join(frames)
                     if failed:
@@ -381,9 +381,9 @@ def create_app(service: Service, security: SecuritySettings | None = None) -> Fa
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return _sse_response(
             stream,
-            lambda d, at: _sse(chunk([{
+            lambda d, acc: _sse(chunk([{
                 "text": d.text, "index": d.index, "finish_reason": d.finish_reason,
-                "logprobs": _openai_logprobs([(at, lp) for lp in d.logprobs] if body.logprobs is not None else None),
+                "logprobs": _openai_logprobs(acc.logprobs_of(d) if body.logprobs is not None else None),
             }])),
             # as OpenAI: with include_usage, a last chunk with no choices
             lambda acc: _sse(chunk([], usage=acc.usage())) if include_usage else None,

@@ -126,8 +126,9 @@ class CompletionRequest(_Request):
     """POST /v1/completions, the OpenAI legacy completions body.
 
     `logprobs` (0-5) adds each token's log-probability and its likeliest alternatives to the
-    choices (OpenAI's shape; docs/api.md). Parameters OpenAI defines but Quill does not
-    implement are accepted only at their neutral value, so clients that always send them (as some SDKs do) keep working, and clients that
+    choices, `echo` puts the prompt before each choice's text (OpenAI's shapes; docs/api.md).
+    Parameters OpenAI defines but Quill does not implement are accepted only at their neutral
+    value, so clients that always send them (as some SDKs do) keep working, and clients that
     rely on them get a clear 400 instead of a quietly different answer.
     """
 
