@@ -6,6 +6,7 @@ protocol); tests/test_api_serve.py drives the same routes through `quill serve` 
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 from starlette.testclient import TestClient
@@ -273,6 +274,60 @@ def test_echo_returns_the_prompt_before_each_choice_streamed_or_whole(app_client
     assert texts == [c["text"] for c in echoed["choices"]]
     both = app_client.post("/v1/completions", json={**ask, "echo": True, "logprobs": 1})
     assert both.status_code == 400 and "echo with logprobs is not supported" in both.json()["error"]["message"]
+
+
+def test_any_mix_of_completion_options_streams_exactly_what_the_whole_answer_holds(app_client):
+    """Thirty seeded requests mixing batches, n, stop strings, logprobs, echo, truncation and a
+    guard, on text with emoji and CJK or on token ids: the streamed choices (text, logprobs,
+    usage) are the whole answer's, and every choice p * n + i is there."""
+    rng = random.Random(0)
+    words = ["the", " court", "é", "😀", "写", " ", "\n", " held", " that", "—"]
+
+    def prompt(text: bool):
+        if text:
+            return "".join(rng.choice(words) for _ in range(rng.randint(0, 20)))
+        return [rng.randrange(50257) for _ in range(rng.randint(1, 20))]
+
+    for _ in range(30):
+        text = rng.random() < 0.5  # a batch holds prompts of one kind, as OpenAI's schema says
+        prompts = [prompt(text) for _ in range(rng.choice([1, 1, 2, 3]))]
+        body = {"model": "tiny-a", "prompt": prompts if len(prompts) > 1 or rng.random() < 0.3 else prompts[0],
+                "seed": rng.randrange(1000), "n": rng.randint(1, 3), "temperature": rng.choice([0, 0.7, 1.5])}
+        for key, chance, value in (("max_tokens", 0.6, lambda: rng.randint(1, 16)),
+                                   ("stop", 0.4, lambda: rng.sample(words, rng.randint(1, 3))),
+                                   ("truncate_prompt_tokens", 0.3, lambda: rng.randint(1, 20)),
+                                   ("frequency_penalty", 0.3, lambda: 1.0)):
+            if rng.random() < chance:
+                body[key] = value()
+        body.update(rng.choice([{}, {}, {"logprobs": rng.randint(0, 5)}, {"echo": True}]))
+        fresh = {"Cache-Control": "no-cache"}
+        whole = app_client.post("/v1/completions", json=body, headers=fresh)
+        assert whole.status_code == 200, (whole.text, body)
+        whole = whole.json()
+        total = len(prompts) * body["n"]
+        assert [c["index"] for c in whole["choices"]] == list(range(total)), body
+        r = app_client.post("/v1/completions", json={**body, "stream": True, "stream_options": {"include_usage": True}},
+                            headers=fresh)
+        texts, logprobs, usage = [""] * total, [[] for _ in range(total)], None
+        for event, data in sse_events(r.text)[:-1]:
+            assert event is None, (data, body)
+            chunk = json.loads(data)
+            if not chunk["choices"]:
+                usage = chunk["usage"]
+                continue
+            (choice,) = chunk["choices"]
+            texts[choice["index"]] += choice["text"]
+            logprobs[choice["index"]] += (choice["logprobs"] or {}).get("token_logprobs", [])
+        assert texts == [c["text"] for c in whole["choices"]], body
+        # the second request may find the prompt in the prefix cache: its count differs, nothing else
+        assert {**usage, "prompt_tokens_details": None} == {**whole["usage"], "prompt_tokens_details": None}, body
+        expected = [(c["logprobs"] or {}).get("token_logprobs", []) for c in whole["choices"]]
+        assert [len(a) for a in logprobs] == [len(a) for a in expected], body
+        assert all(a == pytest.approx(b, abs=1e-3) for a, b in zip(logprobs, expected)), body  # cached keys round differently
+        if body.get("echo") and "truncate_prompt_tokens" not in body:
+            for i, c in enumerate(whole["choices"]):
+                sent = prompts[i // body["n"]]
+                assert isinstance(sent, list) or c["text"].startswith(sent), body
 
 
 def test_a_batch_with_one_refused_prompt_is_refused_whole(app_client):
