@@ -5,6 +5,8 @@ stream the same way, through an `Accumulator`.
 """
 from __future__ import annotations
 
+import codecs
+import re
 from dataclasses import dataclass, field
 
 from serve_app.engine.types import Delta, TokenLogprob
@@ -27,7 +29,7 @@ class Accumulator:
     def add(self, d: Delta) -> None:
         if d.logprobs:
             at = len(self.texts.get(d.index, ""))
-            self.logprobs.setdefault(d.index, []).extend((at, lp) for lp in d.logprobs)
+            self.logprobs.setdefault(d.index, []).extend(zip(_offsets(at, d.logprobs), d.logprobs))
         self.texts[d.index] = self.texts.get(d.index, "") + d.text
         self.completion[d.index] = max(self.completion.get(d.index, 0), d.completion_tokens)
         p = d.index // self.choices_per_prompt if self.choices_per_prompt else 0
@@ -73,3 +75,22 @@ class Accumulator:
         # prompt_tokens_details.cached_tokens is OpenAI's own field for prompt-cache hits.
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": done, "total_tokens": self.prompt_tokens + done,
                 "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
+
+
+_BYTES = re.compile(r"bytes:((?:\\x[0-9a-f]{2})+)")
+
+
+def _offsets(at: int, logprobs: tuple[TokenLogprob, ...]) -> list[int]:
+    """Where each token's text starts in its choice's text: a generated token at its delta's
+    start (`at`); the tokens of an echoed prompt, which arrive in one delta, one after the other,
+    counted as their bytes decode (the tokens of a character split across tokens all start
+    where it does)."""
+    if len(logprobs) == 1:
+        return [at]
+    decoder, offsets = codecs.getincrementaldecoder("utf-8")("replace"), []
+    for lp in logprobs:
+        offsets.append(at)
+        split = _BYTES.fullmatch(lp.token)
+        raw = bytes.fromhex(split[1].replace("\\x", "")) if split else lp.token.encode("utf-8")
+        at += len(decoder.decode(raw))
+    return offsets

@@ -198,8 +198,9 @@ def _openai_logprobs(tokens: list[tuple[int, TokenLogprob]] | None) -> dict | No
     return {
         "tokens": [lp.token for _, lp in tokens],
         "token_logprobs": [lp.logprob for _, lp in tokens],
-        # OpenAI's: the k likeliest and, if not among them, the chosen token (k + 1 at most)
-        "top_logprobs": [{**dict(lp.top), lp.token: lp.logprob} for _, lp in tokens],
+        # OpenAI's: the k likeliest and, if not among them, the chosen token (k + 1 at most);
+        # null for a prompt's first token, as its log-probability
+        "top_logprobs": [None if lp.logprob is None else {**dict(lp.top), lp.token: lp.logprob} for _, lp in tokens],
         "text_offset": [at for at, _ in tokens],
     }
 

@@ -12,7 +12,6 @@ field, and echo at most a short piece of what the client sent.
 """
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import json
 import sys
@@ -93,8 +92,9 @@ class _Request(_Body):
             raise ValueError("stop sequences must not be empty")
         return stops
 
-    def to_sampling(self, entry: ModelEntry) -> SamplingParams:
-        """Fill unset values from the model's defaults and enforce its limits."""
+    def to_sampling(self, entry: ModelEntry, **route_params) -> SamplingParams:
+        """Fill unset values from the model's defaults and enforce its limits (`route_params`:
+        what only one route's body has)."""
         lim = entry.limits
         # Every registry default is a parameter of the same name that the request may set.
         chosen = {name: default if getattr(self, name) is None else getattr(self, name)
@@ -115,6 +115,7 @@ class _Request(_Body):
             seed=self.seed,
             truncate_prompt_tokens=truncate,
             fit_max_tokens=self.max_tokens is None,
+            **route_params,
         )
 
 
@@ -126,13 +127,16 @@ class CompletionRequest(_Request):
     """POST /v1/completions, the OpenAI legacy completions body.
 
     `logprobs` (0-5) adds each token's log-probability and its likeliest alternatives to the
-    choices, `echo` puts the prompt before each choice's text (OpenAI's shapes; docs/api.md).
+    choices, `echo` puts the prompt before each choice's text; both together score the prompt's
+    tokens too, and `max_tokens` 0 with `echo` returns the prompt alone (OpenAI's shapes, what
+    evaluation harnesses send; docs/api.md).
     Parameters OpenAI defines but Quill does not implement are accepted only at their neutral
     value, so clients that always send them (as some SDKs do) keep working, and clients that
     rely on them get a clear 400 instead of a quietly different answer.
     """
 
     model: str
+    max_tokens: int | None = Field(None, ge=0)  # 0: only with echo (SamplingParams says so)
     # OpenAI's four shapes: text, a list of texts, token ids, a list of token-id lists. A list of
     # several texts or token-id lists is a batch: each prompt is its own engine request, and
     # prompt p's choice i is choice p * n + i of the answer (OpenAI's and vLLM's numbering).
@@ -159,15 +163,10 @@ class CompletionRequest(_Request):
         return list(self.prompt) if _is_batch(self.prompt) else [self.prompt]
 
     def to_sampling(self, entry: ModelEntry) -> SamplingParams:
-        if self.echo and self.logprobs is not None:
-            # OpenAI then scores the prompt's tokens too; the engine computes logits only where
-            # it samples.
-            raise RequestRejected("echo with logprobs is not supported (Quill does not score prompt "
-                                  "tokens); send one of them")
         if len(self.prompts) > entry.limits.max_prompts:
             raise RequestRejected(f"{len(self.prompts)} prompts exceed this model's limit of "
                                   f"{entry.limits.max_prompts} prompts per request (limits.max_prompts)")
-        return dataclasses.replace(super().to_sampling(entry), logprobs=self.logprobs, echo=self.echo)
+        return super().to_sampling(entry, logprobs=self.logprobs, echo=self.echo)
 
     @field_validator("logit_bias")
     @classmethod

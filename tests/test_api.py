@@ -272,8 +272,35 @@ def test_echo_returns_the_prompt_before_each_choice_streamed_or_whole(app_client
         choice = json.loads(data)["choices"][0]
         texts[choice["index"]] += choice["text"]
     assert texts == [c["text"] for c in echoed["choices"]]
-    both = app_client.post("/v1/completions", json={**ask, "echo": True, "logprobs": 1})
-    assert both.status_code == 400 and "echo with logprobs is not supported" in both.json()["error"]["message"]
+    alone = app_client.post("/v1/completions", json={**ask, "echo": True, "max_tokens": 0}).json()
+    assert [c["text"] for c in alone["choices"]] == ["The court held that"] * 2
+    assert alone["usage"]["completion_tokens"] == 0 and {c["finish_reason"] for c in alone["choices"]} == {"length"}
+    bare = app_client.post("/v1/completions", json={**ask, "max_tokens": 0})
+    assert bare.status_code == 400 and "0 only with echo" in bare.json()["error"]["message"]
+
+
+def test_echo_with_logprobs_scores_the_prompt_in_openais_shape(app_client):
+    """An evaluation harness's request: the prompt's tokens, then the generated one; the first
+    token's log-probability and alternatives null; each token's text where its offset says;
+    streamed chunks concatenate to the whole answer."""
+    prompt = "The court held that — 写"
+    ask = {"model": "tiny-a", "prompt": prompt, "max_tokens": 1, "temperature": 0, "echo": True, "logprobs": 1}
+    whole = app_client.post("/v1/completions", json=ask).json()
+    (choice,) = whole["choices"]
+    lp = choice["logprobs"]
+    n = whole["usage"]["prompt_tokens"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"]) == n + 1
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert all(v < 0 for v in lp["token_logprobs"][1:]) and all(len(t) in (1, 2) for t in lp["top_logprobs"][1:])
+    assert lp["text_offset"][n] == len(prompt) and choice["text"].startswith(prompt)
+    for token, at in zip(lp["tokens"], lp["text_offset"]):
+        assert token.startswith("bytes:") or choice["text"][at : at + len(token)] == token
+    r = app_client.post("/v1/completions", json={**ask, "stream": True})
+    streamed = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for _, data in sse_events(r.text)[:-1]:
+        for key, values in json.loads(data)["choices"][0]["logprobs"].items():
+            streamed[key] += values
+    assert streamed == lp
 
 
 def test_any_mix_of_completion_options_streams_exactly_what_the_whole_answer_holds(app_client):
@@ -299,7 +326,10 @@ def test_any_mix_of_completion_options_streams_exactly_what_the_whole_answer_hol
                                    ("frequency_penalty", 0.3, lambda: 1.0)):
             if rng.random() < chance:
                 body[key] = value()
-        body.update(rng.choice([{}, {}, {"logprobs": rng.randint(0, 5)}, {"echo": True}]))
+        body.update(rng.choice([{}, {}, {"logprobs": rng.randint(0, 5)}, {"echo": True},
+                                {"echo": True, "logprobs": rng.randint(0, 5)}]))
+        if body.get("echo") and rng.random() < 0.3:
+            body["max_tokens"] = 0  # the prompt alone
         fresh = {"Cache-Control": "no-cache"}
         whole = app_client.post("/v1/completions", json=body, headers=fresh)
         assert whole.status_code == 200, (whole.text, body)

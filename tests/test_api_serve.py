@@ -19,6 +19,7 @@ import uuid
 import httpx
 import openai
 import pytest
+import torch
 import websockets
 
 pytestmark = pytest.mark.integration
@@ -160,6 +161,35 @@ def test_the_openai_client_reads_logprobs(client):
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 4
     assert all(top == {token: value} for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs))
+
+
+def test_an_evaluation_harness_scores_continuations_as_transformers_does(client, tiny_checkpoints):
+    """lm-evaluation-harness's loglikelihood request (its `local-completions` model): a batch of
+    token-id prompts, context + continuation, with echo, logprobs 1, max_tokens 1, temperature 0.
+    It sums `token_logprobs[ctxlen:-1]` and calls a continuation greedy when each of its tokens
+    is the likeliest in `top_logprobs`; both come out as transformers' own logits say."""
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(tiny_checkpoints["tiny-a"]).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_checkpoints["tiny-a"])
+    context = tok.encode(_prompt())
+    with torch.no_grad():
+        greedy = model.generate(torch.tensor([context]), do_sample=False, max_new_tokens=3,
+                                pad_token_id=tok.eos_token_id)[0, len(context):].tolist()
+    continuations = [greedy, tok.encode(" the court ruled"), tok.encode(" once")]
+    r = client.completions.create(model="tiny-a", prompt=[context + c for c in continuations], echo=True,
+                                  logprobs=1, max_tokens=1, temperature=0, seed=1234)
+    for choice, continuation in zip(sorted(r.choices, key=lambda c: c.index), continuations, strict=True):
+        token_logprobs = choice.logprobs.token_logprobs[len(context) : -1]
+        top = choice.logprobs.top_logprobs[len(context) : -1]
+        ids = context + continuation
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+        expected = [logp[p - 1] for p in range(len(context), len(ids))]
+        assert sum(token_logprobs) == pytest.approx(sum(float(e[t]) for e, t in zip(expected, continuation)), abs=1e-3)
+        is_greedy = all(lp == max(t.values()) for lp, t in zip(token_logprobs, top))
+        assert is_greedy == all(int(e.argmax()) == t for e, t in zip(expected, continuation))
+        assert is_greedy == (continuation == greedy)
 
 
 def test_stop(client):

@@ -174,6 +174,61 @@ def test_echo_starts_each_choice_with_the_prompt_the_model_read(checkpoint):
     assert not texts[("empty", 0)].startswith("<|endoftext|>")  # the model reads "" as end-of-text; echo gives ""
 
 
+def test_echo_with_logprobs_scores_every_prompt_token_as_transformers_does(checkpoint, hf):
+    """What evaluation harnesses send (echo, logprobs, max_tokens 1 or 0): each prompt token's
+    log-probability under the model, from transformers' own logits at the position before it,
+    null for the first, then the generated token's; the same when the prompt runs in several
+    chunks and when its blocks are in the prefix cache (a scored prompt is computed whole)."""
+    model, tok = hf
+    engine = make_engine(checkpoint, max_prefill_tokens=8, prefix_cache_tokens=256)
+    prompt = PROMPTS[1] + " " + PROMPTS[3]
+    ids = tok(prompt).input_ids
+    assert len(ids) > 32  # two blocks of the prefix cache, five chunks of 8
+    run(engine, [GenerationRequest(prompt, greedy(2), "warm")])  # the prompt's blocks are now cached
+    deltas: dict[str, list[Delta]] = {}
+    for r in (GenerationRequest(prompt, greedy(1, echo=True, logprobs=2, n=2), "one"),
+              GenerationRequest(ids, greedy(0, echo=True, logprobs=0), "zero"),
+              GenerationRequest(prompt, greedy(0, echo=True), "plain"),
+              GenerationRequest(PROMPTS[0], greedy(3, logprobs=1), "beside")):
+        engine.add(r)
+    while engine.has_work:
+        for d in engine.step():
+            deltas.setdefault(d.request_id, []).append(d)
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0]
+    expected = torch.log_softmax(logits.float(), dim=-1)
+    generated = int(expected[-1].argmax())
+    for rid, k in (("one", 2), ("zero", 0)):
+        lps = [lp for d in deltas[rid] if d.index == 0 for lp in d.logprobs]
+        assert len(lps) == len(ids) + (rid == "one")
+        assert lps[0].logprob is None and lps[0].top == () and lps[0].token == tok.decode(ids[:1])
+        for position, lp in enumerate(lps[1:]):
+            token = ids[position + 1] if position + 1 < len(ids) else generated
+            assert lp.logprob == pytest.approx(float(expected[position, token]), abs=1e-4)
+            assert [p for _, p in lp.top] == pytest.approx(expected[position].topk(k).values.tolist(), abs=1e-4)
+        assert all(d.cached_tokens == 0 for d in deltas[rid])
+    one = {d.index: d for d in deltas["one"]}
+    assert [one[i].text for i in (0, 1)] == [prompt + tok.decode([generated])] * 2
+    assert one[1].logprobs == one[0].logprobs and one[0].completion_tokens == 1
+    for rid in ("zero", "plain"):  # max_tokens 0: the prompt alone, nothing generated
+        (d,) = deltas[rid]
+        assert (d.text, d.token_ids, d.finish_reason, d.completion_tokens, d.prompt_tokens) == (prompt, (), "length", 0, len(ids))
+    assert not deltas["plain"][0].logprobs and deltas["plain"][0].cached_tokens == 32  # not scored: the cache serves it
+    assert [len(d.logprobs) for d in deltas["beside"]] == [1, 1, 1]  # a generating request: its own tokens only
+    assert not engine.has_work and engine.num_running == 0
+
+
+def test_max_tokens_0_is_refused_without_echo_and_fits_a_prompt_that_fills_the_context(checkpoint):
+    engine = make_engine(checkpoint, max_seq_len=16, max_prompt_tokens=16)
+    with pytest.raises(RequestRejected, match="0 only with echo"):
+        SamplingParams(max_tokens=0)
+    full = list(range(1, 17))
+    _, texts, _ = run(engine, [GenerationRequest(full, greedy(0, echo=True, logprobs=1), "full")])
+    assert texts[("full", 0)] == engine.tokenizer.decode(full)
+    with pytest.raises(RequestRejected, match="leave no room"):
+        engine.add(GenerationRequest(full, greedy(1, echo=True), "more"))
+
+
 def test_greedy_batch_of_different_lengths_joining_mid_flight(checkpoint, hf):
     engine = make_engine(checkpoint)
     first = [GenerationRequest(p, greedy(20), f"r{i}") for i, p in enumerate(PROMPTS[:2])]

@@ -58,6 +58,7 @@ class _Request:
     slot: int = -1  # where its prompt is being prefilled
     cached: int = 0  # of those, copied from the prefix cache
     looked_up: bool = False  # the prefix cache was asked (once, when it first got a slot)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # scored so far (scores_prompt)
 
     @property
     def id(self) -> str:
@@ -234,8 +235,9 @@ class Engine:
             if req.prefilled and req.slot != slot:  # the batch was re-packed below it
                 self.runner.copy_slot(req.slot, slot, req.prefilled)
             req.slot = slot
-            if self.prefix_cache is not None and not req.looked_up:
-                # Cached prompt blocks cost no budget: they are copied, not computed.
+            if self.prefix_cache is not None and not req.looked_up and not req.request.params.scores_prompt:
+                # Cached prompt blocks cost no budget: they are copied, not computed. A prompt
+                # to score is computed whole: a cached block has keys and values, no logits.
                 req.looked_up = True
                 req.prefilled = req.cached = self.prefix_cache.load(req.prompt_ids, slot)
             take = min(budget, len(req.prompt_ids) - req.prefilled)
@@ -253,6 +255,13 @@ class Engine:
                       slot=req.slot + i, length=len(req.prompt_ids))
             for i in range(params.n)
         ]
+        if params.max_tokens == 0:  # echo alone: each choice is the prompt; the slots free next step
+            for seq in req.sequences:
+                seq.finish_reason = "length"
+                deltas.append(Delta(req.id, seq.index, self._echoed(req), (), "length", len(req.prompt_ids), 0,
+                                    cached_tokens=req.cached, logprobs=tuple(req.prompt_logprobs)))
+            self._running.extend(req.sequences)
+            return
         for seq in req.sequences[1:]:
             self.runner.copy_slot(req.slot, seq.slot, seq.length)
         if params.penalised:
@@ -264,7 +273,8 @@ class Engine:
 
     def _forward(self, planned: list[tuple[_Request, int]], deltas: list[Delta]) -> None:
         running = self._running
-        chunks = [PromptChunk(r.slot, r.prefilled, r.prompt_ids[r.prefilled : r.prefilled + take])
+        chunks = [PromptChunk(r.slot, r.prefilled, r.prompt_ids[r.prefilled : r.prefilled + take],
+                              every_position=r.request.params.scores_prompt)
                   for r, take in planned]
         try:
             logits = self.runner.forward([s.next_token for s in running], [s.length for s in running], chunks)
@@ -278,20 +288,25 @@ class Engine:
             for seq, token in zip(running, tokens):
                 if token is not None and seq.finish_reason is None:
                     deltas.append(self._advance(seq, token))
-        for j, (req, take) in enumerate(planned, start=len(running)):
+        row = len(running)
+        for chunk, (req, take) in zip(chunks, planned):
+            rows = logits[row : row + (take if chunk.every_position else 1)]  # the chunk's logits
+            row += len(rows)
             if req is not self._prefilling:
                 self._waiting.popleft()  # planned in queue order, so it is the head
             req.prefilled += take
-            if req.prefilled < len(req.prompt_ids):
-                self._prefilling = req
-            else:
-                self._prefilling = None
-                try:
+            finished = req.prefilled == len(req.prompt_ids)
+            self._prefilling = None if finished else req
+            try:
+                if chunk.every_position:
+                    self._note_prompt_logprobs(req, chunk.start, rows)
+                if finished:
                     if self.prefix_cache is not None:
                         self.prefix_cache.store(req.prompt_ids, req.slot)
-                    self._start(req, logits[j], deltas)
-                except torch.OutOfMemoryError as exc:  # its first tokens or its slot copies
-                    self._fail([req], exc, deltas)  # slots it took free at the next step
+                    self._start(req, rows[-1], deltas)
+            except torch.OutOfMemoryError as exc:  # its logprobs, first tokens or slot copies
+                self._prefilling = None if self._prefilling is req else self._prefilling
+                self._fail([req], exc, deltas)  # slots it took free at the next step
 
     def _sample_rows(self, logits: torch.Tensor, seqs: list[_Sequence], deltas: list[Delta]) -> list[int | None]:
         """One token per row. Out of memory on the whole batch: row by row, and a row that still
@@ -329,14 +344,31 @@ class Engine:
     def _note_logprobs(self, logits: torch.Tensor, seqs: list[_Sequence], rows: list[int], tokens: list[int]) -> None:
         """Each row's chosen token's log-probability and its likeliest alternatives, kept on
         the sequence for its delta. Only rows that ask pay for the log-softmax."""
-        logp = torch.log_softmax(logits[rows].float(), dim=-1)
+        ks = [s.params.logprobs for s in seqs]
+        for seq, logprob in zip(seqs, self._token_logprobs(logits[rows], tokens, ks)):
+            seq.logprob = logprob
+
+    def _note_prompt_logprobs(self, req: _Request, start: int, logits: torch.Tensor) -> None:
+        """Score a chunk of a prompt: the logits at position p give the prompt's token p + 1
+        (the model's own distribution, before any repetition guard or temperature)."""
+        ids = req.prompt_ids
+        if start == 0:
+            req.prompt_logprobs.append(TokenLogprob(self._token_text(ids[0]), None))
+        targets = ids[start + 1 : start + len(logits) + 1]  # a last chunk's last row predicts no prompt token
+        if targets:
+            k = req.request.params.logprobs
+            req.prompt_logprobs += self._token_logprobs(logits[: len(targets)], targets, [k] * len(targets))
+
+    def _token_logprobs(self, logits: torch.Tensor, tokens: list[int], ks: list[int]) -> list[TokenLogprob]:
+        """Row i's log-probability of tokens[i] and its ks[i] likeliest tokens: one log-softmax
+        and one top-k over all the rows."""
+        logp = torch.log_softmax(logits.float(), dim=-1)
         chosen = logp.gather(1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
-        k = max(s.params.logprobs for s in seqs)
-        top_p, top_i = logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long())
+        top_p, top_i = logp.topk(max(ks), dim=-1) if max(ks) else (logp[:, :0], logp[:, :0].long())
         top_p, top_i = top_p.tolist(), top_i.tolist()
-        for j, seq in enumerate(seqs):
-            top = tuple((self._token_text(t), p) for t, p in zip(top_i[j], top_p[j]))[: seq.params.logprobs]
-            seq.logprob = TokenLogprob(self._token_text(tokens[j]), chosen[j], top)
+        return [TokenLogprob(self._token_text(token), chosen[i],
+                             tuple((self._token_text(t), p) for t, p in zip(top_i[i][:k], top_p[i][:k])))
+                for i, (token, k) in enumerate(zip(tokens, ks))]
 
     def _echoed(self, req: _Request) -> str:
         """The prompt as `echo` returns it: the client's text where the model read all of it
@@ -368,9 +400,10 @@ class Engine:
             elif seq.generated >= params.max_tokens:
                 seq.finish_reason = "length"
                 text += seq.stream.finish()
+        logprobs = (seq.logprob,) if seq.logprob is not None else ()
         if seq.generated == 1 and params.echo:
             text = self._echoed(seq.owner) + text
-        logprobs = (seq.logprob,) if seq.logprob is not None else ()
+            logprobs = tuple(seq.owner.prompt_logprobs) + logprobs
         return Delta(
             seq.owner.id, seq.index, text, (token,), seq.finish_reason,
             len(seq.owner.prompt_ids), seq.generated, cached_tokens=seq.owner.cached, logprobs=logprobs,
@@ -467,7 +500,7 @@ class Engine:
             raise RequestRejected(f"max_tokens is {p.max_tokens}; this model allows at most {c.max_tokens}")
         if p.n > min(c.max_n, c.max_batch_size):
             raise RequestRejected(f"n is {p.n}; this model allows at most {min(c.max_n, c.max_batch_size)}")
-        if len(prompt_ids) >= self.max_seq_len:
+        if len(prompt_ids) >= self.max_seq_len + (p.max_tokens == 0):
             raise RequestRejected(
                 f"the prompt has {len(prompt_ids)} tokens, which fill this model's context of "
                 f"{self.max_seq_len} tokens and leave no room to generate; shorten the prompt"

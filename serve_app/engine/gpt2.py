@@ -62,6 +62,7 @@ class PromptChunk:
     slot: int
     start: int
     token_ids: list[int]
+    every_position: bool = False  # logits for each of its positions (scoring a prompt), not the last alone
 
 
 @dataclass
@@ -170,8 +171,8 @@ class GPT2Runner:
         """One pass over the whole batch: a new token for each sequence in slots 0..B-1 (its
         position is `decode_positions[b]`, the sequence's length so far) and any prompt chunks.
 
-        Returns logits [B + len(chunks), V]: the decode rows, then each chunk's last position.
-        All rows go through every weight matmul together (why: engine.py's docstring); only
+        Returns logits: the B decode rows, then each chunk's last position (every position of a
+        chunk with `every_position`), [rows, V]. All rows go through every weight matmul together (why: engine.py's docstring); only
         attention is per part.
         """
         B = len(decode_tokens)
@@ -187,8 +188,8 @@ class GPT2Runner:
         last, offset = list(range(B)), B  # the rows that get logits
         for c in chunks:
             attend.append(self._chunk_attention(c, offset))
+            last += range(offset, offset + len(c.token_ids)) if c.every_position else [offset + len(c.token_ids) - 1]
             offset += len(c.token_ids)
-            last.append(offset - 1)
         for i, layer in enumerate(self.layers):
             qkv = layer.attn(self._layer_norm(x, layer.ln_1))
             a = attend[0](i, qkv) if len(attend) == 1 else torch.cat([f(i, qkv) for f in attend])

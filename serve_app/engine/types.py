@@ -48,14 +48,15 @@ class SamplingParams:
     # client that never asked for a length expects.
     fit_max_tokens: bool = False
     # Each choice's text starts with the prompt (OpenAI's `echo`), as the model read it: after
-    # truncate_prompt_tokens, decoded from its tokens.
+    # truncate_prompt_tokens, decoded from its tokens. With logprobs, the prompt's tokens are
+    # scored too (`scores_prompt`); with max_tokens 0, the prompt is all there is.
     echo: bool = False
 
     def __post_init__(self) -> None:
         # Values the engine cannot act on are refused here, so every caller gets the same
         # message whichever API it came through.
-        if self.max_tokens < 1:
-            raise RequestRejected("max_tokens must be at least 1")
+        if self.max_tokens < 1 and not (self.max_tokens == 0 and self.echo):
+            raise RequestRejected("max_tokens must be at least 1 (0 only with echo: the prompt alone)")
         if not (math.isfinite(self.temperature) and math.isfinite(self.top_p)):
             raise RequestRejected("temperature and top_p must be finite numbers")
         if self.temperature < 0:
@@ -86,6 +87,12 @@ class SamplingParams:
         return self.temperature == 0
 
     @property
+    def scores_prompt(self) -> bool:
+        """Whether each prompt token's log-probability is returned (OpenAI's echo with logprobs:
+        what evaluation harnesses read to score a text)."""
+        return self.echo and self.logprobs is not None
+
+    @property
     def penalised(self) -> bool:
         """Whether a repetition guard is on (the engine counts tokens only for such requests)."""
         return bool(self.frequency_penalty or self.presence_penalty or self.repetition_penalty != 1)
@@ -102,12 +109,13 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """A generated token as text, its log-probability, and the likeliest tokens at its step
-    (a request's `logprobs` of them, likeliest first). A token that is not whole UTF-8 on its
-    own is written as OpenAI writes it: `bytes:\\xe2\\x80`."""
+    """A token as text, its log-probability, and the likeliest tokens at its step (a request's
+    `logprobs` of them, likeliest first). A token that is not whole UTF-8 on its own is written
+    as OpenAI writes it: `bytes:\\xe2\\x80`. A prompt's first token has no log-probability
+    (nothing before it predicts it): None."""
 
     token: str
-    logprob: float
+    logprob: float | None
     top: tuple[tuple[str, float], ...] = ()
 
 
@@ -128,7 +136,9 @@ class Delta:
     completion_tokens: int = 0  # generated so far for this choice
     error: str | None = None
     cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
-    logprobs: tuple[TokenLogprob, ...] = ()  # one per token in token_ids, if the request asked
+    # One per token in token_ids, if the request asked; a first delta that echoes a scored
+    # prompt has the prompt's tokens' first.
+    logprobs: tuple[TokenLogprob, ...] = ()
 
     @property
     def finished(self) -> bool:
