@@ -134,7 +134,7 @@ def test_a_coalesced_sse_stream_carries_every_token_in_order_then_finish_and_usa
         ({"model": "tiny-a", "prompt": "x", "max_tokens": 101}, 400, "invalid_request_error", "limit of 100"),
         ({"model": "tiny-a", "prompt": "x", "n": 5}, 400, "invalid_request_error", "limit of 4"),
         ({"model": "tiny-a", "prompt": "x", "top_p": 0}, 400, "invalid_request_error", "top_p"),
-        ({"model": "tiny-a", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "invalid_request_error", "at most 4"),
+        ({"model": "tiny-a", "prompt": "x", "stop": list("abcdefghijklmnopq")}, 400, "invalid_request_error", "at most 16"),
         ({"model": "tiny-a", "prompt": "x", "logprobs": 6}, 400, "invalid_request_error", "logprobs"),
         ({"model": "tiny-a", "prompt": ["a"] * 6}, 400, "invalid_request_error", "limit of 5 prompts"),
         ({"model": "tiny-a", "prompt": "word " * 100}, 400, "invalid_request_error", "prompt"),
@@ -277,6 +277,16 @@ def test_echo_returns_the_prompt_before_each_choice_streamed_or_whole(app_client
     assert alone["usage"]["completion_tokens"] == 0 and {c["finish_reason"] for c in alone["choices"]} == {"length"}
     bare = app_client.post("/v1/completions", json={**ask, "max_tokens": 0})
     assert bare.status_code == 400 and "0 only with echo" in bare.json()["error"]["message"]
+
+
+def test_an_evaluation_tasks_six_stop_sequences_cut_the_text_at_the_first_that_appears(app_client):
+    """lm-evaluation-harness's humaneval stops on five strings plus end-of-text (OpenAI takes 4)."""
+    ask = {"model": "tiny-a", "prompt": "def add(a, b):", "max_tokens": 16, "temperature": 0}
+    full = app_client.post("/v1/completions", json=ask).json()["choices"][0]["text"]
+    cut = full[3:5]
+    stops = ["\nclass", "\ndef", "\n#", "\nif", "\nprint", cut]
+    r = app_client.post("/v1/completions", json={**ask, "stop": stops}).json()["choices"][0]
+    assert (r["text"], r["finish_reason"]) == (full[: full.index(cut)], "stop")
 
 
 def test_echo_with_logprobs_scores_the_prompt_in_openais_shape(app_client):

@@ -111,8 +111,8 @@ HTTP_CASES = [
     Http("repetition_penalty NaN, native", G, raw('"prompt": "Hi", "repetition_penalty": NaN', model=False),
          fragment="repetition_penalty"),
     # --- stop ---
-    Http("too many stop strings", C, completion(stop=["a", "b", "c", "d", "e"]), fragment="at most 4 stop"),
-    Http("too many stop strings, native", G, {"prompt": "Hi", "stop": list("abcdefghij")}, fragment="at most 4 stop"),
+    Http("too many stop strings", C, completion(stop=list("abcdefghijklmnopq")), fragment="at most 16 stop"),
+    Http("too many stop strings, native", G, {"prompt": "Hi", "stop": list("abcdefghijklmnopq")}, fragment="at most 16 stop"),
     Http("empty stop string", C, completion(stop=[""]), fragment="stop"),
     Http("stop is a number", C, completion(stop=[1]), fragment="stop"),
     # --- parameters and types ---
@@ -217,7 +217,7 @@ WS_CASES = [
     Ws("max_tokens huge", gen(max_tokens=10**9), "max_tokens", id_="g"),
     Ws("every 0", gen(every=0), "every", id_="g"),
     Ws("truncate_prompt_tokens negative", gen(truncate_prompt_tokens=-1), "truncate_prompt_tokens", id_="g"),
-    Ws("too many stop strings", gen(stop=list("abcde")), "at most 4 stop", id_="g"),
+    Ws("too many stop strings", gen(stop=list("abcdefghijklmnopq")), "at most 16 stop", id_="g"),
     Ws("unknown field", gen(bogus=1), "bogus: unknown parameter", id_="g"),
     Ws("unknown model", gen(model="nope"), "served models: tiny-a, tiny-b", type_="model_not_found", id_="g"),
     Ws("model missing", {"type": "generate", "id": "g", "prompt": "Hi"}, "model", id_="g"),
