@@ -17,13 +17,13 @@ import json
 import sys
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from serve_app.config import ModelEntry
-from serve_app.engine.types import (MAX_LOGPROBS, MAX_OPENAI_PENALTY, MAX_REPETITION_PENALTY, RequestRejected,
-                                    SamplingParams)
+from serve_app.engine.types import (MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_OPENAI_PENALTY, MAX_REPETITION_PENALTY,
+                                    RequestRejected, SamplingParams)
 from serve_app.errors import ApiError
 
 # OpenAI allows 4 stop sequences, vLLM any number. Evaluation harnesses send a task's own (five
@@ -151,7 +151,8 @@ class CompletionRequest(_Request):
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     best_of: int | None = None
     suffix: None = None
-    logit_bias: dict[str, float] | None = None
+    # OpenAI's shape: token ids as JSON object keys (strings), each with a bias in [-100, 100].
+    logit_bias: dict[str, Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]] | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -169,14 +170,16 @@ class CompletionRequest(_Request):
         if len(self.prompts) > entry.limits.max_prompts:
             raise RequestRejected(f"{len(self.prompts)} prompts exceed this model's limit of "
                                   f"{entry.limits.max_prompts} prompts per request (limits.max_prompts)")
-        return super().to_sampling(entry, logprobs=self.logprobs, echo=self.echo)
+        bias = tuple((int(token), value) for token, value in (self.logit_bias or {}).items())
+        return super().to_sampling(entry, logprobs=self.logprobs, echo=self.echo, logit_bias=bias)
 
     @field_validator("logit_bias")
     @classmethod
-    def _no_bias(cls, v: dict | None) -> None:
-        if v:
-            raise ValueError("logit_bias is not supported by Quill")
-        return None
+    def _token_ids(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        bad = [key for key in v or {} if not (key.isascii() and key.isdigit())]
+        if bad:
+            raise ValueError(f"logit_bias keys are token ids written as strings, such as \"50256\"; got {shown(bad[0])}")
+        return v
 
     @field_validator("best_of")
     @classmethod

@@ -675,6 +675,19 @@ def test_the_openai_client_sends_frequency_and_presence_penalties(app_client):
         client.completions.create(model="tiny-a", **LOOPING, frequency_penalty=2.5)
 
 
+def test_the_openai_client_sends_logit_bias(app_client):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{app_client.base_url}/v1", api_key="unused", http_client=app_client, max_retries=0)
+    ask = {"model": "tiny-a", "prompt": "The court held that", "max_tokens": 6, "temperature": 0}
+    plain = client.completions.create(**ask).choices[0]
+    forced = client.completions.create(**ask, logit_bias={"17": 100}).choices[0]
+    assert forced.text == app_client.post("/v1/completions", json={**ask, "logit_bias": {"17": 100.0}}).json()["choices"][0]["text"]
+    assert forced.text == "2" * 6 != plain.text  # token 17 is "2"
+    with pytest.raises(openai.BadRequestError, match="logit_bias"):
+        client.completions.create(**ask, logit_bias={"17": 101})
+
+
 def test_the_openapi_schema_lists_the_repetition_guards_with_their_ranges(app_client):
     schemas = app_client.get("/openapi.json").json()["components"]["schemas"]
     for shape in ("CompletionRequest", "GenerateRequest"):

@@ -229,6 +229,38 @@ def test_max_tokens_0_is_refused_without_echo_and_fits_a_prompt_that_fills_the_c
         engine.add(GenerationRequest(full, greedy(1, echo=True), "more"))
 
 
+def test_logit_bias_bans_or_forces_tokens_for_its_own_request_only(checkpoint, hf):
+    """OpenAI's logit_bias: -100 on the greedy token makes greedy decoding take transformers'
+    runner-up; +100 on a token makes every step choose it; the logprobs are of the biased
+    distribution; a request beside them in the batch is unchanged, also its n choices."""
+    model, tok = hf
+    engine = make_engine(checkpoint)
+    ids = tok(PROMPTS[0]).input_ids
+    with torch.no_grad():
+        first = model(torch.tensor([ids])).logits[0, -1]
+    best, runner_up = first.topk(2).indices.tolist()
+    deltas: dict[str, list[Delta]] = {}
+    for r in (GenerationRequest(PROMPTS[0], greedy(1, logit_bias=((best, -100.0),), logprobs=0), "ban"),
+              GenerationRequest(PROMPTS[0], greedy(5, logit_bias=((17, 100.0), (best, 3.5)), n=2), "force"),
+              GenerationRequest(PROMPTS[0], greedy(5), "plain")):
+        engine.add(r)
+    while engine.has_work:
+        for d in engine.step():
+            deltas.setdefault(d.request_id, []).append(d)
+    tokens = lambda rid, i=0: [t for d in deltas[rid] if d.index == i for t in d.token_ids]  # noqa: E731
+    assert tokens("ban") == [runner_up]
+    biased = first.clone()
+    biased[best] -= 100
+    assert deltas["ban"][0].logprobs[0].logprob == pytest.approx(float(torch.log_softmax(biased, -1)[runner_up]), abs=1e-4)
+    assert tokens("force", 0) == tokens("force", 1) == [17] * 5
+    assert tokens("plain") == hf_greedy(hf, PROMPTS[0], 5)
+    with pytest.raises(RequestRejected, match="outside this model's vocabulary"):
+        engine.add(GenerationRequest("x", greedy(1, logit_bias=((engine.vocab_size, 1.0),))))
+    for bad in (((1, 100.5),), ((-1, 1.0),), ((1, float("nan")),)):
+        with pytest.raises(RequestRejected, match="logit_bias"):
+            greedy(1, logit_bias=bad)
+
+
 def test_greedy_batch_of_different_lengths_joining_mid_flight(checkpoint, hf):
     engine = make_engine(checkpoint)
     first = [GenerationRequest(p, greedy(20), f"r{i}") for i, p in enumerate(PROMPTS[:2])]

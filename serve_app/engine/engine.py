@@ -333,6 +333,11 @@ class Engine:
         if guarded:
             slots = [seqs[i].slot for i in guarded]
             logits = self.token_history.apply(logits, guarded, slots, [seqs[i].params for i in guarded])
+        biased = [(i, t, b) for i, s in enumerate(seqs) for t, b in s.params.logit_bias]
+        if biased:  # out of place: `logits` may be a view shared by a request's n rows
+            rows, tokens, values = zip(*biased)
+            at = (torch.tensor(rows, device=logits.device), torch.tensor(tokens, device=logits.device))
+            logits = logits.index_put(at, torch.tensor(values, dtype=logits.dtype, device=logits.device), accumulate=True)
         tokens = sample(logits, [s.row() for s in seqs])
         if guarded:
             self.token_history.record(slots, [tokens[i] for i in guarded])
@@ -496,6 +501,10 @@ class Engine:
                 f"the prompt has {len(prompt_ids)} tokens; this model accepts at most "
                 f"{c.max_prompt_tokens}. Shorten the prompt."
             )
+        unknown = [t for t, _ in p.logit_bias if t >= self.vocab_size]
+        if unknown:
+            raise RequestRejected(f"logit_bias names token ids outside this model's vocabulary (0-{self.vocab_size - 1}): "
+                                  f"{unknown[:5]}")
         if p.max_tokens > c.max_tokens:
             raise RequestRejected(f"max_tokens is {p.max_tokens}; this model allows at most {c.max_tokens}")
         if p.n > min(c.max_n, c.max_batch_size):

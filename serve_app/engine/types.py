@@ -19,6 +19,7 @@ FinishReason = Literal["stop", "length", "cancelled", "error"]
 MAX_OPENAI_PENALTY = 2.0
 MAX_REPETITION_PENALTY = 10.0
 MAX_LOGPROBS = 5  # alternatives per token, as OpenAI's completions allow
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range: -100 bans a token, 100 all but forces it
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,9 @@ class SamplingParams:
     # truncate_prompt_tokens, decoded from its tokens. With logprobs, the prompt's tokens are
     # scored too (`scores_prompt`); with max_tokens 0, the prompt is all there is.
     echo: bool = False
+    # OpenAI's logit_bias: (token id, value) pairs added to those tokens' logits at every step,
+    # after the repetition guards (so logprobs, too, are of the biased distribution).
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         # Values the engine cannot act on are refused here, so every caller gets the same
@@ -79,6 +83,8 @@ class SamplingParams:
                 raise RequestRejected(f"{name} must be in [-{MAX_OPENAI_PENALTY:g}, {MAX_OPENAI_PENALTY:g}]")
         if not 0 < self.repetition_penalty <= MAX_REPETITION_PENALTY:
             raise RequestRejected(f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}] (1 turns it off)")
+        if any(not -MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS or t < 0 for t, b in self.logit_bias):  # NaN fails too
+            raise RequestRejected(f"logit_bias maps token ids (>= 0) to values in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise RequestRejected(f"logprobs must be in [0, {MAX_LOGPROBS}]")
 
