@@ -81,11 +81,30 @@ class HandleBackend:
         responses = self.handle.options(stream=True).generate.remote(request)
         finished = False
         try:
-            async for item in responses:
-                if isinstance(item, ApiError):
-                    raise item
-                yield item  # the deltas of one engine step (or of several, when this caller fell behind)
+            with self._replica_errors():
+                async for item in responses:
+                    if isinstance(item, ApiError):
+                        raise item
+                    yield item  # the deltas of one engine step (or of several, when this caller fell behind)
             finished = True
+        finally:
+            if not finished:
+                # The caller stopped early (client gone, cancelled, error): cancel the call on
+                # the replica, which closes the engine's stream and frees the batch slot.
+                responses.cancel()
+
+    async def call(self, method: str, *args: Any) -> Any:
+        """One of the replica's unary calls (the tokenizer's); an ApiError it returns is raised."""
+        with self._replica_errors():
+            result = await getattr(self.handle, method).remote(*args)
+        if isinstance(result, ApiError):
+            raise result
+        return result
+
+    @contextlib.contextmanager
+    def _replica_errors(self):
+        try:
+            yield
         except BackPressureError:  # Serve's queue limit for this deployment
             raise overloaded() from None
         except REPLICA_LOST as exc:
@@ -94,11 +113,6 @@ class HandleBackend:
             log.warning("model %r: replica lost during a request: %s: %s", self.entry.name, type(exc).__name__, exc)
             raise ApiError(503, "model_unavailable", f"model {self.entry.name!r} lost the replica serving "
                            "this request (its process or node died); retry") from None
-        finally:
-            if not finished:
-                # The caller stopped early (client gone, cancelled, error): cancel the call on
-                # the replica, which closes the engine's stream and frees the batch slot.
-                responses.cancel()
 
     async def ready(self, timeout: float) -> bool:
         """At least one replica is running (so its model has loaded), as Serve's controller sees

@@ -35,8 +35,8 @@ from serve_app.drain import Drain
 from serve_app.errors import ApiError, error_body, to_api_error
 from serve_app.model_server import ModelServer
 from serve_app.security import FrontDoor, SecuritySettings
-from serve_app.protocol import (CompletionRequest, GenerateRequest, invalid_body, new_id, no_route, now, shown,
-                               unparsable_body)
+from serve_app.protocol import (CompletionRequest, DetokenizeRequest, GenerateRequest, TokenizeRequest, invalid_body,
+                               new_id, no_route, now, shown, unparsable_body)
 
 log = logging.getLogger("quill.ingress")
 STATIC = Path(__file__).parent / "static"
@@ -46,6 +46,8 @@ class Backend(Protocol):
     entry: ModelEntry
 
     def stream(self, request: GenerationRequest) -> AsyncIterator[list[Delta]]: ...
+
+    async def call(self, method: str, *args: Any) -> Any: ...
 
     async def ready(self, timeout: float) -> bool: ...
 
@@ -62,6 +64,12 @@ class LocalBackend:
                 if isinstance(item, ApiError):
                     raise item
                 yield item
+
+    async def call(self, method: str, *args: Any) -> Any:
+        result = await getattr(self.server, method)(*args)
+        if isinstance(result, ApiError):
+            raise result
+        return result
 
     async def ready(self, timeout: float) -> bool:
         return True
@@ -84,6 +92,25 @@ class Service:
         self.render_metrics = render_metrics
         self.ready_timeout = ready_timeout
         self.drain = Drain()  # graceful shutdown (serve_app/drain.py)
+        self._tokenizers: dict[str, dict] = {}  # tokenizer_info by model, asked once
+
+    async def tokenizer_info(self, model: str) -> dict:
+        if model not in self._tokenizers:
+            self._tokenizers[model] = await self.backend(model).call("tokenizer_info")
+        return self._tokenizers[model]
+
+    async def tokenizer_of(self, model: str | None) -> Backend:
+        """Whose tokenizer a /tokenize call uses: the model named, or, with none named (as
+        vLLM's single-model server allows), any served model's when they all share one."""
+        if model is not None:
+            return self.backend(model)
+        names = sorted(self.backends)
+        if len(names) > 1:
+            infos = await asyncio.gather(*(self.tokenizer_info(n) for n in names))
+            if len({i["tokenizer_sha256"] for i in infos}) > 1:
+                raise ApiError(400, "invalid_request_error", "the served models use different tokenizers; name one "
+                               f"in \"model\" (served models: {', '.join(names)})")
+        return self.backends[names[0]]
 
     def backend(self, name: str) -> Backend:
         b = self.backends.get(name)
@@ -390,6 +417,23 @@ def create_app(service: Service, security: SecuritySettings | None = None) -> Fa
             lambda acc: _sse(chunk([], usage=acc.usage())) if include_usage else None,
             body.n,
         )
+
+    # vLLM's tokenizer routes: a client counts or scores tokens without the tokenizer's files
+    # (lm-evaluation-harness looks for them before it falls back to loading a tokenizer itself).
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        backend = await service.tokenizer_of(body.model)
+        return {"model": backend.entry.name, **await backend.call("tokenize", body.prompt, body.add_special_tokens)}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        backend = await service.tokenizer_of(body.model)
+        return {"model": backend.entry.name, "prompt": await backend.call("detokenize", body.tokens)}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(model: str | None = None):
+        backend = await service.tokenizer_of(model)
+        return await service.tokenizer_info(backend.entry.name)
 
     @app.post("/v1/models/{name}/generate")
     async def generate(name: str, body: GenerateRequest, request: Request):

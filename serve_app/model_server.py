@@ -6,12 +6,15 @@ replica no traffic until its model is in memory.
 
 `generate()` yields the engine's `Delta`s. A request the engine refuses yields one `ApiError`
 instead of raising, because an exception crossing a Ray boundary arrives wrapped in a
-traceback-laden RayTaskError; the ingress raises it again.
+traceback-laden RayTaskError; the ingress raises it again. The tokenizer calls (`tokenize`,
+`detokenize`, `tokenizer_info`) answer with what the model reads; `detokenize` returns its
+`ApiError` the same way.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import sys
 import threading
@@ -37,6 +40,14 @@ def _default_engine(entry: ModelEntry):
     return AsyncEngine(lambda: Engine(config))  # built on the thread that steps it
 
 
+def _fingerprint(tokenizer) -> str:
+    """What tells two models' tokenizers apart: its whole definition (vocabulary, merges,
+    normalisation), as the tokenizers library writes it."""
+    spec = (tokenizer.backend_tokenizer.to_str() if hasattr(tokenizer, "backend_tokenizer")
+            else repr(sorted(tokenizer.get_vocab().items())))
+    return hashlib.sha256(spec.encode()).hexdigest()
+
+
 class ModelServer:
     def __init__(self, entry: ModelEntry | dict[str, Any], engine_factory: Callable[[ModelEntry], Any] | None = None):
         self.entry = entry if isinstance(entry, ModelEntry) else ModelEntry.model_validate(entry)
@@ -51,6 +62,7 @@ class ModelServer:
         self.engine = (engine_factory or _default_engine)(self.entry)
         self.load_seconds = time.perf_counter() - t0
         self._gauges_at = 0.0
+        self._tokenizer_sha256: str | None = None  # computed at the first tokenizer_info call
         # Ray exports a gauge only while it is being set, so an idle replica would vanish from
         # /metrics; a small thread re-reads the engine's queue lengths every second.
         self._stop = threading.Event()
@@ -124,6 +136,34 @@ class ModelServer:
             if first_at is not None and acc.longest > 1:
                 m.tpot.observe((last_at - first_at) / (acc.longest - 1), model=name)
             self._update_gauges(force=True)
+
+    # ---- the model's tokenizer: POST /tokenize, POST /detokenize, GET /tokenizer_info ----------
+
+    @property
+    def _core(self):
+        return getattr(self.engine, "engine", self.engine)
+
+    async def tokenize(self, text: str, add_special_tokens: bool = True) -> dict:
+        core = self._core
+        # On a thread, as the engine tokenizes prompts: a long text must not stall the streams.
+        ids = await asyncio.to_thread(core.tokenizer.encode, text, add_special_tokens=add_special_tokens)
+        return {"tokens": ids, "count": len(ids), "max_model_len": core.max_seq_len}
+
+    async def detokenize(self, tokens: list[int]) -> str | ApiError:
+        core = self._core
+        bad = [t for t in tokens if not 0 <= t < core.vocab_size]
+        if bad:
+            return ApiError(400, "invalid_request_error",
+                            f"tokens must be token ids in [0, {core.vocab_size}); got {bad[:5]}")
+        return await asyncio.to_thread(core.tokenizer.decode, tokens)
+
+    async def tokenizer_info(self) -> dict:
+        tok, core = self._core.tokenizer, self._core
+        if self._tokenizer_sha256 is None:
+            self._tokenizer_sha256 = await asyncio.to_thread(_fingerprint, tok)
+        return {"model": self.name, "tokenizer_class": type(tok).__name__, "eos_token": tok.eos_token,
+                "bos_token": tok.bos_token, "pad_token": tok.pad_token, "model_max_length": core.max_seq_len,
+                "vocab_size": core.vocab_size, "tokenizer_sha256": self._tokenizer_sha256}
 
     def shutdown(self) -> None:
         self._stop.set()

@@ -51,8 +51,27 @@ class _Body(BaseModel):
         return data
 
 
-class _Request(_Body):
-    """What every generation request shares: the sampling parameters and the prompt's rule."""
+class _Prompted(_Body):
+    """A body with a prompt, and the prompt's rule."""
+
+    @field_validator("prompt", check_fields=False)
+    @classmethod
+    def _valid_prompt(cls, v: str | list):
+        """One rule on every channel (completions, generate, WebSocket, tokenize): a prompt is
+        text a tokenizer can take, or a non-empty list."""
+        if isinstance(v, list) and not v:
+            raise ValueError("prompt must not be empty")
+        for text in [v] if isinstance(v, str) else [p for p in v if isinstance(p, str)]:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("prompt contains a lone surrogate (an unpaired \\ud800-\\udfff escape); "
+                                 "send valid UTF-8 text") from None
+        return v
+
+
+class _Request(_Prompted):
+    """What every generation request shares: the sampling parameters."""
 
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0)
@@ -69,21 +88,6 @@ class _Request(_Body):
     frequency_penalty: float | None = Field(None, ge=-MAX_OPENAI_PENALTY, le=MAX_OPENAI_PENALTY)
     presence_penalty: float | None = Field(None, ge=-MAX_OPENAI_PENALTY, le=MAX_OPENAI_PENALTY)
     repetition_penalty: float | None = Field(None, gt=0, le=MAX_REPETITION_PENALTY)
-
-    @field_validator("prompt", check_fields=False)
-    @classmethod
-    def _valid_prompt(cls, v: str | list):
-        """One rule on every channel (completions, generate, WebSocket): a prompt is text a
-        tokenizer can take, or a non-empty list."""
-        if isinstance(v, list) and not v:
-            raise ValueError("prompt must not be empty")
-        for text in [v] if isinstance(v, str) else [p for p in v if isinstance(p, str)]:
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError:
-                raise ValueError("prompt contains a lone surrogate (an unpaired \\ud800-\\udfff escape); "
-                                 "send valid UTF-8 text") from None
-        return v
 
     @field_validator("stop")
     @classmethod
@@ -218,6 +222,22 @@ class WsCancel(_Body):
 WS_MESSAGES = {"generate": WsGenerate, "cancel": WsCancel}
 
 
+class TokenizeRequest(_Prompted):
+    """POST /tokenize (vLLM's shape): a text's token ids under a model's tokenizer. Without
+    `model`, the tokenizer every served model shares (lm-evaluation-harness sends none)."""
+
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(_Body):
+    """POST /detokenize (vLLM's shape): token ids back to text."""
+
+    model: str | None = None
+    tokens: list[int]
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
@@ -242,7 +262,7 @@ def shown(value: Any) -> str:
 
 
 API_ROUTES = ("GET /v1/models, GET /v1/models/{name}, POST /v1/completions, "
-              "POST /v1/models/{name}/generate, WS /v1/stream")
+              "POST /v1/models/{name}/generate, WS /v1/stream, POST /tokenize, POST /detokenize")
 
 
 def no_route(method: str, path: str) -> str:
@@ -304,7 +324,7 @@ _UNSUPPORTED = {"suffix"}
 
 def _known_parameters() -> set[str]:
     """Every parameter of every request shape: what a misspelt one is compared with."""
-    shapes = (CompletionRequest, GenerateRequest, WsGenerate, WsCancel, StreamOptions)
+    shapes = (CompletionRequest, GenerateRequest, WsGenerate, WsCancel, StreamOptions, TokenizeRequest, DetokenizeRequest)
     return {name for shape in shapes for name in shape.model_fields}
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
+from pathlib import Path
 
 import pytest
 from starlette.testclient import TestClient
@@ -673,6 +675,53 @@ def test_the_openai_client_sends_frequency_and_presence_penalties(app_client):
     assert guarded == raw != plain
     with pytest.raises(openai.BadRequestError, match="frequency_penalty"):
         client.completions.create(model="tiny-a", **LOOPING, frequency_penalty=2.5)
+
+
+def test_tokenize_and_detokenize_answer_with_the_models_own_tokenizer(app_client, tiny_checkpoints):
+    """vLLM's /tokenize, /detokenize and /tokenizer_info: the ids the model reads, and back;
+    without a model named, the tokenizer both served models share."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_checkpoints["tiny-a"])
+    text = "The court held that — 写 😀"
+    for body in ({"model": "tiny-b", "prompt": text}, {"prompt": text, "add_special_tokens": False}):
+        r = app_client.post("/tokenize", json=body).json()
+        assert r["tokens"] == tok.encode(text) and r["count"] == len(r["tokens"]) and r["max_model_len"] == 256
+    assert r["model"] == "tiny-a"
+    back = app_client.post("/detokenize", json={"tokens": r["tokens"]}).json()
+    assert back == {"model": "tiny-a", "prompt": text}
+    info = app_client.get("/tokenizer_info").json()
+    assert info["eos_token"] == "<|endoftext|>" and info["vocab_size"] == 50257 and info["model_max_length"] == 256
+    assert app_client.get("/tokenizer_info", params={"model": "tiny-b"}).json()["tokenizer_sha256"] == info["tokenizer_sha256"]
+    usage = app_client.post("/v1/completions", json={"model": "tiny-a", "prompt": text, "max_tokens": 1}).json()["usage"]
+    assert usage["prompt_tokens"] == r["count"]  # the count a client checks against the limits is the engine's
+    bad = app_client.post("/detokenize", json={"model": "tiny-a", "tokens": [5, 50257]})
+    assert bad.status_code == 400 and "[0, 50257)" in bad.json()["error"]["message"]
+    unknown = app_client.post("/tokenize", json={"model": "nope", "prompt": "x"})
+    assert unknown.status_code == 404 and "tiny-a" in unknown.json()["error"]["message"]
+    lone = app_client.post("/tokenize", content=b'{"prompt": "\\ud800"}', headers={"Content-Type": "application/json"})
+    assert lone.status_code == 400 and "lone surrogate" in lone.json()["error"]["message"]
+
+
+def test_tokenize_without_a_model_is_refused_when_the_models_tokenizers_differ(tmp_path, tiny_checkpoints):
+    own = save_tiny_gpt2(tmp_path / "own", vocab_size=8192)
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # Quill's own 8,192-token BPE
+        shutil.copy(Path(__file__).resolve().parents[1] / "models" / "quill-tokenizer" / name, own / name)
+    registry = parse_registry({"models": [{"name": "gpt2-vocab", "source": str(tiny_checkpoints["tiny-a"]), "cpus_per_replica": 0.5},
+                                          {"name": "quill-vocab", "source": str(own), "cpus_per_replica": 0.5}]}, None)
+    servers = {m.name: ModelServer(m) for m in registry.models}
+    try:
+        with TestClient(create_app(Service(registry, {n: LocalBackend(s) for n, s in servers.items()}))) as client:
+            r = client.post("/tokenize", json={"prompt": "The court"})
+            assert r.status_code == 400 and "different tokenizers" in r.json()["error"]["message"]
+            assert "gpt2-vocab, quill-vocab" in r.json()["error"]["message"]
+            ours = client.post("/tokenize", json={"model": "quill-vocab", "prompt": "The court"}).json()["tokens"]
+            theirs = client.post("/tokenize", json={"model": "gpt2-vocab", "prompt": "The court"}).json()["tokens"]
+            assert ours != theirs and max(ours) < 8192
+            assert client.get("/tokenizer_info").status_code == 400
+    finally:
+        for s in servers.values():
+            s.shutdown()
 
 
 def test_the_openai_client_sends_logit_bias(app_client):

@@ -192,6 +192,22 @@ def test_an_evaluation_harness_scores_continuations_as_transformers_does(client,
         assert is_greedy == (continuation == greedy)
 
 
+def test_an_evaluation_harness_finds_the_servers_tokenizer(server):
+    """lm-evaluation-harness tokenizes through the server when GET /tokenizer_info names an
+    `eos_token` and POST /tokenize answers a list (what it checks, without naming a model);
+    both served models share GPT-2's tokenizer, so none need be named."""
+    url = server["url"]
+    info = httpx.get(f"{url}/tokenizer_info", timeout=30).json()
+    assert info["eos_token"] == "<|endoftext|>" and info["model_max_length"] == 256
+    tokenize = lambda text: httpx.post(f"{url}/tokenize", json={"prompt": text, "add_special_tokens": False},  # noqa: E731
+                                       timeout=30).json()["tokens"]
+    assert tokenize(info["eos_token"]) == [50256]  # its end-of-text id, as it reads it
+    tokens = tokenize("The court held that — 写")
+    assert httpx.post(f"{url}/detokenize", json={"tokens": tokens}, timeout=30).json()["prompt"] == "The court held that — 写"
+    bad = httpx.post(f"{url}/detokenize", json={"model": "tiny-b", "tokens": [-1]}, timeout=30)
+    assert bad.status_code == 400 and "token ids in [0, 50257)" in bad.json()["error"]["message"]
+
+
 def test_stop(client):
     prompt = _prompt()
     full = client.completions.create(model="tiny-a", prompt=prompt, max_tokens=24, seed=3, temperature=0).choices[0].text
