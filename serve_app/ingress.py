@@ -352,12 +352,15 @@ def create_app(service: Service, security: SecuritySettings | None = None) -> Fa
         err = to_api_error(exc)
         return JSONResponse(err.body(), status_code=err.status, headers=err.headers())
 
-    # HEAD too: some load balancers' health checks send it.
-    @app.api_route("/healthz", methods=["GET", "HEAD"])
+    # HEAD too: some load balancers' health checks send it (out of the schema: one operation
+    # id per path and method).
+    @app.get("/healthz")
+    @app.head("/healthz", include_in_schema=False)
     async def healthz():
         return {"status": "ok"}
 
-    @app.api_route("/readyz", methods=["GET", "HEAD"])
+    @app.get("/readyz")
+    @app.head("/readyz", include_in_schema=False)
     async def readyz():
         service.drain.refuse_if_draining()  # a load balancer stops sending here
         models = await service.readiness()
