@@ -83,6 +83,10 @@ class _Request(_Prompted):
     # vLLM's name: keep only the last K prompt tokens (the engine cuts after tokenizing), so a
     # client that sends a whole document need not count tokens to stay within the model's limit.
     truncate_prompt_tokens: int | None = Field(None, ge=1)
+    # vLLM's too: no end-of-text or stop string before min_tokens; ignore_eos, never end-of-text
+    # (load generators such as vLLM's benchmark and genai-perf send them for fixed lengths).
+    min_tokens: int = Field(0, ge=0)
+    ignore_eos: bool = False
     # Repetition guards (docs/api.md): OpenAI's two penalties, over the tokens generated so far,
     # and HF's / vLLM's repetition_penalty, over the prompt's tokens and the generated ones.
     frequency_penalty: float | None = Field(None, ge=-MAX_OPENAI_PENALTY, le=MAX_OPENAI_PENALTY)
@@ -121,6 +125,8 @@ class _Request(_Prompted):
             stop=tuple(self.stop or ()),
             seed=self.seed,
             truncate_prompt_tokens=truncate,
+            min_tokens=self.min_tokens,
+            ignore_eos=self.ignore_eos,
             fit_max_tokens=self.max_tokens is None,
             **route_params,
         )

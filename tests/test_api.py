@@ -737,6 +737,27 @@ def test_the_openai_client_sends_logit_bias(app_client):
         client.completions.create(**ask, logit_bias={"17": 101})
 
 
+def test_a_load_generator_gets_fixed_lengths_with_ignore_eos_or_min_tokens(app_client):
+    """What vLLM's benchmark (--ignore-eos) and genai-perf (min_tokens, ignore_eos) send through
+    the OpenAI client's extra_body, on a model pushed to end at once (logit_bias on end-of-text)."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{app_client.base_url}/v1", api_key="unused", http_client=app_client, max_retries=0)
+    ask = {"model": "tiny-a", "prompt": ["The court held that", "Once"], "max_tokens": 6, "temperature": 0.7,
+           "logit_bias": {"50256": 100}}
+    ends = client.completions.create(**ask)
+    assert ends.usage.completion_tokens == 2 and {c.finish_reason for c in ends.choices} == {"stop"}
+    fixed = client.completions.create(**ask, extra_body={"ignore_eos": True})
+    assert fixed.usage.completion_tokens == 12 and {c.finish_reason for c in fixed.choices} == {"length"}
+    held = client.completions.create(**ask, extra_body={"min_tokens": 3})
+    assert held.usage.completion_tokens == 8 and {c.finish_reason for c in held.choices} == {"stop"}
+    streamed = client.completions.create(**ask, stream=True, stream_options={"include_usage": True},
+                                         extra_body={"min_tokens": 6, "ignore_eos": False})
+    assert [c.usage.completion_tokens for c in streamed if c.usage] == [12]
+    with pytest.raises(openai.BadRequestError, match="min_tokens"):
+        client.completions.create(**ask, extra_body={"min_tokens": 7})
+
+
 def test_the_openapi_schema_lists_the_repetition_guards_with_their_ranges(app_client):
     schemas = app_client.get("/openapi.json").json()["components"]["schemas"]
     for shape in ("CompletionRequest", "GenerateRequest"):

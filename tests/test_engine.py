@@ -261,6 +261,32 @@ def test_logit_bias_bans_or_forces_tokens_for_its_own_request_only(checkpoint, h
             greedy(1, logit_bias=bad)
 
 
+def test_min_tokens_and_ignore_eos_hold_off_end_of_text_and_stop_strings(checkpoint):
+    """vLLM's min_tokens and ignore_eos, on a model pushed to say end-of-text at once (a bias of
+    +30 on it): min_tokens 3 gives three tokens and then end-of-text; ignore_eos runs to
+    max_tokens; a stop string that the first token's text holds ends nothing before min_tokens."""
+    engine = make_engine(checkpoint)
+    eos = ((engine.eos_token_id, 30.0),)
+    _, plain_texts, _ = run(engine, [GenerationRequest(PROMPTS[1], greedy(8), "plain")])
+    first = engine.tokenizer.decode(run(engine, [GenerationRequest(PROMPTS[1], greedy(1), "one")])[0][("one", 0)])
+    tokens, texts, reasons = run(engine, [
+        GenerationRequest(PROMPTS[1], greedy(8, logit_bias=eos), "eos"),
+        GenerationRequest(PROMPTS[1], greedy(8, logit_bias=eos, min_tokens=3), "min"),
+        GenerationRequest(PROMPTS[1], greedy(8, logit_bias=eos, ignore_eos=True, n=2), "ignore"),
+        GenerationRequest(PROMPTS[1], greedy(8, stop=(first,)), "stop"),
+        GenerationRequest(PROMPTS[1], greedy(8, stop=(first,), min_tokens=8), "late-stop"),
+    ])
+    assert tokens[("eos", 0)] == [engine.eos_token_id] and reasons[("eos", 0)] == "stop"
+    assert tokens[("min", 0)][3:] == [engine.eos_token_id] and engine.eos_token_id not in tokens[("min", 0)][:3]
+    for i in (0, 1):
+        assert len(tokens[("ignore", i)]) == 8 and engine.eos_token_id not in tokens[("ignore", i)]
+        assert reasons[("ignore", i)] == "length"
+    assert (texts[("stop", 0)], reasons[("stop", 0)]) == ("", "stop")
+    assert texts[("late-stop", 0)] == plain_texts[("plain", 0)] and reasons[("late-stop", 0)] == "length"
+    with pytest.raises(RequestRejected, match="min_tokens must be from 0 to max_tokens"):
+        greedy(4, min_tokens=5)
+
+
 def test_greedy_batch_of_different_lengths_joining_mid_flight(checkpoint, hf):
     engine = make_engine(checkpoint)
     first = [GenerationRequest(p, greedy(20), f"r{i}") for i, p in enumerate(PROMPTS[:2])]

@@ -54,9 +54,14 @@ class TextStream:
         self._held = ""  # decoded, not yet sent: could be the start of a stop string
         self.stopped = False
 
-    def push(self, data: bytes) -> str:
-        """Add one token's bytes; return the text that can be sent now."""
-        return self._release(self._utf8.decode(data))
+    def push(self, data: bytes, find_stops: bool = True) -> str:
+        """Add one token's bytes; return the text that can be sent now. Stop strings are looked
+        for only in the text pushed with `find_stops` (min_tokens keeps them off at first)."""
+        new = self._utf8.decode(data)
+        if not find_stops:
+            text, self._held = self._held + new, ""
+            return text
+        return self._release(new)
 
     def finish(self) -> str:
         """The sequence ended for another reason: send what was held back."""

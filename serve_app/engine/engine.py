@@ -22,6 +22,7 @@ CPU a 512-token prompt of gpt2-medium took 6.6 s in one piece).
 from __future__ import annotations
 
 import logging
+import math
 import random
 import threading
 from collections import deque
@@ -150,6 +151,7 @@ class Engine:
         can never be served or the queue is full."""
         if prompt_ids is None:
             prompt_ids = self.prepare(request)
+        request = self._fitted(request, len(prompt_ids))
         with self._lock:
             if request.request_id in self._live_ids:
                 raise RequestRejected(f"request id {request.request_id!r} is already running")
@@ -158,13 +160,13 @@ class Engine:
                     f"{self.config.max_waiting} requests are already waiting; try again shortly"
                 )
             self._live_ids.add(request.request_id)
-            self._inbox.append(_Request(self._fitted(request, len(prompt_ids)), prompt_ids))
+            self._inbox.append(_Request(request, prompt_ids))
 
     def _fitted(self, request: GenerationRequest, prompt_len: int) -> GenerationRequest:
         """A default max_tokens cut to the room the prompt leaves (SamplingParams.fit_max_tokens)."""
         room, p = self.max_seq_len - prompt_len, request.params
         if p.fit_max_tokens and p.max_tokens > room:
-            return replace(request, params=replace(p, max_tokens=room))
+            return replace(request, params=replace(p, max_tokens=room, min_tokens=min(p.min_tokens, room)))
         return request
 
     def cancel(self, request_id: str) -> None:
@@ -334,6 +336,8 @@ class Engine:
             slots = [seqs[i].slot for i in guarded]
             logits = self.token_history.apply(logits, guarded, slots, [seqs[i].params for i in guarded])
         biased = [(i, t, b) for i, s in enumerate(seqs) for t, b in s.params.logit_bias]
+        biased += [(i, self.eos_token_id, -math.inf) for i, s in enumerate(seqs)
+                   if s.params.ignore_eos or s.generated < s.params.min_tokens]
         if biased:  # out of place: `logits` may be a view shared by a request's n rows
             rows, tokens, values = zip(*biased)
             at = (torch.tensor(rows, device=logits.device), torch.tensor(tokens, device=logits.device))
@@ -399,7 +403,7 @@ class Engine:
             seq.finish_reason = "stop"
             text = seq.stream.finish()
         else:
-            text = seq.stream.push(self._token_bytes[token])
+            text = seq.stream.push(self._token_bytes[token], find_stops=seq.generated >= params.min_tokens)
             if seq.stream.stopped:
                 seq.finish_reason = "stop"
             elif seq.generated >= params.max_tokens:

@@ -55,6 +55,10 @@ class SamplingParams:
     # OpenAI's logit_bias: (token id, value) pairs added to those tokens' logits at every step,
     # after the repetition guards (so logprobs, too, are of the biased distribution).
     logit_bias: tuple[tuple[int, float], ...] = ()
+    # vLLM's: no end-of-text and no stop string before min_tokens tokens; ignore_eos: never
+    # end-of-text (its logit is masked: what load generators ask for to get fixed lengths).
+    min_tokens: int = 0
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         # Values the engine cannot act on are refused here, so every caller gets the same
@@ -83,6 +87,8 @@ class SamplingParams:
                 raise RequestRejected(f"{name} must be in [-{MAX_OPENAI_PENALTY:g}, {MAX_OPENAI_PENALTY:g}]")
         if not 0 < self.repetition_penalty <= MAX_REPETITION_PENALTY:
             raise RequestRejected(f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}] (1 turns it off)")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise RequestRejected(f"min_tokens must be from 0 to max_tokens ({self.max_tokens}); got {self.min_tokens}")
         if any(not -MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS or t < 0 for t, b in self.logit_bias):  # NaN fails too
             raise RequestRejected(f"logit_bias maps token ids (>= 0) to values in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
