@@ -35,6 +35,15 @@ def app_client(tiny_checkpoints):
         s.shutdown()
 
 
+def streamed_logprobs(client: TestClient, body: dict) -> dict:
+    """A streamed one-choice completion's logprobs lists, each chunk's concatenated."""
+    streamed = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for _, data in sse_events(client.post("/v1/completions", json=body).text)[:-1]:
+        for key, values in json.loads(data)["choices"][0]["logprobs"].items():
+            streamed[key] += values
+    return streamed
+
+
 def sse_events(text: str) -> list[tuple[str | None, str]]:
     events = []
     for block in text.strip().split("\n\n"):
@@ -227,12 +236,7 @@ def test_logprobs_come_with_every_token_in_openais_shape_streamed_or_whole(app_c
         assert top[token] == logprob == max(top.values())  # greedy: the chosen token is the likeliest
     assert lp["text_offset"] == sorted(lp["text_offset"]) and lp["text_offset"][0] == 0
 
-    r = app_client.post("/v1/completions", json={**ask, "stream": True})
-    streamed = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    for _, data in sse_events(r.text)[:-1]:
-        for key, values in json.loads(data)["choices"][0]["logprobs"].items():
-            streamed[key] += values
-    assert streamed == lp
+    assert streamed_logprobs(app_client, {**ask, "stream": True}) == lp
 
     sampled = app_client.post("/v1/completions", json={**ask, "temperature": 5.0, "seed": 1, "logprobs": 0}).json()
     slp = sampled["choices"][0]["logprobs"]  # with 0: the chosen token alone, as OpenAI answers
@@ -307,12 +311,7 @@ def test_echo_with_logprobs_scores_the_prompt_in_openais_shape(app_client):
     assert lp["text_offset"][n] == len(prompt) and choice["text"].startswith(prompt)
     for token, at in zip(lp["tokens"], lp["text_offset"]):
         assert token.startswith("bytes:") or choice["text"][at : at + len(token)] == token
-    r = app_client.post("/v1/completions", json={**ask, "stream": True})
-    streamed = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    for _, data in sse_events(r.text)[:-1]:
-        for key, values in json.loads(data)["choices"][0]["logprobs"].items():
-            streamed[key] += values
-    assert streamed == lp
+    assert streamed_logprobs(app_client, {**ask, "stream": True}) == lp
 
 
 def test_any_mix_of_completion_options_streams_exactly_what_the_whole_answer_holds(app_client):
