@@ -29,7 +29,8 @@ class Accumulator:
     def add(self, d: Delta) -> None:
         if d.logprobs:
             at = len(self.texts.get(d.index, ""))
-            self.logprobs.setdefault(d.index, []).extend(zip(_offsets(at, d.logprobs), d.logprobs))
+            offsets = _offsets(at, at + len(d.text), d.logprobs)
+            self.logprobs.setdefault(d.index, []).extend(zip(offsets, d.logprobs))
         self.texts[d.index] = self.texts.get(d.index, "") + d.text
         self.completion[d.index] = max(self.completion.get(d.index, 0), d.completion_tokens)
         p = d.index // self.choices_per_prompt if self.choices_per_prompt else 0
@@ -80,16 +81,17 @@ class Accumulator:
 _BYTES = re.compile(r"bytes:((?:\\x[0-9a-f]{2})+)")
 
 
-def _offsets(at: int, logprobs: tuple[TokenLogprob, ...]) -> list[int]:
+def _offsets(at: int, end: int, logprobs: tuple[TokenLogprob, ...]) -> list[int]:
     """Where each token's text starts in its choice's text: a generated token at its delta's
     start (`at`); the tokens of an echoed prompt, which arrive in one delta, one after the other,
     counted as their bytes decode (the tokens of a character split across tokens all start
-    where it does)."""
+    where it does), never past the delta's `end` (an empty prompt is echoed as "", though the
+    model read it as end-of-text)."""
     if len(logprobs) == 1:
         return [at]
     decoder, offsets = codecs.getincrementaldecoder("utf-8")("replace"), []
     for lp in logprobs:
-        offsets.append(at)
+        offsets.append(min(at, end))
         split = _BYTES.fullmatch(lp.token)
         raw = bytes.fromhex(split[1].replace("\\x", "")) if split else lp.token.encode("utf-8")
         at += len(decoder.decode(raw))

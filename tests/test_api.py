@@ -312,6 +312,9 @@ def test_echo_with_logprobs_scores_the_prompt_in_openais_shape(app_client):
     for token, at in zip(lp["tokens"], lp["text_offset"]):
         assert token.startswith("bytes:") or choice["text"][at : at + len(token)] == token
     assert streamed_logprobs(app_client, {**ask, "stream": True}) == lp
+    empty = app_client.post("/v1/completions", json={**ask, "prompt": "", "max_tokens": 2}).json()["choices"][0]
+    offsets = empty["logprobs"]["text_offset"]  # "" is echoed as "", though the model read end-of-text
+    assert offsets == sorted(offsets) and offsets[-1] <= len(empty["text"]) and empty["logprobs"]["tokens"][0] == "<|endoftext|>"
 
 
 def test_any_mix_of_completion_options_streams_exactly_what_the_whole_answer_holds(app_client):
