@@ -26,6 +26,7 @@ from serve_app.engine import linear as linear_module
 from serve_app.engine.detokenize import TextStream, token_bytes_table
 from serve_app.engine.gpt2 import PromptChunk
 from serve_app.engine.sampling import RowParams, sample
+from tests.conftest import save_tiny_gpt2
 
 PROMPTS = [
     "The court held that",
@@ -285,6 +286,32 @@ def test_min_tokens_and_ignore_eos_hold_off_end_of_text_and_stop_strings(checkpo
     assert texts[("late-stop", 0)] == plain_texts[("plain", 0)] and reasons[("late-stop", 0)] == "length"
     with pytest.raises(RequestRejected, match="min_tokens must be from 0 to max_tokens"):
         greedy(4, min_tokens=5)
+
+
+def test_a_checkpoint_with_padded_vocabulary_never_samples_an_id_that_is_no_token(tmp_path):
+    """nanoGPT pads GPT-2's 50,257 tokens to 50,304 rows of logits. Here row 50,300 is made the
+    likeliest (1,000 times the greedy token's embedding): transformers would pick it, the
+    engine picks among real tokens only, with every sampling option, and refuses it in a prompt."""
+    path = save_tiny_gpt2(tmp_path / "padded", vocab_size=50304)
+    model = GPT2LMHeadModel.from_pretrained(path).eval()
+    ids = AutoTokenizer.from_pretrained(path).encode(PROMPTS[0])
+    with torch.no_grad():
+        best = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+        assert model(torch.tensor([ids])).logits[0, -1, best] > 0
+        model.transformer.wte.weight[50300] = 1000 * model.transformer.wte.weight[best]
+        assert int(model(torch.tensor([ids])).logits[0, -1].argmax()) == 50300
+    model.save_pretrained(path)
+    engine = make_engine(path)
+    assert engine.vocab_size == 50257
+    options = [dict(temperature=0), dict(temperature=1.5, seed=1), dict(temperature=1.0, top_k=5, seed=2),
+               dict(temperature=1.0, top_p=0.5, seed=3), dict(temperature=0, frequency_penalty=1.0, repetition_penalty=1.3),
+               dict(temperature=0, logprobs=5, echo=True), dict(temperature=2.0, logit_bias=((7, 5.0),), n=3, seed=4)]
+    tokens, _, reasons = run(engine, [GenerationRequest(PROMPTS[0], SamplingParams(max_tokens=12, **o), f"r{i}")
+                                      for i, o in enumerate(options)])
+    assert tokens[("r0", 0)][0] == best
+    assert all(t < 50257 for ts in tokens.values() for t in ts) and set(reasons.values()) <= {"stop", "length"}
+    with pytest.raises(RequestRejected, match=r"\[0, 50257\)"):
+        engine.add(GenerationRequest([50300], greedy(1)))
 
 
 def test_greedy_batch_of_different_lengths_joining_mid_flight(checkpoint, hf):

@@ -121,7 +121,10 @@ class Engine:
         )
         self.eos_token_id = self.tokenizer.eos_token_id
         self._token_bytes = token_bytes_table(self.tokenizer)
-        self.vocab_size = model.config.vocab_size
+        # The tokens there are. A checkpoint may have more rows of logits than its tokenizer has
+        # tokens (nanoGPT pads GPT-2's 50,257 to 50,304): those ids are no text, so the engine
+        # reads logits only up to here, never samples them and never accepts them in a prompt.
+        self.vocab_size = len(self.tokenizer)
         # The repetition guards' memory of each slot's tokens: allocated by the first request
         # that asks for a guard, never touched for the others.
         self.token_history = TokenHistory(config.max_batch_size, self.max_seq_len, self.vocab_size, self.runner.device)
@@ -283,6 +286,7 @@ class Engine:
         except Exception as exc:
             self._recover_from_failed_pass(exc, [r for r, _ in planned], deltas)
             return
+        logits = logits[:, : self.vocab_size]  # a view; the whole row where the model has no padding
         for seq in running:
             seq.length += 1
         if running:
