@@ -311,7 +311,8 @@ class Engine:
                         self.prefix_cache.store(req.prompt_ids, req.slot)
                     self._start(req, rows[-1], deltas)
             except torch.OutOfMemoryError as exc:  # its logprobs, first tokens or slot copies
-                self._prefilling = None if self._prefilling is req else self._prefilling
+                if self._prefilling is req:
+                    self._prefilling = None
                 self._fail([req], exc, deltas)  # slots it took free at the next step
 
     def _sample_rows(self, logits: torch.Tensor, seqs: list[_Sequence], deltas: list[Delta]) -> list[int | None]:
@@ -340,8 +341,9 @@ class Engine:
             slots = [seqs[i].slot for i in guarded]
             logits = self.token_history.apply(logits, guarded, slots, [seqs[i].params for i in guarded])
         biased = [(i, t, b) for i, s in enumerate(seqs) for t, b in s.params.logit_bias]
-        biased += [(i, self.eos_token_id, -math.inf) for i, s in enumerate(seqs)
-                   if s.params.ignore_eos or s.generated < s.params.min_tokens]
+        if self.eos_token_id is not None:
+            biased += [(i, self.eos_token_id, -math.inf) for i, s in enumerate(seqs)
+                       if s.params.ignore_eos or s.generated < s.params.min_tokens]
         if biased:  # out of place: `logits` may be a view shared by a request's n rows
             rows, tokens, values = zip(*biased)
             at = (torch.tensor(rows, device=logits.device), torch.tensor(tokens, device=logits.device))
@@ -517,7 +519,7 @@ class Engine:
             raise RequestRejected(f"max_tokens is {p.max_tokens}; this model allows at most {c.max_tokens}")
         if p.n > min(c.max_n, c.max_batch_size):
             raise RequestRejected(f"n is {p.n}; this model allows at most {min(c.max_n, c.max_batch_size)}")
-        if len(prompt_ids) >= self.max_seq_len + (p.max_tokens == 0):
+        if len(prompt_ids) > self.max_seq_len or (len(prompt_ids) == self.max_seq_len and p.max_tokens):
             raise RequestRejected(
                 f"the prompt has {len(prompt_ids)} tokens, which fill this model's context of "
                 f"{self.max_seq_len} tokens and leave no room to generate; shorten the prompt"

@@ -171,9 +171,9 @@ class GPT2Runner:
         """One pass over the whole batch: a new token for each sequence in slots 0..B-1 (its
         position is `decode_positions[b]`, the sequence's length so far) and any prompt chunks.
 
-        Returns logits: the B decode rows, then each chunk's last position (every position of a
-        chunk with `every_position`), [rows, V]. All rows go through every weight matmul together (why: engine.py's docstring); only
-        attention is per part.
+        Returns logits [rows, V]: the B decode rows, then each chunk's last position (every
+        position of a chunk with `every_position`). All rows go through every weight matmul
+        together (why: engine.py's docstring); only attention is per part.
         """
         B = len(decode_tokens)
         token_ids = list(decode_tokens)
