@@ -184,7 +184,7 @@ def test_echo_with_logprobs_scores_every_prompt_token_as_transformers_does(check
     engine = make_engine(checkpoint, max_prefill_tokens=8, prefix_cache_tokens=256)
     prompt = PROMPTS[1] + " " + PROMPTS[3]
     ids = tok(prompt).input_ids
-    assert len(ids) > 32  # two blocks of the prefix cache, five chunks of 8
+    assert len(ids) > 32  # two blocks of the prefix cache, and many chunks (a scored token costs more)
     run(engine, [GenerationRequest(prompt, greedy(2), "warm")])  # the prompt's blocks are now cached
     deltas: dict[str, list[Delta]] = {}
     for r in (GenerationRequest(prompt, greedy(1, echo=True, logprobs=2, n=2), "one"),
@@ -217,6 +217,52 @@ def test_echo_with_logprobs_scores_every_prompt_token_as_transformers_does(check
     assert not deltas["plain"][0].logprobs and deltas["plain"][0].cached_tokens == 32  # not scored: the cache serves it
     assert [len(d.logprobs) for d in deltas["beside"]] == [1, 1, 1]  # a generating request: its own tokens only
     assert not engine.has_work and engine.num_running == 0
+
+
+def test_a_prompt_to_score_takes_smaller_chunks_as_its_logits_cost_more(checkpoint, hf):
+    """A scored prompt token also runs through the LM head, so it counts for more of a step's
+    prompt budget: on this tiny model, where the LM head is most of the work, a scored prompt
+    goes in chunks of a few tokens where a plain one goes in whole, and is scored all the same."""
+    model, tok = hf
+    engine = make_engine(checkpoint, max_prefill_tokens=64)
+    forward, chunks = engine.runner.forward, []
+
+    def recording(tokens, positions, parts=()):
+        chunks.extend((len(c.token_ids), c.every_position) for c in parts)
+        return forward(tokens, positions, parts)
+
+    engine.runner.forward = recording
+    prompt = PROMPTS[1] + " " + PROMPTS[3]
+    ids = tok(prompt).input_ids
+    run(engine, [GenerationRequest(prompt, greedy(1), "plain")])
+    lps = [lp for d in run_deltas(engine, GenerationRequest(prompt, greedy(0, echo=True, logprobs=0), "s")) for lp in d.logprobs]
+    assert chunks[0] == (len(ids), False)
+    scored = [n for n, every in chunks[1:] if every]
+    assert sum(scored) == len(ids) and max(scored) < len(ids) and len(scored) == len(chunks) - 1
+    with torch.no_grad():
+        expected = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    assert [lp.logprob for lp in lps[1:]] == pytest.approx([float(expected[p, ids[p + 1]]) for p in range(len(ids) - 1)], abs=1e-4)
+    # Several prompts to score at once, and a plain one behind them: each gets all its choices.
+    together = [GenerationRequest(prompt, greedy(1, echo=True, logprobs=0, n=2), "a"),
+                GenerationRequest(PROMPTS[3], greedy(0, echo=True, logprobs=1), "b"),
+                GenerationRequest(PROMPTS[0], greedy(2), "c")]
+    for r in together:
+        engine.add(r)
+    finished = {}
+    while engine.has_work:
+        for d in engine.step():
+            finished.setdefault((d.request_id, d.index), []).append(d)
+    assert sorted(finished) == [("a", 0), ("a", 1), ("b", 0), ("c", 0)]
+    assert [len(d.logprobs) for d in finished[("a", 0)]] == [len(ids) + 1]
+    assert [len(d.logprobs) for d in finished[("b", 0)]] == [len(tok(PROMPTS[3]).input_ids)]
+
+
+def run_deltas(engine: Engine, request: GenerationRequest) -> list[Delta]:
+    engine.add(request)
+    deltas = []
+    while engine.has_work:
+        deltas += engine.step()
+    return deltas
 
 
 def test_max_tokens_0_is_refused_without_echo_and_fits_a_prompt_that_fills_the_context(checkpoint):
