@@ -69,9 +69,14 @@ class ModelServer:
         self._gauge_thread = threading.Thread(target=self._refresh_gauges, name="quill-gauges", daemon=True)
         self._gauge_thread.start()
         # `dtype: auto` decides by hardware, so say what it chose.
-        runner = getattr(getattr(self.engine, "engine", None), "runner", None)
+        runner = getattr(self._core, "runner", None)
         self.weights = f"{str(runner.dtype).removeprefix('torch.')} on {runner.device}" if runner else "unknown"
         log.info("model %s loaded in %.1f s (%s)", self.name, self.load_seconds, self.weights)
+
+    @property
+    def _core(self):
+        """The engine itself (inside the AsyncEngine that steps it, or a test's bare engine)."""
+        return getattr(self.engine, "engine", self.engine)
 
     async def ready(self) -> dict:
         return {"model": self.name, "load_seconds": round(self.load_seconds, 3), "weights": self.weights}
@@ -88,7 +93,7 @@ class ModelServer:
         if not force and now - self._gauges_at < 0.25:
             return
         self._gauges_at = now
-        core = getattr(self.engine, "engine", self.engine)
+        core = self._core
         self.metrics.running.set(getattr(core, "num_running", 0), model=self.name)
         self.metrics.waiting.set(getattr(core, "num_waiting", 0), model=self.name)
         prefix_cache = getattr(core, "prefix_cache", None)
@@ -138,10 +143,6 @@ class ModelServer:
             self._update_gauges(force=True)
 
     # ---- the model's tokenizer: POST /tokenize, POST /detokenize, GET /tokenizer_info ----------
-
-    @property
-    def _core(self):
-        return getattr(self.engine, "engine", self.engine)
 
     async def tokenize(self, text: str, add_special_tokens: bool = True) -> dict:
         core = self._core
