@@ -188,8 +188,11 @@ class Service:
         return dict(zip(self.backends, oks))
 
     def model_card(self, entry: ModelEntry) -> dict:
+        # max_model_len as vLLM's card names it: what a client needs to fit a prompt plus its
+        # completion into the context without a trial 400.
         return {
             "id": entry.name, "object": "model", "created": 0, "owned_by": "quill",
+            "max_model_len": entry.engine.max_seq_len,
             "defaults": entry.defaults.model_dump(), "limits": entry.limits.model_dump(),
         }
 
