@@ -44,12 +44,31 @@ def init_options() -> dict:
     return {"_node_ip_address": LOOPBACK, "runtime_env": {"worker_process_setup_hook": f"{__name__}.setup_worker"}}
 
 
+# HAProxy refuses a request of more than `tune.http.maxhdr` header lines (101 by default, the
+# request line included) with its own HTML 400, before the front door's JSON 431 at
+# QUILL_MAX_HEADERS (100 by default) could answer: measured with 101 headers. At 1024 the front
+# door answers every count up to there; the bytes limit (64 KiB, cli.py) refuses far fewer long
+# headers first. HAProxy's parser keeps an array of this many header slots on its stack (32 bytes
+# each), so not its maximum, 32767.
+HAPROXY_MAX_HEADERS = 1024
+
+
 def setup_worker() -> None:
     """Run by Ray in each worker process of a local Ray, before its actor or task (a cluster's
     workers, without ENV, are left alone)."""
     if os.environ.get(ENV) == "1":
         bind_serve_replicas_to_loopback()
         bind_haproxy_to_loopback()
+        let_haproxy_read_more_headers()
+
+
+def let_haproxy_read_more_headers() -> None:
+    from ray.serve._private import haproxy
+
+    line = "    nbthread {{ config.nbthread }}\n"
+    if line in haproxy.HAPROXY_CONFIG_TEMPLATE:  # the global section
+        haproxy.HAPROXY_CONFIG_TEMPLATE = haproxy.HAPROXY_CONFIG_TEMPLATE.replace(
+            line, f"{line}    tune.http.maxhdr {HAPROXY_MAX_HEADERS}\n", 1)
 
 
 def bind_haproxy_to_loopback() -> None:

@@ -279,6 +279,28 @@ def test_oversized_headers_get_a_json_error_from_whichever_part_refuses_them(ser
     assert httpx.post(server["url"] + "/v1/completions", json=body).status_code == 200  # still serving
 
 
+def test_too_many_headers_get_the_front_doors_json_error(server):
+    """QUILL_MAX_HEADERS (100) headers pass, as the client counts them; more get the JSON 431 up to
+    HAProxy's own limit (1024, raised by quill serve from its default 101), beyond it HAProxy's 400."""
+    body = {"model": "tiny-a", "prompt": "x", "max_tokens": 2}
+
+    def post(total: int) -> httpx.Response:
+        with httpx.Client() as client:  # its own headers: host, accept, user-agent, content-type, ...
+            request = client.build_request("POST", server["url"] + "/v1/completions", json=body)
+            del request.headers["connection"]  # HAProxy consumes it: the front door never sees it
+            request.headers.update({f"x-h{i}": "v" for i in range(total - len(request.headers))})
+            assert len(request.headers) == total
+            return client.send(request)
+
+    assert post(100).status_code == 200
+    for total in (101, 150, 1000):
+        r = post(total)
+        assert r.status_code == 431 and r.json()["error"]["type"] == "request_headers_too_large", (total, r.text)
+        assert f"this request: {total}," in r.json()["error"]["message"]
+    assert post(1100).status_code == 400  # HAProxy's own page
+    assert post(10).status_code == 200  # still serving
+
+
 def test_native_generate_sse_and_whole(server):
     url = server["url"] + "/v1/models/tiny-a/generate"
     body = {"prompt": _prompt(), "n": 3, "max_tokens": 10, "seed": 9, "stream": True}
