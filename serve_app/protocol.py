@@ -160,7 +160,7 @@ class CompletionRequest(_Request):
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     best_of: int | None = None
-    suffix: None = None
+    suffix: Literal[""] | None = None  # no text after the completion: "" (what clients send) or null
     # OpenAI's shape: token ids as JSON object keys (strings), each with a bias in [-100, 100].
     logit_bias: dict[str, Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]] | None = None
 
@@ -188,7 +188,7 @@ class CompletionRequest(_Request):
     def _token_ids(cls, v: dict[str, float] | None) -> dict[str, float] | None:
         bad = [key for key in v or {} if not (key.isascii() and key.isdigit())]
         if bad:
-            raise ValueError(f"logit_bias keys are token ids written as strings, such as \"50256\"; got {shown(bad[0])}")
+            raise ValueError(f"logit_bias keys are token ids written as strings, such as \"198\"; got {shown(bad[0])}")
         return v
 
     @field_validator("best_of")

@@ -129,6 +129,7 @@ HTTP_CASES = [
     Http("max_tokens below 0", C, completion(max_tokens=-1, echo=True), fragment="max_tokens"),
     Http("echo is not a boolean", C, completion(echo="yes"), fragment="echo"),
     Http("best_of 3", C, completion(best_of=3), fragment="best_of is not supported"),
+    Http("suffix with text", C, completion(suffix=" the end."), fragment="suffix: not supported by Quill"),
     Http("logit_bias key not a token id", C, completion(logit_bias={"the": -100}), fragment="logit_bias keys are token ids"),
     Http("logit_bias out of range", C, completion(logit_bias={"50256": -101}), fragment="logit_bias"),
     Http("logit_bias value a string", C, completion(logit_bias={"50256": "ban"}), fragment="logit_bias"),
