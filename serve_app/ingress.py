@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
 
@@ -93,6 +94,7 @@ class Service:
         self.ready_timeout = ready_timeout
         self.drain = Drain()  # graceful shutdown (serve_app/drain.py)
         self._tokenizers: dict[str, dict] = {}  # tokenizer_info by model, asked once
+        self.started = int(time.time())  # a model card's `created`: when this server began serving it
 
     async def tokenizer_info(self, model: str) -> dict:
         if model not in self._tokenizers:
@@ -191,7 +193,7 @@ class Service:
         # max_model_len as vLLM's card names it: what a client needs to fit a prompt plus its
         # completion into the context without a trial 400.
         return {
-            "id": entry.name, "object": "model", "created": 0, "owned_by": "quill",
+            "id": entry.name, "object": "model", "created": self.started, "owned_by": "quill",
             "max_model_len": entry.engine.max_seq_len,
             "defaults": entry.defaults.model_dump(), "limits": entry.limits.model_dump(),
         }

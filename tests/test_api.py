@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -409,6 +410,7 @@ def test_models_health_ready_metrics(app_client):
     data = app_client.get("/v1/models").json()["data"]
     assert [m["id"] for m in data] == ["tiny-a", "tiny-b"] and data[0]["limits"]["max_tokens"] == 100
     assert data[0]["max_model_len"] == 256  # the registry's engine.max_seq_len: prompt + completion
+    assert abs(data[0]["created"] - time.time()) < 3600  # a Unix time (when it began serving), not 1970
     assert app_client.get("/v1/models/tiny-b").json()["id"] == "tiny-b"
     assert app_client.get("/v1/models/zz").status_code == 404
     app_client.post("/v1/completions", json={"model": "tiny-a", "prompt": "x", "seed": 77, "max_tokens": 2})
