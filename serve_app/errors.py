@@ -74,7 +74,8 @@ def to_api_error(exc: BaseException) -> ApiError:
     if isinstance(exc, ApiError):
         return exc
     if isinstance(exc, RequestRejected):
-        return ApiError(400, "invalid_request_error", str(exc))
+        labels = {"param": exc.param, "code": exc.code}
+        return ApiError(400, "invalid_request_error", str(exc), **{k: v for k, v in labels.items() if v})
     if isinstance(exc, EngineOverloaded):
         return overloaded(str(exc))
     error_id = uuid.uuid4().hex[:12]

@@ -168,9 +168,9 @@ class Service:
         opening = [asyncio.ensure_future(self.open_stream(model, p, body, use_cache)) for p in prompts]
         try:
             await asyncio.gather(*opening, return_exceptions=True)
-            failed = next((t.exception() for t in opening if t.exception() is not None), None)
-            if failed is not None:
-                raise failed
+            failed = [(p, t.exception()) for p, t in enumerate(opening) if t.exception() is not None]
+            if failed:
+                raise _naming_the_prompt(*failed[0]) if len(failed) < len(opening) else failed[0][1]
         except BaseException:  # a refused prompt, or this request cancelled (its client gone)
             for task in opening:
                 task.cancel()
@@ -197,6 +197,13 @@ class Service:
             "max_model_len": entry.engine.max_seq_len,
             "defaults": entry.defaults.model_dump(), "limits": entry.limits.model_dump(),
         }
+
+
+def _naming_the_prompt(index: int, exc: BaseException) -> BaseException:
+    """A batch's error that only some of its prompts met (too long, say) says which prompt."""
+    if isinstance(exc, ApiError) and exc.status == 400:
+        return ApiError(exc.status, exc.type, f"prompt {index} of the batch: {exc.message}", **exc.extra)
+    return exc
 
 
 def _sse(data: Any, event: str | None = None) -> str:
@@ -349,8 +356,11 @@ def create_app(service: Service, security: SecuritySettings | None = None) -> Fa
             return JSONResponse(err.body(), status_code=err.status)
         if exc.status_code == 404:  # a path no route takes: say which ones there are
             return JSONResponse(error_body("not_found", no_route(request.method, request.url.path)), 404)
-        type_ = {405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return JSONResponse(error_body(type_, str(exc.detail)), status_code=exc.status_code)
+        if exc.status_code == 405:  # Starlette names the route's methods in Allow (RFC 9110 asks for it)
+            allowed = (exc.headers or {}).get("Allow", "")
+            message = f"{request.method} is not allowed on {shown(request.url.path)}; this route takes {allowed}"
+            return JSONResponse(error_body("method_not_allowed", message), 405, headers=exc.headers)
+        return JSONResponse(error_body("http_error", str(exc.detail)), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _internal(_: Request, exc: Exception):

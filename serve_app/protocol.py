@@ -112,13 +112,15 @@ class _Request(_Prompted):
                   for name, default in entry.defaults.model_dump().items()}
         max_tokens = chosen["max_tokens"]
         if max_tokens > lim.max_tokens:
-            raise RequestRejected(f"max_tokens {shown(max_tokens)} exceeds this model's limit of {lim.max_tokens}")
+            raise RequestRejected(f"max_tokens {shown(max_tokens)} exceeds this model's limit of {lim.max_tokens} "
+                                  f"(limits.max_tokens of its registry entry): send at most {lim.max_tokens}",
+                                  param="max_tokens")
         if self.n > lim.max_n:
-            raise RequestRejected(f"n {shown(self.n)} exceeds this model's limit of {lim.max_n}")
+            raise RequestRejected(f"n {shown(self.n)} exceeds this model's limit of {lim.max_n}", param="n")
         truncate = self.truncate_prompt_tokens
         if truncate is not None and truncate > lim.max_prompt_tokens:
             raise RequestRejected(f"truncate_prompt_tokens {shown(truncate)} exceeds this model's "
-                                  f"max_prompt_tokens of {lim.max_prompt_tokens}")
+                                  f"max_prompt_tokens of {lim.max_prompt_tokens}", param="truncate_prompt_tokens")
         return SamplingParams(
             **chosen,
             n=self.n,
@@ -179,7 +181,7 @@ class CompletionRequest(_Request):
     def to_sampling(self, entry: ModelEntry) -> SamplingParams:
         if len(self.prompts) > entry.limits.max_prompts:
             raise RequestRejected(f"{len(self.prompts)} prompts exceed this model's limit of "
-                                  f"{entry.limits.max_prompts} prompts per request (limits.max_prompts)")
+                                  f"{entry.limits.max_prompts} prompts per request (limits.max_prompts)", param="prompt")
         bias = tuple((int(token), value) for token, value in (self.logit_bias or {}).items())
         return super().to_sampling(entry, logprobs=self.logprobs, echo=self.echo, logit_bias=bias)
 
@@ -356,7 +358,8 @@ def invalid_body(errors: list[dict], content_type: str | None) -> ApiError:
             return invalid("send the body as a JSON object with Content-Type: application/json "
                            f"(got {shown(content_type) if content_type else 'no Content-Type'})")
         return invalid("the body must be a JSON object")
-    return invalid(invalid_fields(errors))
+    fields = {str(loc[0]) for e in errors if (loc := [p for p in e.get("loc", ()) if p != "body"])}
+    return invalid(invalid_fields(errors), **({"param": fields.pop()} if len(fields) == 1 else {}))
 
 
 def _is_json(content_type: str | None) -> bool:

@@ -9,7 +9,8 @@ which the server sends as HTTP 403):
     API key    `Authorization: Bearer <key>` (or, on a WebSocket, the subprotocols
                `quill` + `quill-key.<key>`) when QUILL_API_KEYS[_FILE] is set          -> 401
     rate       QUILL_RATE_LIMIT per key (per client address without keys)            -> 429
-    body       more than QUILL_MAX_BODY_BYTES, refused before it is read whole        -> 413
+    body       compressed (Content-Encoding), refused before it is read               -> 415
+               more than QUILL_MAX_BODY_BYTES, refused before it is read whole        -> 413
 
 /healthz, /readyz and the page (/ and /static/) pass without a key or a rate limit: probes and
 the page that asks for the key must load. On an accepted WebSocket it also bounds each message
@@ -43,6 +44,7 @@ from starlette.responses import JSONResponse
 
 from serve_app.breaker import CircuitBreaker
 from serve_app.errors import ApiError, rate_limited
+from serve_app.protocol import shown
 from serve_app.websocket import error_message
 
 log = logging.getLogger("quill.security")
@@ -400,6 +402,12 @@ class FrontDoor:
         the limit is refused before a byte is read; a chunked body is refused at the chunk that
         crosses it, without reading the rest. Every route reads its body whole anyway, so
         holding up to the limit here costs no more memory than the route would."""
+        encoding = (_header(scope, b"content-encoding") or "identity").strip().lower()
+        if encoding != "identity":  # read as it is, a gzip body was "not valid UTF-8" (RFC 9110: 415)
+            await send_error(ApiError(415, "unsupported_media_type", f"the body is sent with Content-Encoding "
+                                      f"{shown(encoding)}; send it uncompressed, without Content-Encoding"),
+                             scope, receive, send)
+            return
         limit = self.settings.max_body_bytes
         too_large = ApiError(413, "request_too_large", f"the request body exceeds the limit of {limit} bytes")
         declared = _header(scope, b"content-length")

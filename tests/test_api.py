@@ -86,6 +86,19 @@ def test_prompt_as_token_ids_and_one_element_list(app_client):
     assert a["choices"][0]["text"] == b["choices"][0]["text"]
 
 
+def test_a_refusal_names_the_parameter_to_change(app_client):
+    def error(**body):
+        r = app_client.post("/v1/completions", json={"model": "tiny-a", "prompt": "Hi", **body})
+        assert r.status_code == 400, r.text
+        return r.json()["error"]
+
+    assert error(max_tokens=101)["param"] == "max_tokens"  # over limits.max_tokens (100)
+    assert "send at most 100" in error(max_tokens=101)["message"]
+    assert error(n=9)["param"] == "n"
+    assert error(temperature="hot")["param"] == "temperature"
+    assert "param" not in error(temperature="hot", top_p="all")  # two parameters
+
+
 def test_a_null_parameter_is_the_parameter_left_out_as_in_openais_api(app_client):
     # Some clients serialise every field they know, unset ones as null.
     nulls = {"n": None, "stream": None, "echo": None, "temperature": None, "top_p": None, "stop": None,
@@ -265,7 +278,10 @@ def test_a_model_with_a_short_context_answers_a_request_without_max_tokens_with_
             assert r.status_code == 200, r.text
             assert r.json()["usage"]["completion_tokens"] == 4 and r.json()["choices"][0]["finish_reason"] == "length"
             asked = client.post("/v1/completions", json={"model": "short", "prompt": prompt, "max_tokens": 10})
-            assert asked.status_code == 400 and "context of 32 tokens" in asked.json()["error"]["message"]
+            assert asked.status_code == 400 and asked.json()["error"] == {
+                "type": "invalid_request_error", "param": "max_tokens", "code": "context_length_exceeded",
+                "message": "this model's maximum context length is 32 tokens; the prompt (28 tokens) + max_tokens (10) "
+                           "exceed it; lower max_tokens or shorten the prompt"}
     finally:
         server.shutdown()
 
@@ -380,7 +396,11 @@ def test_any_mix_of_completion_options_streams_exactly_what_the_whole_answer_hol
 
 def test_a_batch_with_one_refused_prompt_is_refused_whole(app_client):
     r = app_client.post("/v1/completions", json={"model": "tiny-a", "prompt": ["Hi", "word " * 100], "max_tokens": 3})
-    assert r.status_code == 400 and "at most 64" in r.json()["error"]["message"]
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["message"].startswith("prompt 1 of the batch: the prompt has 101 tokens")
+    # OpenAI's labels, which clients act on (LiteLLM's context-window fallbacks read the code)
+    assert (error["param"], error["code"]) == ("prompt", "context_length_exceeded")
+    assert "this model's maximum context length is 256 tokens" in error["message"]
     ok = app_client.post("/v1/completions", json={"model": "tiny-a", "prompt": ["Hi", "there"], "max_tokens": 3})
     assert ok.status_code == 200 and len(ok.json()["choices"]) == 2
 

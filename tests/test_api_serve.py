@@ -255,10 +255,14 @@ def test_errors_are_json_with_the_right_status(server, client):
         client.completions.create(model="no-such-model", prompt="x")
     assert info.value.body["type"] == "model_not_found"
     assert "tiny-a" in info.value.body["message"] and "tiny-b" in info.value.body["message"]
-    with pytest.raises(openai.BadRequestError):
+    with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model="tiny-a", prompt="x", max_tokens=10_000)
+    assert info.value.param == "max_tokens" and info.value.code is None
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="tiny-a", prompt="x", n=99)
+    with pytest.raises(openai.BadRequestError) as info:  # what clients fall back on a larger model for
+        client.completions.create(model="tiny-a", prompt="word " * 300)
+    assert (info.value.code, info.value.param) == ("context_length_exceeded", "prompt")
     r = httpx.post(server["url"] + "/v1/completions", json={"model": "tiny-a", "prompt": "x", "max_token": 3})
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
     assert "max_token" in r.json()["error"]["message"]

@@ -8,6 +8,7 @@ paths, Ray, pids, Python exception class names), and the next good request must 
 """
 from __future__ import annotations
 
+import gzip
 import json
 import re
 from dataclasses import dataclass, field
@@ -148,7 +149,7 @@ HTTP_CASES = [
     Http("unknown model card", "/v1/models/nope", method="GET", status=404, type_="model_not_found", fragment="nope"),
     Http("a model name 5000 long", "/v1/models/" + "x" * 5000, method="GET", status=404, type_="model_not_found",
          fragment="is not served"),
-    Http("generate by GET", G, method="GET", status=405, type_="method_not_allowed", fragment="Method Not Allowed"),
+    Http("generate by GET", G, method="GET", status=405, type_="method_not_allowed", fragment="this route takes POST"),
     # --- the body itself ---
     Http("malformed JSON", C, '{"model": "tiny-a", "prompt": ', fragment="not valid JSON"),
     Http("trailing garbage", C, '{"model": "tiny-a", "prompt": "Hi"} x', fragment="not valid JSON"),
@@ -157,6 +158,9 @@ HTTP_CASES = [
     Http("body is a list", C, [GOOD_COMPLETION], fragment="JSON object"),
     Http("body is a string", G, '"Hi"', fragment="JSON object"),
     Http("body is null", C, "null", fragment="JSON object"),
+    Http("body gzip-compressed", C, gzip.compress(json.dumps(GOOD_COMPLETION).encode()), status=415,
+         type_="unsupported_media_type", fragment="send it uncompressed",
+         headers={"content-type": "application/json", "content-encoding": "gzip"}),
     Http("empty body", C, "", fragment="body"),
     Http("text/plain content type", C, json.dumps(GOOD_COMPLETION), headers={"content-type": "text/plain"},
          fragment="application/json"),
@@ -181,6 +185,8 @@ def test_http(app_client, case: Http):
     err = r.json()["error"]
     assert err["type"] == case.type_, err
     assert case.fragment in err["message"], err
+    if r.status_code == 405:  # the methods the route takes, as RFC 9110 asks
+        assert r.headers["allow"] == "POST"
     assert len(r.content) < 2000, "an error echoes a bounded part of the input"
     assert_no_internals(r.text)
     good = app_client.post(C, json=GOOD_COMPLETION)

@@ -522,7 +522,7 @@ def test_engine_stream_equals_whole_decode_on_cjk_prompt(checkpoint):
     (GenerationRequest("word " * 100, greedy(4)), "at most 50"),
     (GenerationRequest("hi", greedy(65)), "at most 64"),
     (GenerationRequest("hi", greedy(4, n=5)), "at most 4"),
-    (GenerationRequest("word " * 40, greedy(60)), "context of 96 tokens"),
+    (GenerationRequest("word " * 40, greedy(60)), "maximum context length is 96 tokens"),
     (GenerationRequest([1, 2, 99999], greedy(4)), "token ids"),
 ])
 def test_limits_refuse_oversized_requests_with_a_reason(checkpoint, request_, message):
@@ -539,10 +539,12 @@ def test_a_default_max_tokens_is_cut_to_the_room_the_prompt_leaves(checkpoint):
     prompt = engine.tokenizer.encode("word " * 90)[:90]
     tokens, _, reasons = run(engine, [GenerationRequest(prompt, greedy(60, fit_max_tokens=True), "fit")])
     assert len(tokens[("fit", 0)]) == 6 and reasons[("fit", 0)] == "length"
-    with pytest.raises(RequestRejected, match="context of 96 tokens"):
+    with pytest.raises(RequestRejected, match="maximum context length is 96 tokens") as refused:
         engine.add(GenerationRequest(prompt, greedy(60)))
-    with pytest.raises(RequestRejected, match="leave no room to generate"):
+    assert (refused.value.param, refused.value.code) == ("max_tokens", "context_length_exceeded")
+    with pytest.raises(RequestRejected, match="leave no room to generate") as refused:
         engine.add(GenerationRequest(prompt + prompt[:6], greedy(60, fit_max_tokens=True)))
+    assert (refused.value.param, refused.value.code) == ("prompt", "context_length_exceeded")
 
 
 def test_bad_sampling_values_are_refused():

@@ -38,6 +38,7 @@ from serve_app.engine.penalties import TokenHistory
 from serve_app.engine.prefix_cache import PrefixCache
 from serve_app.engine.sampling import RowParams, choice_seed, sample
 from serve_app.engine.types import (
+    CONTEXT_LENGTH_EXCEEDED,
     Delta,
     EngineOverloaded,
     FinishReason,
@@ -520,26 +521,28 @@ class Engine:
 
     def _check_limits(self, request: GenerationRequest, prompt_ids: list[int]) -> None:
         c, p = self.config, request.params
+        # The context errors say "this model's maximum context length is", as OpenAI's and vLLM's
+        # do: clients match the phrase (LiteLLM) or the code.
         if len(prompt_ids) > c.max_prompt_tokens:
             raise RequestRejected(
                 f"the prompt has {len(prompt_ids)} tokens; this model accepts at most "
-                f"{c.max_prompt_tokens}. Shorten the prompt."
-            )
+                f"{c.max_prompt_tokens} (this model's maximum context length is {self.max_seq_len} tokens, "
+                "prompt and completion together). Shorten the prompt.", param="prompt", code=CONTEXT_LENGTH_EXCEEDED)
         unknown = [t for t, _ in p.logit_bias if t >= self.vocab_size]
         if unknown:
             raise RequestRejected(f"logit_bias names token ids outside this model's vocabulary (0-{self.vocab_size - 1}): "
                                   f"{unknown[:5]}")
         if p.max_tokens > c.max_tokens:
-            raise RequestRejected(f"max_tokens is {p.max_tokens}; this model allows at most {c.max_tokens}")
+            raise RequestRejected(f"max_tokens is {p.max_tokens}; this model allows at most {c.max_tokens}", param="max_tokens")
         if p.n > min(c.max_n, c.max_batch_size):
-            raise RequestRejected(f"n is {p.n}; this model allows at most {min(c.max_n, c.max_batch_size)}")
+            raise RequestRejected(f"n is {p.n}; this model allows at most {min(c.max_n, c.max_batch_size)}", param="n")
         if len(prompt_ids) > self.max_seq_len or (len(prompt_ids) == self.max_seq_len and p.max_tokens):
             raise RequestRejected(
-                f"the prompt has {len(prompt_ids)} tokens, which fill this model's context of "
-                f"{self.max_seq_len} tokens and leave no room to generate; shorten the prompt"
-            )
+                f"the prompt has {len(prompt_ids)} tokens; this model's maximum context length is "
+                f"{self.max_seq_len} tokens, so they leave no room to generate; shorten the prompt",
+                param="prompt", code=CONTEXT_LENGTH_EXCEEDED)
         if len(prompt_ids) + p.max_tokens > self.max_seq_len and not p.fit_max_tokens:
             raise RequestRejected(
-                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({p.max_tokens}) exceeds this "
-                f"model's context of {self.max_seq_len} tokens; lower max_tokens or shorten the prompt"
-            )
+                f"this model's maximum context length is {self.max_seq_len} tokens; the prompt "
+                f"({len(prompt_ids)} tokens) + max_tokens ({p.max_tokens}) exceed it; lower max_tokens "
+                "or shorten the prompt", param="max_tokens", code=CONTEXT_LENGTH_EXCEEDED)

@@ -157,8 +157,20 @@ class Delta:
         return self.finish_reason is not None
 
 
+# OpenAI's code for a prompt (with its completion) longer than the model takes.
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+
+
 class RequestRejected(ValueError):
-    """The request breaks a limit or is malformed; nothing was generated. Maps to HTTP 400."""
+    """The request breaks a limit or is malformed; nothing was generated. Maps to HTTP 400.
+
+    `param` names the parameter to change and `code` a machine-readable reason, as OpenAI's
+    errors carry them: clients act on them (LiteLLM's context-window fallbacks look for
+    code "context_length_exceeded")."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.param, self.code = param, code
 
 
 class EngineOverloaded(RuntimeError):
