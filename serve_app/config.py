@@ -112,6 +112,7 @@ class Defaults(_Section):
     temperature: float = Field(0.8, ge=0)
     top_k: int = Field(0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
+    min_p: float = Field(0.0, ge=0, le=1)
     # Repetition guards, off by default; a model that loops can ship with one on.
     frequency_penalty: float = Field(0.0, ge=-MAX_OPENAI_PENALTY, le=MAX_OPENAI_PENALTY)
     presence_penalty: float = Field(0.0, ge=-MAX_OPENAI_PENALTY, le=MAX_OPENAI_PENALTY)

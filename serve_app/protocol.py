@@ -75,8 +75,10 @@ class _Request(_Prompted):
 
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0)
-    top_k: int | None = Field(None, ge=0)
+    # -1 is vLLM's "off", as 0 is Quill's (clients written for vLLM send it)
+    top_k: int | None = Field(None, ge=-1)
     top_p: float | None = Field(None, gt=0, le=1)
+    min_p: float | None = Field(None, ge=0, le=1)
     n: int = Field(1, ge=1)
     stop: str | list[str] | None = None
     seed: int | None = None
@@ -110,6 +112,7 @@ class _Request(_Prompted):
         # Every registry default is a parameter of the same name that the request may set.
         chosen = {name: default if getattr(self, name) is None else getattr(self, name)
                   for name, default in entry.defaults.model_dump().items()}
+        chosen["top_k"] = max(chosen["top_k"], 0)  # vLLM's -1, off
         max_tokens = chosen["max_tokens"]
         if max_tokens > lim.max_tokens:
             raise RequestRejected(f"max_tokens {shown(max_tokens)} exceeds this model's limit of {lim.max_tokens} "

@@ -86,6 +86,21 @@ def test_prompt_as_token_ids_and_one_element_list(app_client):
     assert a["choices"][0]["text"] == b["choices"][0]["text"]
 
 
+def test_min_p_and_vllms_top_k_off(app_client):
+    """min_p 1 keeps only the likeliest token: sampling at temperature 1 turns greedy. vLLM's
+    top_k -1 is top_k off, as 0 is."""
+    def text(**params):
+        body = {"model": "tiny-a", "prompt": "The law", "max_tokens": 12, "seed": 5, **params}
+        r = app_client.post("/v1/completions", json=body, headers={"Cache-Control": "no-cache"})
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+
+    greedy = text(temperature=0)
+    assert text(temperature=1.0, min_p=1.0) == greedy != text(temperature=1.0, top_k=0)
+    assert text(temperature=1.0, top_k=-1) == text(temperature=1.0, top_k=0)
+    assert app_client.post("/v1/completions", json={"model": "tiny-a", "prompt": "x", "min_p": 1.5}).status_code == 400
+
+
 def test_a_refusal_names_the_parameter_to_change(app_client):
     def error(**body):
         r = app_client.post("/v1/completions", json={"model": "tiny-a", "prompt": "Hi", **body})

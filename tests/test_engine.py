@@ -436,8 +436,8 @@ def test_n_choices_share_a_prefill_and_differ_when_sampled(checkpoint, hf):
     assert tokens[("g", 0)] == expected and tokens[("g", 1)] == expected
 
 
-@pytest.mark.parametrize("top_k,top_p", [(5, 1.0), (0, 0.3), (20, 0.5)])
-def test_sampled_tokens_lie_in_the_allowed_set(top_k, top_p):
+@pytest.mark.parametrize("top_k,top_p,min_p", [(5, 1.0, 0), (0, 0.3, 0), (20, 0.5, 0), (0, 1.0, 0.3), (50, 0.9, 0.4)])
+def test_sampled_tokens_lie_in_the_allowed_set(top_k, top_p, min_p):
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(4, 1000, generator=gen)
     probs = torch.softmax(logits, -1)
@@ -447,10 +447,10 @@ def test_sampled_tokens_lie_in_the_allowed_set(top_k, top_p):
         keep = order[: top_k or len(order)]
         p = row[keep] / row[keep].sum()
         before = p.cumsum(0) - p
-        allowed.append(set(keep[before < top_p].tolist()))
+        allowed.append(set(keep[(before < top_p) & (p >= min_p * p[0])].tolist()))
     seen = [set() for _ in range(4)]
     for counter in range(300):
-        rows = [RowParams(1.0, top_k, top_p, seed=b, counter=counter) for b in range(4)]
+        rows = [RowParams(1.0, top_k, top_p, seed=b, counter=counter, min_p=min_p) for b in range(4)]
         for b, t in enumerate(sample(logits, rows)):
             seen[b].add(t)
     for b in range(4):

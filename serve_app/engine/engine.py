@@ -88,7 +88,7 @@ class _Sequence:
 
     def row(self) -> RowParams:
         p = self.params
-        return RowParams(p.temperature, p.top_k, p.top_p, self.seed, self.generated)
+        return RowParams(p.temperature, p.top_k, p.top_p, self.seed, self.generated, p.min_p)
 
 
 class Engine:

@@ -39,6 +39,7 @@ class RowParams:
     top_p: float
     seed: int
     counter: int
+    min_p: float = 0.0
 
 
 def sample(logits: torch.Tensor, rows: list[RowParams]) -> list[int]:
@@ -51,6 +52,7 @@ def sample(logits: torch.Tensor, rows: list[RowParams]) -> list[int]:
 
     temperature = torch.tensor([max(r.temperature, 1e-5) for r in rows], device=device)
     top_p = torch.tensor([r.top_p for r in rows], device=device)
+    min_p = torch.tensor([r.min_p for r in rows], device=device)
     top_k = torch.tensor([r.top_k if 0 < r.top_k < V else V for r in rows], device=device)
     u = torch.tensor([uniform(r.seed, r.counter) for r in rows], device=device, dtype=torch.float64)
 
@@ -72,6 +74,10 @@ def sample(logits: torch.Tensor, rows: list[RowParams]) -> list[int]:
         # Nucleus: keep the smallest prefix whose mass reaches top_p (the first token always).
         mass_before = probs.cumsum(dim=-1) - probs
         probs = probs.masked_fill(mass_before >= top_p[:, None], 0.0)
+    if bool((min_p > 0).any()):
+        # min-p (HF's and vLLM's): drop tokens less likely than min_p times the likeliest one. A
+        # ratio to the top token, which every cut above keeps, so it needs no renormalising.
+        probs = probs.masked_fill(probs < min_p[:, None] * probs.amax(dim=-1, keepdim=True), 0.0)
 
     cdf = probs.double().cumsum(dim=-1)
     target = (u * cdf[:, -1])[:, None]

@@ -28,6 +28,7 @@ class SamplingParams:
     temperature: float = 0.8  # 0 means greedy
     top_k: int = 0  # 0 means no top-k cut
     top_p: float = 1.0  # 1 means no nucleus cut
+    min_p: float = 0.0  # 0 means no min-p cut (tokens under min_p x the likeliest one's probability)
     n: int = 1  # choices; they share one prefill
     stop: tuple[str, ...] = ()  # the stop text itself is never returned
     seed: int | None = None  # same seed, same text, whatever else is in the batch
@@ -73,6 +74,8 @@ class SamplingParams:
             raise RequestRejected("top_k must be >= 0 (0 turns it off)")
         if not 0 < self.top_p <= 1:
             raise RequestRejected("top_p must be in (0, 1]")
+        if not 0 <= self.min_p <= 1:  # NaN fails too
+            raise RequestRejected("min_p must be in [0, 1] (0 turns it off)")
         if self.n < 1:
             raise RequestRejected("n must be at least 1")
         if self.seed is not None and not -(2**63) <= self.seed < 2**64:
