@@ -25,8 +25,8 @@ import threading
 import time
 
 from serve_app import local_ray
-from serve_app.config import (DEFAULT_REGISTRY, RegistryError, load_registry, required_cpus, required_gpus, set_torch_env,
-                              share_cpus)
+from serve_app.config import (DEFAULT_REGISTRY, MIN_SHARED_CPUS, RegistryError, load_registry, required_cpus, required_gpus,
+                              set_torch_env, share_cpus)
 
 
 def _free_port() -> int:
@@ -108,9 +108,10 @@ def serve_main(argv: list[str]) -> int:
 
     local = not args.address
     num_cpus = args.num_cpus or float(os.cpu_count() or 1)
+    shared = [m.name for m in registry.models if m.cpus_per_replica is None]
     if local:
         registry = share_cpus(registry, num_cpus)
-    problem = _local_fit_problem(registry, num_cpus) if local else None
+    problem = _local_fit_problem(registry, num_cpus, shared) if local else None
     if problem:
         print(f"quill serve: {problem}", file=sys.stderr)
         return 2
@@ -243,15 +244,18 @@ def _drain() -> None:
         print(f"quill serve: drain failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
 
 
-def _local_fit_problem(registry, num_cpus: float) -> str | None:
-    """Why a local Ray could never schedule the registry's first replicas, or None.
+def _local_fit_problem(registry, num_cpus: float, shared: list[str] = ()) -> str | None:
+    """Why a local Ray could never schedule the registry's first replicas, or None (`shared`:
+    the models whose cpus_per_replica `share_cpus` chose).
 
     Ray would not fail: it would wait forever for resources that are not there."""
     need_cpus, need_gpus = required_cpus(registry), required_gpus(registry)
     if need_cpus > num_cpus + 1e-9:
+        why = (f"; a model that leaves cpus_per_replica unset, as {len(shared)} here do, gets an equal share "
+               f"of what is left, but at least {MIN_SHARED_CPUS:g}" if shared else "")
         return (f"the registry needs {need_cpus:g} logical CPUs to start (ingress plus cpus_per_replica "
-                f"x min_replicas per model) but Ray has {num_cpus:g}; lower cpus_per_replica in the "
-                "registry or pass --num-cpus.")
+                f"x min_replicas per model{why}) but Ray has {num_cpus:g}; set a lower cpus_per_replica "
+                "in the registry or pass --num-cpus.")
     placed = [m for m in registry.models if m.resources]
     if placed:
         return (f"model {placed[0].name!r} asks for the Ray resources {placed[0].resources}, which only "

@@ -330,6 +330,11 @@ def _describe(err: dict[str, Any], raw: Any, label: str) -> str:
         msg = "unknown field" + (f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(known)})")
     elif err["type"] == "missing":
         msg = "required field is missing"
+    elif err["type"] == "model_type":  # a section given as something else (an empty `engine:` is null)
+        msg = "must be a mapping of its fields (leave the section out for its defaults)"
+    elif err["type"] == "string_pattern_mismatch" and loc == ["name"]:
+        msg = ("must be 1 to 64 ASCII letters, digits, '.', '_' or '-', starting with a letter or digit "
+               "(it names the model in URLs and in Ray Serve)")
     return f"{where}: {field}: {msg}" if field else f"{where}: {msg}"
 
 
@@ -380,6 +385,29 @@ def parse_registry(data: Any, base_dir: str | os.PathLike | None, label: str = "
         raise RegistryError(label, [_describe(e, data, label) for e in exc.errors()]) from None
 
 
+class _RegistryLoader(yaml.SafeLoader):
+    """YAML's safe loader that refuses a key given twice in one mapping: plain YAML keeps the
+    last one silently, so a second `source:` in an entry would serve another checkpoint than
+    the first one names. Keys a merge (`<<: *defaults`) brings in may still be overridden."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    if key in seen:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"{key!r} is given twice in one mapping (lines {seen[key] + 1} and "
+                            f"{key_node.start_mark.line + 1}); keep one", key_node.start_mark)
+                    seen[key] = key_node.start_mark.line
+                except TypeError:  # an unhashable key: SafeLoader refuses it itself
+                    continue
+        return super().construct_mapping(node, deep)
+
+
 def load_registry(path: str | os.PathLike = DEFAULT_REGISTRY) -> Registry:
     """Read and validate a registry file; raise RegistryError naming the file, model and field."""
     label = str(path)
@@ -387,7 +415,7 @@ def load_registry(path: str | os.PathLike = DEFAULT_REGISTRY) -> Registry:
     if not p.is_file():
         raise RegistryError(label, [f"{label}: registry file not found"])
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.load(p.read_text(), Loader=_RegistryLoader)
     except yaml.YAMLError as exc:
         raise RegistryError(label, [f"{label}: not valid YAML: {exc}"]) from None
     return parse_registry(data, p.resolve().parent, label)

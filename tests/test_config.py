@@ -44,6 +44,20 @@ def test_good_registry_resolves_relative_paths(tmp_path):
     assert guards == (0.5, 0.0, 1.1)  # a model can ship with a repetition guard on
 
 
+def test_yaml_merge_keys_share_settings_and_may_be_overridden(tmp_path):
+    # A key given twice is refused (below); one that a merge brings in may be overridden.
+    path = write(tmp_path, """\
+        models:
+          - &small {name: a, source: ckpt, engine: {max_batch_size: 16}, cpus_per_replica: 0.5}
+          - <<: *small
+            name: b
+            cpus_per_replica: 1
+        """)
+    a, b = load_registry(path).models
+    assert (a.name, b.name) == ("a", "b") and a.engine.max_batch_size == b.engine.max_batch_size == 16
+    assert (a.cpus_per_replica, b.cpus_per_replica) == (0.5, 1)
+
+
 def test_bucket_uris_are_accepted_without_loading_their_clients(tmp_path):
     # `quill render-k8s` loads registries too: no cloud SDK (or torch) just to read one.
     import subprocess
@@ -110,7 +124,10 @@ BAD = [
     pytest.param(ENTRY + "    adapter: gss://bucket/lora\n",
                  ["model 'tiny'", "adapter", "unknown URI scheme 'gss://'", "did you mean 'gs://'?"], id="typo-uri-scheme"),
     pytest.param("  - source: ckpt\n", ["model #1", "name", "required"], id="missing-name"),
-    pytest.param("  - name: 'bad name/'\n    source: ckpt\n", ["name", "pattern"], id="bad-name"),
+    pytest.param("  - name: 'bad name/'\n    source: ckpt\n", ["name", "1 to 64 ASCII letters, digits"], id="bad-name"),
+    pytest.param(ENTRY + "    engine:\n", ["model 'tiny'", "engine: must be a mapping"], id="empty-section"),
+    pytest.param(ENTRY + "    source: other\n", ["registry.yaml", "'source' is given twice", "lines 3 and 4"],
+                 id="key-given-twice"),
     pytest.param(ENTRY + "    device: tpu\n", ["model 'tiny'", "device"], id="bad-device"),
     pytest.param(ENTRY + "    cpus_per_replica: 0\n", ["cpus_per_replica", "greater than 0"], id="zero-cpus"),
     pytest.param(ENTRY + "    resources: {GPU: 1}\n", ["model 'tiny'", "resources", "use cpus_per_replica / gpus_per_replica"],
@@ -194,6 +211,7 @@ def test_quill_serve_refuses_a_registry_that_cannot_fit(tmp_path):
     r = _quill("serve", "--registry", str(path), "--num-cpus", "2")
     assert r.returncode == 2
     assert "needs 2.35 logical CPUs" in r.stderr and "Ray has 2" in r.stderr
+    assert "leaves cpus_per_replica unset, as 1 here do" in r.stderr and "at least 0.25" in r.stderr
 
 
 def test_quill_serve_refuses_gpus_this_machine_lacks(tmp_path):

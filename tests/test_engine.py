@@ -5,6 +5,7 @@ import json
 import asyncio
 import contextlib
 import threading
+import shutil
 import time
 from pathlib import Path
 
@@ -670,6 +671,21 @@ def test_full_queue_is_refused_not_dropped(checkpoint):
 def test_empty_prompt_continues_from_end_of_text(checkpoint):
     tokens, _, _ = run(make_engine(checkpoint), [GenerationRequest("", greedy(5), "e")])
     assert len(tokens[("e", 0)]) == 5
+
+
+def test_an_empty_prompt_is_refused_where_the_tokenizer_has_no_end_of_text(checkpoint, tmp_path):
+    folder = tmp_path / "no-eos"
+    shutil.copytree(checkpoint, folder)
+    settings = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**settings, "eos_token": None, "bos_token": None,
+                                                              "unk_token": None, "pad_token": None}))
+    engine = make_engine(folder)
+    assert engine.eos_token_id is None
+    with pytest.raises(RequestRejected, match="tokenizer has no end-of-text") as refused:
+        engine.add(GenerationRequest("", greedy(5)))
+    assert refused.value.param == "prompt"
+    tokens, _, reasons = run(engine, [GenerationRequest("Hello", greedy(5), "h")])  # text still generates
+    assert len(tokens[("h", 0)]) == 5 and reasons[("h", 0)] == "length"
 
 
 @pytest.mark.parametrize("onednn", [True, False], ids=["oneDNN-packed", "F.linear-fallback"])

@@ -516,7 +516,11 @@ class Engine:
                 raise RequestRejected(
                     f"prompt token ids must be integers in [0, {self.vocab_size}); got {bad[:5]}"
                 )
-        # An empty prompt continues from the start of a document, as GPT-2 was trained.
+        # An empty prompt continues from the start of a document, as GPT-2 was trained: after
+        # its end-of-text token, which a tokenizer may lack.
+        if not ids and self.eos_token_id is None:
+            raise RequestRejected("the prompt is empty, and this model's tokenizer has no end-of-text token to "
+                                  "start a document from: send some text", param="prompt")
         return ids or [self.eos_token_id]
 
     def _check_limits(self, request: GenerationRequest, prompt_ids: list[int]) -> None:
