@@ -101,6 +101,16 @@ class Service:
             self._tokenizers[model] = await self.backend(model).call("tokenizer_info")
         return self._tokenizers[model]
 
+    async def context_length(self, model: str) -> int | None:
+        """The context the model's replicas serve: engine.max_seq_len, or fewer where the
+        checkpoint has fewer positions (which only a replica that loaded it knows). None while
+        no replica answers in time (loading, or lost): a model list must not wait on it."""
+        try:
+            info = await asyncio.wait_for(self.tokenizer_info(model), self.ready_timeout)
+        except Exception:  # noqa: BLE001 - not there yet, timed out: the card goes without it
+            return None
+        return info["model_max_length"]
+
     async def tokenizer_of(self, model: str | None) -> Backend:
         """Whose tokenizer a /tokenize call uses: the model named, or, with none named (as
         vLLM's single-model server allows), any served model's when they all share one."""
@@ -189,14 +199,14 @@ class Service:
         oks = await asyncio.gather(*(b.ready(self.ready_timeout) for b in self.backends.values()))
         return dict(zip(self.backends, oks))
 
-    def model_card(self, entry: ModelEntry) -> dict:
+    async def model_card(self, entry: ModelEntry) -> dict:
+        card = {"id": entry.name, "object": "model", "created": self.started, "owned_by": "quill"}
         # max_model_len as vLLM's card names it: what a client needs to fit a prompt plus its
         # completion into the context without a trial 400.
-        return {
-            "id": entry.name, "object": "model", "created": self.started, "owned_by": "quill",
-            "max_model_len": entry.engine.max_seq_len,
-            "defaults": entry.defaults.model_dump(), "limits": entry.limits.model_dump(),
-        }
+        length = await self.context_length(entry.name)
+        if length is not None:
+            card["max_model_len"] = length
+        return {**card, "defaults": entry.defaults.model_dump(), "limits": entry.limits.model_dump()}
 
 
 def _naming_the_prompt(index: int, exc: BaseException) -> BaseException:
@@ -399,11 +409,12 @@ def create_app(service: Service, security: SecuritySettings | None = None) -> Fa
 
     @app.get("/v1/models")
     async def list_models():
-        return {"object": "list", "data": [service.model_card(b.entry) for b in service.backends.values()]}
+        cards = await asyncio.gather(*(service.model_card(b.entry) for b in service.backends.values()))
+        return {"object": "list", "data": list(cards)}
 
     @app.get("/v1/models/{name}")
     async def get_model(name: str):
-        return service.model_card(service.backend(name).entry)
+        return await service.model_card(service.backend(name).entry)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):

@@ -5,6 +5,7 @@ protocol); tests/test_api_serve.py drives the same routes through `quill serve` 
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import shutil
@@ -292,6 +293,7 @@ def test_a_model_with_a_short_context_answers_a_request_without_max_tokens_with_
             r = client.post("/v1/completions", json={"model": "short", "prompt": prompt, "temperature": 0})
             assert r.status_code == 200, r.text
             assert r.json()["usage"]["completion_tokens"] == 4 and r.json()["choices"][0]["finish_reason"] == "length"
+            assert client.get("/v1/models/short").json()["max_model_len"] == 32  # the checkpoint's, not the registry's
             asked = client.post("/v1/completions", json={"model": "short", "prompt": prompt, "max_tokens": 10})
             assert asked.status_code == 400 and asked.json()["error"] == {
                 "type": "invalid_request_error", "param": "max_tokens", "code": "context_length_exceeded",
@@ -462,6 +464,9 @@ class _NotReady:
     async def ready(self, timeout):
         return self.loaded
 
+    async def call(self, method, *args):  # a replica still loading its weights answers late
+        await asyncio.sleep(3600)
+
 
 def test_readyz_is_503_until_every_model_loaded(app_client):
     service = app_client.app.state.service
@@ -475,6 +480,9 @@ def test_readyz_is_503_until_every_model_loaded(app_client):
     assert client.get("/readyz").status_code == 200
     loading.loaded = False  # its replicas are gone (a dead node): asked afresh, so unready again
     assert client.get("/readyz").status_code == 503
+    # The model list answers all the same; the loading model's card lacks only its context length
+    a, b = client.get("/v1/models").json()["data"]
+    assert a["max_model_len"] == 256 and "max_model_len" not in b and b["limits"]["max_tokens"] == 100
 
 
 class _FailsMidStream:
