@@ -205,6 +205,8 @@ class ModelEntry(_Section):
             path = Path(base) / path
         if base is not None and not path.exists():
             raise ValueError(f"local path {path} does not exist")
+        if base is not None and not path.is_dir():  # refused here, not by a replica after Ray has started
+            raise ValueError(f"local path {path} is a file; name the folder that save_pretrained wrote")
         return str(path.resolve()) if base is not None else value
 
     @field_validator("resources")

@@ -58,6 +58,13 @@ def test_yaml_merge_keys_share_settings_and_may_be_overridden(tmp_path):
     assert (a.cpus_per_replica, b.cpus_per_replica) == (0.5, 1)
 
 
+def test_a_source_that_is_a_file_is_refused_before_anything_starts(tmp_path):
+    path = write(tmp_path, "models:\n  - name: tiny\n    source: ckpt/config.json\n")
+    (tmp_path / "ckpt" / "config.json").write_text("{}")
+    with pytest.raises(RegistryError, match="model 'tiny': source: local path .*config.json is a file; name the folder"):
+        load_registry(path)
+
+
 def test_bucket_uris_are_accepted_without_loading_their_clients(tmp_path):
     # `quill render-k8s` loads registries too: no cloud SDK (or torch) just to read one.
     import subprocess
