@@ -42,10 +42,12 @@ def _default_engine(entry: ModelEntry):
 
 def _fingerprint(tokenizer) -> str:
     """What tells two models' tokenizers apart: its whole definition (vocabulary, merges,
-    normalisation), as the tokenizers library writes it."""
+    normalisation), as the tokenizers library writes it, and its special tokens (the same
+    vocabulary with no end-of-text token encodes an empty prompt differently)."""
     spec = (tokenizer.backend_tokenizer.to_str() if hasattr(tokenizer, "backend_tokenizer")
             else repr(sorted(tokenizer.get_vocab().items())))
-    return hashlib.sha256(spec.encode()).hexdigest()
+    special = repr(sorted((name, str(value)) for name, value in tokenizer.special_tokens_map.items()))
+    return hashlib.sha256((spec + special).encode()).hexdigest()
 
 
 class ModelServer:

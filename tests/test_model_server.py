@@ -164,3 +164,19 @@ async def test_an_entry_without_dtype_serves_bfloat16_only_where_the_cpu_compute
         assert sum(len(d.token_ids) for d in out) == 6 and out[-1].finish_reason == "length"
     finally:
         s.shutdown()
+
+
+def test_the_tokenizer_fingerprint_tells_special_tokens_apart(tmp_path):
+    """Two models share a tokenizer (and /tokenize may leave the model out) only if they encode
+    alike: the same vocabulary without an end-of-text token encodes an empty prompt otherwise."""
+    from transformers import AutoTokenizer
+
+    from serve_app.model_server import _fingerprint
+    from tests.conftest import GPT2_TOKENIZER_DIR
+
+    gpt2 = AutoTokenizer.from_pretrained(GPT2_TOKENIZER_DIR)
+    assert _fingerprint(gpt2) == _fingerprint(AutoTokenizer.from_pretrained(GPT2_TOKENIZER_DIR))
+    gpt2.save_pretrained(tmp_path)
+    no_eos = AutoTokenizer.from_pretrained(tmp_path, eos_token=None, bos_token=None, unk_token=None)
+    assert no_eos.eos_token_id is None and no_eos.get_vocab() == gpt2.get_vocab()
+    assert _fingerprint(no_eos) != _fingerprint(gpt2)
