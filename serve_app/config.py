@@ -222,18 +222,18 @@ class ModelEntry(_Section):
         problems = []
         if self.defaults.max_tokens > self.limits.max_tokens:
             problems.append(
-                f"defaults.max_tokens ({self.defaults.max_tokens}) is greater than "
-                f"limits.max_tokens ({self.limits.max_tokens})"
+                f"defaults.max_tokens ({_given(self.defaults, 'max_tokens')}) is greater than "
+                f"limits.max_tokens ({_given(self.limits, 'max_tokens')})"
             )
         if self.limits.max_prompt_tokens >= self.engine.max_seq_len:
             problems.append(
-                f"limits.max_prompt_tokens ({self.limits.max_prompt_tokens}) leaves no room to "
-                f"generate within engine.max_seq_len ({self.engine.max_seq_len})"
+                f"limits.max_prompt_tokens ({_given(self.limits, 'max_prompt_tokens')}) leaves no room to "
+                f"generate within engine.max_seq_len ({_given(self.engine, 'max_seq_len')})"
             )
         if self.limits.max_n > self.engine.max_batch_size:
             problems.append(
-                f"limits.max_n ({self.limits.max_n}) is greater than "
-                f"engine.max_batch_size ({self.engine.max_batch_size})"
+                f"limits.max_n ({_given(self.limits, 'max_n')}) is greater than "
+                f"engine.max_batch_size ({_given(self.engine, 'max_batch_size')})"
             )
         if self.device == "cuda" and self.gpus_per_replica == 0:
             problems.append("device is cuda but gpus_per_replica is 0: the replica would see no GPU")
@@ -299,6 +299,13 @@ class Registry(BaseModel):
     @property
     def names(self) -> list[str]:
         return [m.name for m in self.models]
+
+
+def _given(section: BaseModel, name: str) -> str:
+    """A field's value as a problem quotes it, saying when the registry left it at its default
+    (a user who never wrote it must know which one to set)."""
+    value = getattr(section, name)
+    return f"{value}" if name in section.model_fields_set else f"{value}, its default"
 
 
 # Field names per section, for "did you mean" hints on unknown keys.

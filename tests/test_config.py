@@ -143,6 +143,8 @@ BAD = [
                  id="autoscaling-typo"),
     pytest.param(ENTRY + "    defaults: {max_tokens: 100}\n    limits: {max_tokens: 50}\n",
                  ["defaults.max_tokens (100) is greater than limits.max_tokens (50)"], id="default-over-limit"),
+    pytest.param(ENTRY + "    limits: {max_tokens: 50}\n",
+                 ["defaults.max_tokens (64, its default) is greater than limits.max_tokens (50)"], id="unwritten-default-over-limit"),
     pytest.param(ENTRY + "    device: cuda\n", ["device is cuda but gpus_per_replica is 0"], id="cuda-without-gpu"),
     pytest.param(ENTRY + "    defaults: {frequency_penalty: 3}\n",
                  ["model 'tiny'", "defaults.frequency_penalty", "less than or equal to 2"], id="penalty-out-of-range"),
