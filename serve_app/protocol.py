@@ -75,8 +75,8 @@ class _Request(_Prompted):
 
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0)
-    # -1 is vLLM's "off", as 0 is Quill's (clients written for vLLM send it)
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = None  # checked in _top_k: -1 is vLLM's "off", as 0 is Quill's
+
     top_p: float | None = Field(None, gt=0, le=1)
     min_p: float | None = Field(None, ge=0, le=1)
     n: int = Field(1, ge=1)
@@ -94,6 +94,13 @@ class _Request(_Prompted):
     frequency_penalty: float | None = Field(None, ge=-MAX_OPENAI_PENALTY, le=MAX_OPENAI_PENALTY)
     presence_penalty: float | None = Field(None, ge=-MAX_OPENAI_PENALTY, le=MAX_OPENAI_PENALTY)
     repetition_penalty: float | None = Field(None, gt=0, le=MAX_REPETITION_PENALTY)
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k(cls, v: int | None) -> int | None:
+        if v is not None and v < -1:
+            raise ValueError("top_k must be at least 1, or 0 (or vLLM's -1) for no top-k cut")
+        return v
 
     @field_validator("stop")
     @classmethod

@@ -87,7 +87,7 @@ HTTP_CASES = [
     Http("temperature 1e999", C, raw('"prompt": "Hi", "temperature": 1e999'), fragment="temperature"),
     Http("negative temperature", C, completion(temperature=-0.5), fragment="temperature"),
     Http("top_p 0", C, completion(top_p=0), fragment="top_p"),
-    Http("top_k negative", G, {"prompt": "Hi", "top_k": -1}, fragment="top_k"),
+    Http("top_k negative", G, {"prompt": "Hi", "top_k": -2}, fragment="top_k must be at least 1, or 0"),
     Http("top_k fractional", C, completion(top_k=1.5), fragment="top_k"),
     Http("seed 2**64", C, raw(f'"prompt": "Hi", "seed": {2**64}'), fragment="seed"),
     Http("seed -2**70", G, raw(f'"prompt": "Hi", "seed": {-2**70}', model=False), fragment="seed"),
