@@ -158,3 +158,15 @@ def test_not_a_mapping_and_not_yaml_are_refused_naming_the_file(tmp_path):
         path = _write(tmp_path, text)
         with pytest.raises(RecipeError, match=str(path)):
             load_recipe(path)
+
+
+def test_quill_train_reports_a_bad_recipe_one_line_per_problem(tmp_path, capsys):
+    from training.train import main
+
+    path = tmp_path / "r.yaml"
+    path.write_text("name: x\ntrain: {lr_rate: 1}\nlora: {rank: 8}\n")
+    assert main(["--recipe", str(path), "--runs", str(tmp_path / "runs")]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2 and all(line.startswith(f"quill train: {path}: ") for line in lines)
+    assert any("train.lr_rate: unknown field (did you mean 'lr'" in line for line in lines)
+    assert not (tmp_path / "runs").exists()  # refused before any run folder is made

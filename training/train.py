@@ -29,6 +29,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -41,7 +42,7 @@ from training import export
 from training.card import model_card
 from training.data import GENRES, SplitSettings, genre_tokens, load_tokenizer
 from training.metrics import perplexity, score_stream
-from training.recipe import load_recipe, recipe_hash, repo_path
+from training.recipe import RecipeError, load_recipe, recipe_hash, repo_path
 
 
 # ----------------------------------------------------------------------------- model
@@ -437,12 +438,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, help="override train.threads (torch CPU threads)")
     ap.add_argument("--stop-at", type=int, help="checkpoint and exit after this step (resume later)")
     ap.add_argument("--no-export", action="store_true", help="train only; don't touch models/")
+    ap.add_argument("--runs", type=Path, help="folder for run checkpoints and logs (default: runs/ in the repo)")
     ap.add_argument("--print-recipe", action="store_true", help="print the merged recipe and exit")
     ap.add_argument("--card-only", action="store_true",
                     help="re-render the model card from the run summary beside the weights; no training")
     args = ap.parse_args(argv)
     for path in args.recipe:
-        recipe = load_recipe(repo_path(path) if not Path(path).exists() else path)
+        try:
+            recipe = load_recipe(repo_path(path) if not Path(path).exists() else path)
+        except RecipeError as exc:  # one line per problem, as `quill serve` reports a registry
+            print("\n".join(f"quill train: {problem}" for problem in exc.problems), file=sys.stderr)
+            return 2
         if args.steps is not None:
             recipe["train"]["steps"] = args.steps
         if args.threads is not None:
@@ -453,7 +459,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.card_only:
             print(f"wrote {rewrite_card(recipe)}")
             continue
-        summary = train(recipe, fresh=args.fresh, export_model=not args.no_export, stop_at=args.stop_at)
+        summary = train(recipe, fresh=args.fresh, export_model=not args.no_export, stop_at=args.stop_at,
+                        run_root=args.runs)
         print(json.dumps({k: v for k, v in summary.items() if k not in ("train_tokens", "val_tokens")}),
               flush=True)
     return 0
