@@ -207,6 +207,10 @@ class ModelEntry(_Section):
             raise ValueError(f"local path {path} does not exist")
         if base is not None and not path.is_dir():  # refused here, not by a replica after Ray has started
             raise ValueError(f"local path {path} is a file; name the folder that save_pretrained wrote")
+        if (base is not None and info.field_name == "source" and (path / "adapter_config.json").is_file()
+                and not (path / "config.json").is_file()):
+            raise ValueError(f"{path} is a LoRA adapter, not a model: name it as `adapter` and set `source` "
+                             "to the base it was trained on")
         return str(path.resolve()) if base is not None else value
 
     @field_validator("resources")

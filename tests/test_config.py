@@ -65,6 +65,13 @@ def test_a_source_that_is_a_file_is_refused_before_anything_starts(tmp_path):
         load_registry(path)
 
 
+def test_an_adapter_named_as_source_is_refused_with_the_fix(tmp_path):
+    path = write(tmp_path, "models:\n  - name: tiny\n    source: ckpt\n")
+    (tmp_path / "ckpt" / "adapter_config.json").write_text("{}")
+    with pytest.raises(RegistryError, match="model 'tiny': source: .*ckpt is a LoRA adapter, not a model: name it as `adapter`"):
+        load_registry(path)
+
+
 def test_bucket_uris_are_accepted_without_loading_their_clients(tmp_path):
     # `quill render-k8s` loads registries too: no cloud SDK (or torch) just to read one.
     import subprocess

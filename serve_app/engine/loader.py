@@ -229,6 +229,9 @@ def _check_architecture(source: str, path: str) -> None:
     """The engine's runner is GPT-2's forward pass: a checkpoint of another architecture would
     load into it as random weights, so its config.json must say GPT-2."""
     if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
+        if (Path(path) / "adapter_config.json").is_file():
+            raise CheckpointError(f"{source!r} is a LoRA adapter, not a model: name it as `adapter` and set "
+                                  "`source` to the base it was trained on")
         raise CheckpointError(f"{source!r} has no config.json; save the model with save_pretrained(folder)")
     try:
         config, _ = PretrainedConfig.get_config_dict(path)
