@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -276,6 +277,20 @@ def test_lora_adapter_trains_exports_small_and_merges(tiny_base, corpora):
     registry = yaml.safe_load(Path(lora["export"]["registry"]).read_text())
     entry = {m["name"]: m for m in registry["models"]}["tiny-legal"]
     assert entry["source"] == "tiny-base" and entry["adapter"] == "tiny-legal"
+
+    # The export records its base: the engine's loader refuses the adapter on another base of
+    # the same shape (it would merge, and serve noise), and takes it on its own.
+    from safetensors.torch import load_file, save_file
+
+    from serve_app.engine.loader import CheckpointError, load_weights
+
+    other = tmp_path / "other-base"
+    shutil.copytree(base_dir, other)
+    tensors = {k: v + 0.01 if v.is_floating_point() else v for k, v in load_file(other / "model.safetensors").items()}
+    save_file(tensors, other / "model.safetensors", metadata={"format": "pt"})
+    load_weights(str(base_dir), str(out), torch.device("cpu"), torch.float32)
+    with pytest.raises(CheckpointError, match="was trained on other weights than"):
+        load_weights(str(other), str(out), torch.device("cpu"), torch.float32)
 
     # evaluate.py reads that registry, loads both models the way the server does, and writes
     # the comparison table + samples; it exits 0 only if the genre model beats the base

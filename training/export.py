@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from serve_app.engine.loader import ADAPTER_BASE_FILE, weights_sha256
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 # Registry defaults for the small CPU-friendly models that ship with Quill; a recipe's
@@ -58,7 +60,7 @@ def export_full(model, tokenizer, out_dir: Path, dtype: str = "float32") -> None
 
 
 def export_adapter(peft_model, tokenizer, out_dir: Path, base_ref: str, max_len: int,
-                   dtype: str = "float32") -> None:
+                   dtype: str = "float32", base_dir: Path | None = None) -> None:
     """Save only the adapter's weights (a few MB) and point the adapter config at its base.
 
     `dtype` float16 halves the file, so twice the LoRA rank fits the same weight budget; the
@@ -83,6 +85,9 @@ def export_adapter(peft_model, tokenizer, out_dir: Path, base_ref: str, max_len:
     # server uses, but keep this portable and readable too.
     cfg["base_model_name_or_path"] = base_ref
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    if base_dir is not None:  # the loader refuses the adapter on any other weights
+        record = {"base": base_ref, "base_weights_sha256": weights_sha256(base_dir)}
+        (out_dir / ADAPTER_BASE_FILE).write_text(json.dumps(record, indent=2) + "\n")
     save_tokenizer(tokenizer, out_dir, max_len)
 
 

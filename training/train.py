@@ -402,7 +402,9 @@ def export_recipe_model(recipe: dict, model, tokenizer, summary: dict) -> str:
     model.eval()
     if recipe["method"] == "lora":
         base_ref = _base_ref(recipe["model"]["init"], registry_path.parent)
-        export.export_adapter(model, tokenizer, out_dir, base_ref, d["block_size"], e["dtype"])
+        init = recipe["model"]["init"]
+        export.export_adapter(model, tokenizer, out_dir, base_ref, d["block_size"], e["dtype"],
+                              base_dir=None if init.startswith("hf://") else repo_path(init))
         entry = export.registry_entry(recipe["name"], base_ref,
                                       os.path.relpath(out_dir, registry_path.parent), e["entry"])
         # The base alone on the same text, for the card's comparison (adapter switched off).

@@ -13,6 +13,7 @@ and for peft to merge an adapter.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -126,6 +127,7 @@ def load_weights(source: str, adapter: str | None, device: torch.device, dtype: 
     config = GPT2Config.from_pretrained(folder)
     tensors = _gpt2_tensors(source, config, _read_safetensors(source, folder))
     if adapter:  # merged in float32 (its product adds in full precision), then moved
+        _check_adapter_base(source, folder, adapter)
         tensors = _merge_adapter(GPT2Weights(config, _converted(tensors, dtype=torch.float32)), adapter).tensors
     return GPT2Weights(config, _converted(tensors, device=device, dtype=dtype))
 
@@ -241,6 +243,35 @@ def _check_architecture(source: str, path: str) -> None:
     if model_type != "gpt2":
         raise CheckpointError(f"{source!r} holds a model of type {model_type!r} (config.json model_type); "
                               "Quill's engine serves GPT-2-architecture models (model_type 'gpt2')")
+
+
+# Written by training/ beside an adapter: the fingerprint of the base weights it was trained on.
+ADAPTER_BASE_FILE = "quill_base.json"
+
+
+def weights_sha256(folder: str | os.PathLike) -> str:
+    """SHA-256 over a checkpoint's safetensors files, in name order: the same weights saved the
+    same way hash the same (about 60 ms for quill-base's 33 MB here)."""
+    digest = hashlib.sha256()
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with open(file, "rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_adapter_base(source: str, folder: Path, adapter: str) -> None:
+    """An adapter on a base of another shape fails to merge; on another base of the same shape it
+    would merge and serve noise. Where training/ recorded the base's fingerprint, compare it
+    (an adapter from elsewhere has none: only the shapes are checked)."""
+    recorded = Path(adapter) / ADAPTER_BASE_FILE
+    if "://" in adapter or not recorded.is_file():
+        return
+    expected = json.loads(recorded.read_text()).get("base_weights_sha256")
+    if expected and weights_sha256(folder) != expected:
+        raise CheckpointError(f"adapter {adapter!r} was trained on other weights than {source!r} holds "
+                              f"({ADAPTER_BASE_FILE}: base_weights_sha256 {expected[:12]}…); set `source` to "
+                              "the base it was trained on, or retrain the adapter on this one")
 
 
 def _merge_adapter(weights: GPT2Weights, adapter: str) -> GPT2Weights:
