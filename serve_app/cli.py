@@ -189,6 +189,7 @@ def serve_main(argv: list[str]) -> int:
         app = app_module.get()
         serve.run(app.build_app(registry), name=app.APP_NAME, route_prefix="/")
         deployed = True
+        _print_loaded_models(registry, app.APP_NAME)
         url = f"http://{args.host}:{args.port}"
         # The Ray address lets `ray status --address` or `serve.status()` look inside a local run.
         print(f"Quill is serving {', '.join(registry.names)} at {url} "
@@ -242,6 +243,24 @@ def _drain() -> None:
               f"({done['seconds']:g} s)", flush=True)
     except Exception as exc:  # best effort: shutting down goes on
         print(f"quill serve: drain failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+
+
+def _print_loaded_models(registry, app_name: str) -> None:
+    """One line per model: how long it took to load and what it serves in (the dtype `auto`
+    chose). The replica logs it too, but a throughput-optimized Serve keeps replica logs in its
+    files, out of this output."""
+    from ray import serve
+
+    async def ask(name: str):  # a throughput-optimized Serve's handles work inside a loop only
+        return await asyncio.wait_for(serve.get_deployment_handle(f"model-{name}", app_name).ready.remote(), 10)
+
+    async def ask_all():
+        return await asyncio.gather(*(ask(m.name) for m in registry.models), return_exceptions=True)
+
+    for m, info in zip(registry.models, asyncio.run(ask_all())):
+        if isinstance(info, BaseException):  # a line that is only informative
+            info = {"load_seconds": float("nan"), "weights": f"not asked: {type(info).__name__}"}
+        print(f"quill serve: model {m.name} loaded in {info['load_seconds']:.1f} s ({info['weights']})", flush=True)
 
 
 def _local_fit_problem(registry, num_cpus: float, shared: list[str] = ()) -> str | None:

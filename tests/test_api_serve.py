@@ -100,6 +100,10 @@ def test_health_ready_and_models(server, client):
     assert set(models) == {"tiny-a", "tiny-b"}
     card = models["tiny-a"].model_dump()
     assert card["limits"]["max_n"] == 4 and card["defaults"]["max_tokens"] == 16
+    assert card["max_model_len"] == 256
+    # What dtype `auto` chose, in quill serve's output (registry.md points there)
+    log = server["log"].read_text(errors="replace")
+    assert re.search(r"model tiny-a loaded in [0-9.]+ s \(.*(float32|bfloat16) on cpu", log), log[-3000:]
 
 
 def test_completion(client):
