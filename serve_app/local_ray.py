@@ -47,9 +47,8 @@ def init_options() -> dict:
 # HAProxy refuses a request of more than `tune.http.maxhdr` header lines (101 by default, the
 # request line included) with its own HTML 400, before the front door's JSON 431 at
 # QUILL_MAX_HEADERS (100 by default) could answer: measured with 101 headers. At 1024 the front
-# door answers every count up to there; the bytes limit (64 KiB, cli.py) refuses far fewer long
-# headers first. HAProxy's parser keeps an array of this many header slots on its stack (32 bytes
-# each), so not its maximum, 32767.
+# door answers every count up to there (far above what clients send); beyond, as beyond the
+# 64 KiB of header bytes (cli.py), HAProxy's own 400 stays.
 HAPROXY_MAX_HEADERS = 1024
 
 

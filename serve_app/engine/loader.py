@@ -251,7 +251,7 @@ ADAPTER_BASE_FILE = "quill_base.json"
 
 def weights_sha256(folder: str | os.PathLike) -> str:
     """SHA-256 over a checkpoint's safetensors files, in name order: the same weights saved the
-    same way hash the same (about 60 ms for quill-base's 33 MB here)."""
+    same way hash the same (30 ms for quill-base's 33 MB here, on every load of an adapter)."""
     digest = hashlib.sha256()
     for file in sorted(Path(folder).glob("*.safetensors")):
         with open(file, "rb") as f:
