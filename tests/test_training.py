@@ -600,3 +600,16 @@ def test_a_wsd_recipe_without_a_decay_is_refused(tmp_path):
 
     with pytest.raises(RecipeError, match="decay_steps"):
         parse_recipe({"name": "x", "train": {"steps": 100, "schedule": "wsd"}}, "training/recipes/x.yaml")
+
+
+def test_a_tokenizer_larger_than_the_base_is_refused_before_training():
+    """The recipe default is GPT-2's tokenizer (50,257 tokens); quill-base has 8,192 rows. Trained
+    anyway, the first batch failed in torch.embedding with an IndexError."""
+    from training.recipe import RecipeError
+    from training.train import build_model
+
+    recipe = _merge(DEFAULTS, {"name": "x", "method": "lora", "model": {"init": "models/quill-base"}})
+    recipe["_path"] = "my-recipe.yaml"
+    with pytest.raises(RecipeError, match="my-recipe.yaml: data.tokenizer: models/gpt2-tokenizer has 50257 tokens, "
+                                          "more than the 8192 rows of model.init models/quill-base"):
+        build_model(recipe, data.load_tokenizer())

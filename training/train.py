@@ -64,6 +64,11 @@ def build_model(recipe: dict, tokenizer):
         # `hf://gpt2` / `hf://gpt2-medium` fetch a hub checkpoint where the hub is reachable.
         where = init[len("hf://"):] if init.startswith("hf://") else str(repo_path(init))
         model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, use_safetensors=True)
+        if len(tokenizer) > model.config.vocab_size:  # else the first batch fails in torch.embedding
+            path = recipe.get("_path", "<recipe>")
+            raise RecipeError(path, [f"{path}: data.tokenizer: {recipe['data']['tokenizer']} has {len(tokenizer)} tokens, "
+                                     f"more than the {model.config.vocab_size} rows of model.init {init}: set it to the "
+                                     "base's own tokenizer (models/quill-tokenizer for quill-base)"])
     model.config.use_cache = False  # no KV cache while training (and required by checkpointing)
 
     if recipe["train"]["gradient_checkpointing"]:
@@ -447,25 +452,29 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     for path in args.recipe:
         try:
-            recipe = load_recipe(repo_path(path) if not Path(path).exists() else path)
+            _run(path, args)
         except RecipeError as exc:  # one line per problem, as `quill serve` reports a registry
             print("\n".join(f"quill train: {problem}" for problem in exc.problems), file=sys.stderr)
             return 2
-        if args.steps is not None:
-            recipe["train"]["steps"] = args.steps
-        if args.threads is not None:
-            recipe["train"]["threads"] = args.threads
-        if args.print_recipe:
-            print(yaml.safe_dump(recipe, sort_keys=False))
-            continue
-        if args.card_only:
-            print(f"wrote {rewrite_card(recipe)}")
-            continue
+    return 0
+
+
+def _run(path: str, args: argparse.Namespace) -> None:
+    """One recipe of `quill train --recipe ...`."""
+    recipe = load_recipe(repo_path(path) if not Path(path).exists() else path)
+    if args.steps is not None:
+        recipe["train"]["steps"] = args.steps
+    if args.threads is not None:
+        recipe["train"]["threads"] = args.threads
+    if args.print_recipe:
+        print(yaml.safe_dump(recipe, sort_keys=False))
+    elif args.card_only:
+        print(f"wrote {rewrite_card(recipe)}")
+    else:
         summary = train(recipe, fresh=args.fresh, export_model=not args.no_export, stop_at=args.stop_at,
                         run_root=args.runs)
         print(json.dumps({k: v for k, v in summary.items() if k not in ("train_tokens", "val_tokens")}),
               flush=True)
-    return 0
 
 
 if __name__ == "__main__":
