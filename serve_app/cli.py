@@ -252,7 +252,11 @@ def _print_loaded_models(registry, app_name: str) -> None:
     from ray import serve
 
     async def ask(name: str):  # a throughput-optimized Serve's handles work inside a loop only
-        return await asyncio.wait_for(serve.get_deployment_handle(f"model-{name}", app_name).ready.remote(), 10)
+        handle = serve.get_deployment_handle(f"model-{name}", app_name)
+        try:
+            return await asyncio.wait_for(handle.ready.remote(), 10)
+        finally:  # else its router, left running, calls into Ray after ray.shutdown() at exit
+            await handle.shutdown_async()
 
     async def ask_all():
         return await asyncio.gather(*(ask(m.name) for m in registry.models), return_exceptions=True)
