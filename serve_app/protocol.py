@@ -368,8 +368,13 @@ def invalid_body(errors: list[dict], content_type: str | None) -> ApiError:
             return invalid("send the body as a JSON object with Content-Type: application/json "
                            f"(got {shown(content_type) if content_type else 'no Content-Type'})")
         return invalid("the body must be a JSON object")
+    return invalid_fields_error(errors)
+
+
+def invalid_fields_error(errors: list[dict], **extra: Any) -> ApiError:
+    """A 400 naming each bad field; with OpenAI's `param` when only one field is bad."""
     fields = {str(loc[0]) for e in errors if (loc := [p for p in e.get("loc", ()) if p != "body"])}
-    return invalid(invalid_fields(errors), **({"param": fields.pop()} if len(fields) == 1 else {}))
+    return invalid(invalid_fields(errors), **({"param": fields.pop()} if len(fields) == 1 else {}), **extra)
 
 
 def _is_json(content_type: str | None) -> bool:
@@ -415,4 +420,4 @@ def parse_ws_message(raw: str) -> WsGenerate | WsCancel:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise invalid(invalid_fields(exc.errors()), id=id_) from None
+        raise invalid_fields_error(exc.errors(), id=id_) from None

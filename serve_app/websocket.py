@@ -23,14 +23,15 @@ from serve_app.protocol import WsCancel, WsGenerate, parse_ws_message
 log = logging.getLogger("quill.websocket")
 
 
-def _error(id_: str | None, type_: str, message: str) -> dict:
-    return {"type": "error", "id": id_, "error": {"type": type_, "message": message}}
+def _error(id_: str | None, type_: str, message: str, **labels) -> dict:
+    return {"type": "error", "id": id_, "error": {"type": type_, "message": message, **labels}}
 
 
 def _error_from(id_: str | None, exc: BaseException) -> dict:
-    """The same error type and message the HTTP routes give for this exception."""
+    """The same error the HTTP routes give for this exception: type, message, and `param`,
+    `code` or `error_id` where it has them (`id` is the message's, outside the error)."""
     err = to_api_error(exc)
-    return _error(id_, err.type, err.message)
+    return _error(id_, err.type, err.message, **{k: v for k, v in err.extra.items() if k != "id"})
 
 
 def error_message(id_: str | None, exc: BaseException) -> str:
@@ -88,7 +89,7 @@ class _Socket:
         try:
             msg = parse_ws_message(raw)
         except ApiError as err:  # `id`: the bad message's own id, when it has a usable one
-            await self.send(_error(err.extra.get("id"), err.type, err.message))
+            await self.send(_error_from(err.extra.get("id"), err))
             return
         if isinstance(msg, WsCancel):
             if self.task is not None and (msg.id is None or msg.id == self.task_id):

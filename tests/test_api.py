@@ -871,3 +871,18 @@ def test_the_websocket_applies_the_same_rules_and_survives_deep_nesting(app_clie
         while (msg := json.loads(ws.receive_text()))["type"] != "done":
             pass
         assert msg["id"] == "ok"
+
+
+def test_websocket_errors_carry_the_same_param_and_code_as_http(app_client):
+    """A client handles one error shape: the socket's error names the parameter to change and
+    OpenAI's code, as the HTTP routes do (not only type and message)."""
+    too_long = {"model": "tiny-a", "prompt": "word " * 100, "max_tokens": 3}
+    http = app_client.post("/v1/completions", json=too_long).json()["error"]
+    with app_client.websocket_connect("/v1/stream") as ws:
+        ws.send_text(json.dumps({"type": "generate", "id": "long", **too_long}))
+        msg = json.loads(ws.receive_text())
+        assert msg["id"] == "long" and msg["error"] == http, (msg, http)
+        assert (msg["error"]["param"], msg["error"]["code"]) == ("prompt", "context_length_exceeded")
+        ws.send_text(json.dumps({"type": "generate", "id": "t", "model": "tiny-a", "prompt": "Hi", "temperature": -1}))
+        msg = json.loads(ws.receive_text())
+        assert msg["id"] == "t" and msg["error"]["param"] == "temperature", msg

@@ -959,6 +959,31 @@ def test_pickled_weights_are_refused(tmp_path):
         make_engine(tmp_path)
 
 
+def test_an_hf_source_serves_from_the_hub_cache_offline_and_is_refused_plainly_when_absent(checkpoint, hf, tmp_path, monkeypatch):
+    """hf://owner/name is read from the machine's hub cache where it is there (an air-gapped
+    replica with a pre-filled HF_HOME); where it is not, the hub's unreachability is one clear
+    error (left to transformers, 50 s of retries and then a raw OSError)."""
+    from huggingface_hub import constants
+
+    from serve_app.engine import CheckpointError
+
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--acme--tiny"
+    shutil.copytree(checkpoint, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # as on a machine with no route to the hub
+
+    engine = make_engine("hf://acme/tiny")
+    tokens, _, _ = run(engine, [GenerationRequest(PROMPTS[0], greedy(6), "h")])
+    assert tokens[("h", 0)] == hf_greedy(hf, PROMPTS[0], 6)
+    with pytest.raises(CheckpointError, match=r"'hf://acme/absent' cannot be fetched: the Hugging Face hub cannot be reached.*HF_HOME"):
+        make_engine("hf://acme/absent")
+    with pytest.raises(CheckpointError, match="not a hub model id"):
+        make_engine("hf://a b")
+
+
 def test_a_checkpoint_that_would_load_as_random_weights_is_refused_by_name(tmp_path):
     """transformers fills what a checkpoint lacks with random weights and only logs it; served,
     that is noise. Another architecture, a missing tensor, shapes config.json contradicts, no

@@ -67,25 +67,28 @@ def auto_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def _local_path(source: str) -> str:
-    """`hf://name` becomes a hub id (downloaded by transformers where the hub is reachable)."""
+def _checkpoint_folder(source: str) -> Path:
+    """The local folder holding `source`'s files. An `hf://name` is fetched from the hub (or
+    found in its local cache) once, for the tokenizer and the weights both: left to
+    transformers, each `from_pretrained` of a hub id retried an unreachable hub for 50 s
+    before a raw OSError."""
     if source.startswith("hf://"):
-        return source[len("hf://"):]
+        return _download(source, source[len("hf://"):])
     if "://" in source:
         raise CheckpointError(
             f"source {source!r}: remote URIs other than hf:// must be synced to a local folder first"
         )
     if not Path(source).is_dir():
         raise CheckpointError(f"source {source!r} is not a folder holding a checkpoint")
-    return source
+    return Path(source)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json")  # either is enough for GPT-2's BPE
 
 
 def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
-    path = _local_path(source)
-    if Path(path).is_dir() and not any((Path(path) / f).exists() for f in TOKENIZER_FILES):
+    path = _checkpoint_folder(source)
+    if not any((path / f).exists() for f in TOKENIZER_FILES):
         raise CheckpointError(
             f"{source!r} has no tokenizer (neither tokenizer.json nor vocab.json + merges.txt); "
             "save the tokenizer into the checkpoint folder with tokenizer.save_pretrained(folder)"
@@ -119,11 +122,10 @@ def as_weights(model: GPT2Weights | Any) -> GPT2Weights:
 def load_weights(source: str, adapter: str | None, device: torch.device, dtype: torch.dtype) -> GPT2Weights:
     """The checkpoint's tensors in `dtype` on `device`, the adapter merged in; refused with
     what to fix where GPT-2's forward pass would not get every weight it reads."""
-    path = _local_path(source)
-    if Path(path).is_dir() and not any(Path(path).glob("*.safetensors")):
+    folder = _checkpoint_folder(source)
+    if not any(folder.glob("*.safetensors")):
         raise CheckpointError(f"{source!r} has no .safetensors weights (pickled weights are refused)")
-    _check_architecture(source, path)
-    folder = Path(path) if Path(path).is_dir() else _download(source, path)
+    _check_architecture(source, folder)
     config = GPT2Config.from_pretrained(folder)
     tensors = _gpt2_tensors(source, config, _read_safetensors(source, folder))
     if adapter:  # merged in float32 (its product adds in full precision), then moved
@@ -162,10 +164,19 @@ def _hf_model(weights: GPT2Weights):
 def _download(source: str, repo_id: str) -> Path:
     """An `hf://` checkpoint: its config and safetensors from the hub (or its local cache)."""
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"]))
-    except Exception as exc:  # noqa: BLE001 - offline, unknown repo, no access: all say the same to the user
+        # *.txt: merges.txt, half of a GPT-2 tokenizer saved without tokenizer.json
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt"]))
+    except LocalEntryNotFoundError:
+        raise CheckpointError(
+            f"{source!r} cannot be fetched: the Hugging Face hub cannot be reached from here and the model "
+            "is not in this machine's hub cache (HF_HOME); fetch it where the hub is reachable, or save it "
+            "with save_pretrained to a folder and name that folder as source") from None
+    except HFValidationError:
+        raise CheckpointError(f"{source!r}: {repo_id!r} is not a hub model id (hf://name or hf://owner/name)") from None
+    except Exception as exc:  # noqa: BLE001 - unknown repo, no access: the hub's first line says which
         raise CheckpointError(f"{source!r} cannot be fetched from the hub: {str(exc).splitlines()[0][:300]}") from None
 
 
@@ -227,11 +238,11 @@ def _expected_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _check_architecture(source: str, path: str) -> None:
+def _check_architecture(source: str, path: Path) -> None:
     """The engine's runner is GPT-2's forward pass: a checkpoint of another architecture would
     load into it as random weights, so its config.json must say GPT-2."""
-    if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
-        if (Path(path) / "adapter_config.json").is_file():
+    if not (path / "config.json").is_file():
+        if (path / "adapter_config.json").is_file():
             raise CheckpointError(f"{source!r} is a LoRA adapter, not a model: name it as `adapter` and set "
                                   "`source` to the base it was trained on")
         raise CheckpointError(f"{source!r} has no config.json; save the model with save_pretrained(folder)")
