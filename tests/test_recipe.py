@@ -170,3 +170,22 @@ def test_quill_train_reports_a_bad_recipe_one_line_per_problem(tmp_path, capsys)
     assert len(lines) == 2 and all(line.startswith(f"quill train: {path}: ") for line in lines)
     assert any("train.lr_rate: unknown field (did you mean 'lr'" in line for line in lines)
     assert not (tmp_path / "runs").exists()  # refused before any run folder is made
+
+
+def test_quill_train_names_a_missing_base_tokenizer_or_corpus_before_loading_anything(tmp_path, capsys):
+    """A typo in a path was a traceback from deep in transformers (the hub's "repo id" message
+    for model.init) or the data loader; now one line per folder, naming the field."""
+    from training.train import main
+
+    path = tmp_path / "r.yaml"
+    path.write_text("name: x\nmethod: lora\nmodel: {init: models/quill-bse}\n"
+                    f"data: {{genres: [lyrics, legal], corpora_dir: {tmp_path / 'corpora'}, tokenizer: {tmp_path}}}\n")
+    (tmp_path / "corpora" / "legal").mkdir(parents=True)
+    (tmp_path / "corpora" / "legal" / "a.txt").write_text("Whereas the parties agree.")
+    assert main(["--recipe", str(path), "--runs", str(tmp_path / "runs")]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 3 and all(line.startswith(f"quill train: {path}: ") for line in lines), lines
+    assert "model.init: models/quill-bse is not a checkpoint folder" in lines[0]
+    assert "data.tokenizer:" in lines[1] and "holds no tokenizer" in lines[1]
+    assert "data.corpora_dir:" in lines[2] and "no lyrics/ folder" in lines[2]  # legal/ is there
+    assert not (tmp_path / "runs").exists()

@@ -89,6 +89,26 @@ def build_model(recipe: dict, tokenizer):
     return model
 
 
+def _check_paths(recipe: dict) -> None:
+    """The folders a recipe names, checked before anything loads: a typo in one was a traceback
+    from deep in transformers (model.init: the hub's "repo id" message) or the data loader."""
+    path, d, problems = recipe.get("_path", "<recipe>"), recipe["data"], []
+    init = recipe["model"]["init"]
+    if init != "scratch" and not init.startswith("hf://") and not (repo_path(init) / "config.json").is_file():
+        problems.append(f"model.init: {init} is not a checkpoint folder (no {repo_path(init) / 'config.json'}); "
+                        "name a folder that save_pretrained wrote (models/quill-base), hf://name, or scratch")
+    tokenizer = repo_path(d["tokenizer"])
+    if not any((tokenizer / f).is_file() for f in ("tokenizer.json", "vocab.json")):
+        problems.append(f"data.tokenizer: {d['tokenizer']} holds no tokenizer (no tokenizer.json or vocab.json in {tokenizer})")
+    for genre in d["genres"]:
+        folder = repo_path(d["corpora_dir"]) / genre
+        if not folder.is_dir() or not any(p.suffix in (".txt", ".jsonl") for p in folder.iterdir()):
+            problems.append(f"data.corpora_dir: {d['corpora_dir']} has no {genre}/ folder of .txt or .jsonl "
+                            f"files ({folder}), which data.genres asks for")
+    if problems:
+        raise RecipeError(path, [f"{path}: {problem}" for problem in problems])
+
+
 def count_params(model) -> tuple[int, int]:
     params = {id(p): p for p in model.parameters()}.values()  # tied weights counted once
     return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
@@ -226,6 +246,7 @@ def train(recipe: dict, fresh: bool = False, export_model: bool = True, log_to_s
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
+    _check_paths(recipe)
     t = recipe["train"]
     torch.set_num_threads(int(t["threads"]))
     name = recipe["name"]
