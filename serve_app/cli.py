@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import importlib
+import math
 import os
 import re
 import signal
@@ -35,14 +37,38 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _port_free(host: str, port: int) -> bool:
-    with socket.socket() as s:
+def _cannot_listen(host: str, port: int) -> str | None:
+    """Why `quill serve` could not listen on host:port, or None."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except OSError as exc:
+        return f"--host {host} is not an address of this machine ({exc.strerror or exc})"
+    with socket.socket(family) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
-        except OSError:
-            return False
-    return True
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return f"{host}:{port} is already in use (pass --port)"
+            return f"cannot listen on {host}:{port} ({exc.strerror or exc})"
+    return None
+
+
+def _port(text: str) -> int:
+    """An argparse type: a TCP port number."""
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1-65535)")
+    return int(text)
+
+
+def _cpus(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of CPUs (more than 0)")
+    return value
 
 
 class _Import(threading.Thread):
@@ -74,12 +100,12 @@ def serve_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="quill serve", description="Serve every model of the registry.")
     p.add_argument("--registry", default=os.environ.get("QUILL_REGISTRY", DEFAULT_REGISTRY))
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_port, default=8000)
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
                    help="join this Ray cluster instead of starting a local one")
-    p.add_argument("--num-cpus", type=float, default=None,
+    p.add_argument("--num-cpus", type=_cpus, default=None,
                    help="logical CPUs for the local Ray (default: this machine's cores)")
-    p.add_argument("--metrics-export-port", type=int, default=None,
+    p.add_argument("--metrics-export-port", type=_port, default=None,
                    help="port of the local Ray's metrics export, as a cluster's Prometheus scrapes it "
                         "(ray_quill_*, ray_serve_*; default: a free port)")
     args = p.parse_args(argv)
@@ -91,9 +117,9 @@ def serve_main(argv: list[str]) -> int:
         print(f"quill serve: the registry cannot be served:\n{exc}", file=sys.stderr)
         return 2
 
-    if not args.address and not _port_free(args.host, args.port):
-        # Ray Serve's proxy would retry binding forever; say it now instead.
-        print(f"quill serve: {args.host}:{args.port} is already in use (pass --port)", file=sys.stderr)
+    problem = None if args.address else _cannot_listen(args.host, args.port)
+    if problem:  # Ray Serve's proxy would retry binding forever; say it now instead
+        print(f"quill serve: {problem}", file=sys.stderr)
         return 2
 
     # Before Ray starts, so its workers inherit them: a local run needs no token auth, and

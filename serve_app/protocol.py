@@ -30,6 +30,7 @@ from serve_app.errors import ApiError
 # for lm-evaluation-harness's humaneval) plus end-of-text; matching costs a few string compares
 # a token each.
 MAX_STOP = 16
+MAX_STOP_TOKEN_IDS = 64  # each is a masked logit before min_tokens and a set lookup a token
 SHOWN_CHARS = 60  # of a client's value quoted back in an error message
 
 
@@ -89,6 +90,9 @@ class _Request(_Prompted):
     # (load generators such as vLLM's benchmark and genai-perf send them for fixed lengths).
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
+    # vLLM's: token ids that end a choice as end-of-text does, and stop strings kept in the text.
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
+    include_stop_str_in_output: bool = False
     # Repetition guards (docs/api.md): OpenAI's two penalties, over the tokens generated so far,
     # and HF's / vLLM's repetition_penalty, over the prompt's tokens and the generated ones.
     frequency_penalty: float | None = Field(None, ge=-MAX_OPENAI_PENALTY, le=MAX_OPENAI_PENALTY)
@@ -139,6 +143,8 @@ class _Request(_Prompted):
             truncate_prompt_tokens=truncate,
             min_tokens=self.min_tokens,
             ignore_eos=self.ignore_eos,
+            stop_token_ids=tuple(self.stop_token_ids or ()),
+            include_stop_str_in_output=self.include_stop_str_in_output,
             fit_max_tokens=self.max_tokens is None,
             **route_params,
         )

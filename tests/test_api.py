@@ -809,6 +809,31 @@ def test_a_load_generator_gets_fixed_lengths_with_ignore_eos_or_min_tokens(app_c
         client.completions.create(**ask, extra_body={"min_tokens": 7})
 
 
+def test_vllm_stop_token_ids_and_include_stop_str_in_output_through_the_openai_client(app_client):
+    """What clients written for vLLM send in extra_body: a token id that ends the choice with
+    its text kept, and a stop string kept at the end of the text; both on the stream too."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{app_client.base_url}/v1", api_key="unused", http_client=app_client, max_retries=0)
+    ask = {"model": "tiny-a", "prompt": "The court held that", "max_tokens": 12, "temperature": 0}
+    plain = client.completions.create(**ask, logprobs=0)
+    tokens = plain.choices[0].logprobs.tokens
+    ids = app_client.post("/tokenize", json={"model": "tiny-a", "prompt": "".join(tokens[:4])}).json()["tokens"]
+    assert len(ids) == 4 and ids[3] not in ids[:3]
+    ended = client.completions.create(**ask, extra_body={"stop_token_ids": [ids[3]]})
+    assert (ended.choices[0].text, ended.choices[0].finish_reason) == ("".join(tokens[:4]), "stop")
+    assert ended.usage.completion_tokens == 4
+    stop = plain.choices[0].text[3:7]
+    kept = client.completions.create(**ask, stop=stop, extra_body={"include_stop_str_in_output": True})
+    text = plain.choices[0].text
+    assert kept.choices[0].text == text[: text.find(stop) + len(stop)] and kept.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(**ask, stop=stop, stream=True, extra_body={"include_stop_str_in_output": True})
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == kept.choices[0].text
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(**ask, extra_body={"stop_token_ids": [10**6]})
+    assert err.value.param == "stop_token_ids"
+
+
 def test_the_openapi_schema_lists_the_repetition_guards_with_their_ranges(app_client):
     schemas = app_client.get("/openapi.json").json()["components"]["schemas"]
     for shape in ("CompletionRequest", "GenerateRequest"):

@@ -485,6 +485,30 @@ def test_stop_string_across_token_boundary_is_cut_and_not_returned(checkpoint):
     assert reasons[("s", 0)] == "stop"
 
 
+def test_stop_token_ids_end_a_choice_with_its_text_and_stop_strings_may_be_kept(checkpoint):
+    """vLLM's stop_token_ids: the token ends the choice (finish_reason "stop") and its text is
+    kept; before min_tokens it is never sampled. include_stop_str_in_output keeps the stop
+    string, and nothing after it."""
+    from serve_app.engine.types import RequestRejected
+
+    engine = make_engine(checkpoint)
+    probe, texts, _ = run(engine, [GenerationRequest(PROMPTS[0], greedy(20), "p")])
+    tokens, full = probe[("p", 0)], texts[("p", 0)]
+    stop_token = tokens[5]
+    assert stop_token not in tokens[:5]
+    got, texts, reasons = run(engine, [GenerationRequest(PROMPTS[0], greedy(20, stop_token_ids=(stop_token,)), "t")])
+    assert got[("t", 0)] == tokens[:6] and reasons[("t", 0)] == "stop"
+    assert texts[("t", 0)] == engine.tokenizer.decode(tokens[:6])
+    got, _, _ = run(engine, [GenerationRequest(PROMPTS[0], greedy(20, stop_token_ids=(stop_token,), min_tokens=8), "m")])
+    assert got[("m", 0)][:5] == tokens[:5] and stop_token not in got[("m", 0)][:8]
+    with pytest.raises(RequestRejected, match="stop_token_ids names token ids outside"):
+        engine.add(GenerationRequest(PROMPTS[0], greedy(5, stop_token_ids=(engine.vocab_size,)), "x"))
+
+    stop = full[6:10]
+    _, texts, reasons = run(engine, [GenerationRequest(PROMPTS[0], greedy(20, stop=(stop,), include_stop_str_in_output=True), "k")])
+    assert texts[("k", 0)] == full[: full.find(stop) + len(stop)] and reasons[("k", 0)] == "stop"
+
+
 def test_cancel_frees_the_slot_for_a_waiting_request(checkpoint):
     engine = make_engine(checkpoint, max_batch_size=2)
     for rid in ("a", "b", "c"):

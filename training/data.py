@@ -225,8 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m training.data`: build the cached splits and print their sizes."""
     import argparse
 
-    ap = argparse.ArgumentParser(description=main.__doc__)
-    ap.add_argument("--genres", nargs="*", default=list(GENRES))
+    ap = argparse.ArgumentParser(prog="quill data", description=main.__doc__)
+    ap.add_argument("--genres", nargs="*", default=list(GENRES), choices=GENRES)
     args = ap.parse_args(argv)
     tok = load_tokenizer()
     for g in args.genres:

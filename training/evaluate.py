@@ -295,13 +295,26 @@ def _matrix(table: dict[str, dict[str, float]], genres: list[str], fmt: str) -> 
     return lines
 
 
+def _registry_problem(registry: Path, names: list[str] | None) -> str | None:
+    """What stops `quill evaluate` before it loads anything: a registry that cannot be read, or a
+    model name it does not hold."""
+    from serve_app.config import RegistryError, load_registry
+
+    try:
+        known = load_registry(registry).names
+    except RegistryError as exc:
+        return "\n".join(exc.problems)
+    unknown = [n for n in names or [] if n not in known]
+    return f"{registry}: no model {', '.join(map(repr, unknown))} (it has {', '.join(known)})" if unknown else None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="quill evaluate",
                                  description="Held-out perplexity and bits per byte per genre, "
                                              "and samples -> docs/models.md")
     ap.add_argument("--registry", default="models/registry.yaml")
     ap.add_argument("--models", nargs="*", help="names from the registry (default: all)")
-    ap.add_argument("--genres", nargs="*", default=list(GENRES))
+    ap.add_argument("--genres", nargs="*", default=list(GENRES), choices=GENRES)
     ap.add_argument("--max-tokens", type=int, default=0,
                     help="held-out tokens per genre (default 0: the whole held-out split)")
     ap.add_argument("--block-size", type=int, default=512)
@@ -315,6 +328,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     registry = repo_path(args.registry)
+    problem = _registry_problem(registry, args.models)
+    if problem:
+        print("\n".join(f"quill evaluate: {line}" for line in problem.splitlines()), file=sys.stderr)
+        return 2
     results = evaluate(registry, args.models, args.genres, args.max_tokens, args.block_size, args.seed,
                        args.matrix, repo_path(args.corpora), repo_path(args.cache_dir))
     command = "quill evaluate " + shlex.join(sys.argv[1:] if argv is None else argv)

@@ -48,9 +48,10 @@ def token_bytes_table(tokenizer: PreTrainedTokenizerBase) -> list[bytes]:
 class TextStream:
     """One choice's text: push token bytes in, get displayable new text out."""
 
-    def __init__(self, stop: tuple[str, ...] = ()):
+    def __init__(self, stop: tuple[str, ...] = (), keep_stop: bool = False):
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._stop = stop
+        self._keep_stop = keep_stop  # the stop string ends the text instead of being cut
         self._held = ""  # decoded, not yet sent: could be the start of a stop string
         self.stopped = False
 
@@ -77,10 +78,11 @@ class TextStream:
         if not self._stop:
             self._held = ""
             return text
-        hits = [i for i in (text.find(s) for s in self._stop) if i >= 0]
-        if hits:
+        hits = [(i, -len(s)) for s in self._stop if (i := text.find(s)) >= 0]
+        if hits:  # the earliest stop string; of those starting there, the longest
             self.stopped, self._held = True, ""
-            return text[: min(hits)]
+            at, minus_len = min(hits)
+            return text[: at - minus_len] if self._keep_stop else text[:at]
         keep = _longest_stop_prefix_suffix(text, self._stop)
         self._held = text[len(text) - keep :] if keep else ""
         return text[: len(text) - keep]

@@ -129,6 +129,7 @@ class Engine:
         )
         self.eos_token_id = self.tokenizer.eos_token_id
         self._token_bytes = token_bytes_table(self.tokenizer)
+        self._special_ids = frozenset(self.tokenizer.all_special_ids)  # a stop token of these adds no text
         # The tokens there are. A checkpoint may have more rows of logits than its tokenizer has
         # tokens (nanoGPT pads GPT-2's 50,257 to 50,304): those ids are no text, so the engine
         # reads logits only up to here, never samples them and never accepts them in a prompt.
@@ -271,7 +272,7 @@ class Engine:
         params = req.request.params
         base_seed = params.seed if params.seed is not None else random.getrandbits(64)
         req.sequences = [
-            _Sequence(req, i, choice_seed(base_seed, i), TextStream(params.stop),
+            _Sequence(req, i, choice_seed(base_seed, i), TextStream(params.stop, params.include_stop_str_in_output),
                       slot=req.slot + i, length=len(req.prompt_ids))
             for i in range(params.n)
         ]
@@ -359,6 +360,8 @@ class Engine:
         if self.eos_token_id is not None:
             biased += [(i, self.eos_token_id, -math.inf) for i, s in enumerate(seqs)
                        if s.params.ignore_eos or s.generated < s.params.min_tokens]
+        biased += [(i, t, -math.inf) for i, s in enumerate(seqs)
+                   if s.generated < s.params.min_tokens for t in s.params.stop_token_ids]
         if biased:  # out of place: `logits` may be a view shared by a request's n rows
             rows, tokens, values = zip(*biased)
             at = (torch.tensor(rows, device=logits.device), torch.tensor(tokens, device=logits.device))
@@ -423,6 +426,10 @@ class Engine:
         if token == self.eos_token_id:
             seq.finish_reason = "stop"
             text = seq.stream.finish()
+        elif token in params.stop_token_ids:
+            seq.finish_reason = "stop"
+            kept = b"" if token in self._special_ids else self._token_bytes[token]
+            text = seq.stream.push(kept, find_stops=False) + seq.stream.finish()
         else:
             text = seq.stream.push(self._token_bytes[token], find_stops=seq.generated >= params.min_tokens)
             if seq.stream.stopped:
@@ -532,6 +539,10 @@ class Engine:
                 f"the prompt has {len(prompt_ids)} tokens; this model accepts at most "
                 f"{c.max_prompt_tokens} (this model's maximum context length is {self.max_seq_len} tokens, "
                 "prompt and completion together). Shorten the prompt.", param="prompt", code=CONTEXT_LENGTH_EXCEEDED)
+        unknown = [t for t in p.stop_token_ids if t >= self.vocab_size]
+        if unknown:
+            raise RequestRejected(f"stop_token_ids names token ids outside this model's vocabulary (0-{self.vocab_size - 1}): "
+                                  f"{unknown[:5]}", param="stop_token_ids")
         unknown = [t for t, _ in p.logit_bias if t >= self.vocab_size]
         if unknown:
             raise RequestRejected(f"logit_bias names token ids outside this model's vocabulary (0-{self.vocab_size - 1}): "

@@ -60,6 +60,10 @@ class SamplingParams:
     # end-of-text (its logit is masked: what load generators ask for to get fixed lengths).
     min_tokens: int = 0
     ignore_eos: bool = False
+    # vLLM's too: tokens that end a choice as end-of-text does (finish_reason "stop"; a
+    # non-special one's text is kept, as vLLM keeps it), and stop strings kept in the text.
+    stop_token_ids: tuple[int, ...] = ()
+    include_stop_str_in_output: bool = False
 
     def __post_init__(self) -> None:
         # Values the engine cannot act on are refused here, so every caller gets the same
@@ -94,6 +98,8 @@ class SamplingParams:
             raise RequestRejected(f"min_tokens must be from 0 to max_tokens ({self.max_tokens}); got {self.min_tokens}")
         if any(not -MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS or t < 0 for t, b in self.logit_bias):  # NaN fails too
             raise RequestRejected(f"logit_bias maps token ids (>= 0) to values in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
+        if any(t < 0 for t in self.stop_token_ids):
+            raise RequestRejected("stop_token_ids must be token ids (>= 0)", param="stop_token_ids")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise RequestRejected(f"logprobs must be in [0, {MAX_LOGPROBS}]")
 
