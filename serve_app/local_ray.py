@@ -14,16 +14,21 @@ address unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER is 0, which makes it keep loopb
 on macOS and Windows, where it never runs multi-node by default). That variable must be set
 before `ray` is imported, in this process and (inherited) in every Ray process it starts.
 
-Three servers ignore the node IP. A Serve replica's inter-deployment gRPC server, which Ray 2.60
+Five servers ignore the node IP. A Serve replica's inter-deployment gRPC server, which Ray 2.60
 binds to "[::]:0" in ray/serve/_private/replica.py (`_on_initialized`); it carries handle calls
 (pickled requests) to the replica. And, in Serve's HAProxy mode (what `quill serve` runs,
 docs/performance.md), HAProxy's stats page and Prometheus exporter, which Ray 2.60's config
 template binds to every interface (`bind *:<stats port>`, `bind :<metrics port>` in
 ray/serve/_private/haproxy_templates.py). `setup_worker`, the `worker_process_setup_hook` a local
 Ray runs in each of its workers before its actor starts, rewrites the replica's address and
-those two template lines (the template is rendered by Serve's HAProxyManager actor). If a Ray
-upgrade moves a bind, the listening-socket test (tests/test_faults.py) fails and names the
-process.
+those two template lines (the template is rendered by Serve's HAProxyManager actor). The
+other two take `--host`, meant for HAProxy's frontend alone: the ingress replica's own HTTP
+server, which HAProxy forwards to, and Serve's fallback proxy behind it. HAProxy reaches both at
+the node IP, so with `--host ::1` they listened where HAProxy never looked, and HAProxy forwarded
+to whichever other local server held 127.0.0.1:30000 (another `quill serve`'s models answered);
+with `--host 0.0.0.0` they were open to the network beside HAProxy. `setup_worker` binds them to
+loopback too. If a Ray upgrade moves a bind, the listening-socket test (tests/test_faults.py)
+fails and names the process.
 """
 from __future__ import annotations
 
@@ -57,6 +62,7 @@ def setup_worker() -> None:
     workers, without ENV, are left alone)."""
     if os.environ.get(ENV) == "1":
         bind_serve_replicas_to_loopback()
+        bind_http_behind_haproxy_to_loopback()
         bind_haproxy_to_loopback()
         let_haproxy_read_more_headers()
 
@@ -77,6 +83,21 @@ def bind_haproxy_to_loopback() -> None:
     for line, port in (("bind :{{ config.metrics_port }}", "metrics_port"), ("bind *:{{ config.stats_port }}", "stats_port")):
         template = template.replace(line, f"bind {LOOPBACK}:{{{{ config.{port} }}}}")
     haproxy.HAPROXY_CONFIG_TEMPLATE = template
+
+
+def bind_http_behind_haproxy_to_loopback() -> None:
+    """The ingress replica's HTTP server, and Serve's proxy where HAProxy is in front of it (the
+    proxy is then only HAProxy's fallback), on 127.0.0.1 whatever `--host` says."""
+    from ray.serve._private import constants, proxy, replica
+
+    def on_loopback(start):
+        async def start_on_loopback(app, http_options, **kwargs):
+            return await start(app, http_options.model_copy(update={"host": LOOPBACK}), **kwargs)
+        return start_on_loopback
+
+    replica.start_asgi_http_server = on_loopback(replica.start_asgi_http_server)
+    if constants.RAY_SERVE_ENABLE_HA_PROXY:
+        proxy.start_asgi_http_server = on_loopback(proxy.start_asgi_http_server)
 
 
 def bind_serve_replicas_to_loopback() -> None:

@@ -188,7 +188,8 @@ def served(tmp_path_factory):
         "tiny", ckpt, engine="{max_batch_size: 4, max_seq_len: 4096}",
         limits=f"{{max_prompt_tokens: 64, max_tokens: {LONG}, max_n: 4}}")])
     # A short drain, so that the SIGTERM test (the module's last) sees streams outlive it.
-    with quill_serve(registry, root, env={"QUILL_DRAIN_SECONDS": str(DRAIN_S)}) as server:
+    # --host 0.0.0.0, as on a LAN: the listening-socket test checks only HAProxy's frontend takes it.
+    with quill_serve(registry, root, "--host", "0.0.0.0", env={"QUILL_DRAIN_SECONDS": str(DRAIN_S)}) as server:
         yield server
 
 
@@ -207,7 +208,10 @@ LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 RAY_INTERNALS = re.compile(r"Actor|actor_id|pid|\d+\.\d+\.\d+\.\d+|Traceback|[0-9a-f]{16}")
 
 
-def test_the_local_ray_listens_on_loopback_only(served):
+def test_the_local_ray_listens_on_loopback_only_and_only_the_frontend_on_host(served):
+    """`--host 0.0.0.0` is for the HTTP frontend (HAProxy): the replica's own HTTP server and
+    Serve's fallback proxy behind it took --host too, open beside HAProxy (and, with ::1, out of
+    HAProxy's sight: it forwarded to another local server's replica)."""
     listening = []
     for p in _session_processes(served):
         with contextlib.suppress(psutil.Error):
@@ -221,7 +225,10 @@ def test_the_local_ray_listens_on_loopback_only(served):
     # HAProxy in front (Serve's throughput-optimized data plane): its HTTP frontend, and the
     # stats page and exporter that Ray's template binds to every interface (local_ray.py).
     assert "ray::HAProxyManager" in names and any(n.endswith("/haproxy") for n in names), names
-    exposed = [x for x in listening if x[1] not in LOOPBACK]
+    port = int(served.url.rsplit(":", 1)[1])
+    frontend = [x for x in listening if x[1] not in LOOPBACK and x[2] == port]
+    assert frontend and all(n.endswith("/haproxy") for n, _, _ in frontend), listening
+    exposed = [x for x in listening if x[1] not in LOOPBACK and x not in frontend]
     assert not exposed, f"listening beyond loopback: {exposed}"
     print(f"\n{len(listening)} listening sockets in {len(names)} processes, all on loopback", file=sys.stderr)
 
@@ -229,13 +236,15 @@ def test_the_local_ray_listens_on_loopback_only(served):
 def test_haproxy_of_a_local_ray_binds_everything_but_its_frontend_to_loopback(monkeypatch):
     """Ray's template binds HAProxy's stats page and exporter to every interface; a local Ray's
     setup hook rewrites them, and leaves a cluster's HAProxy (no QUILL_RAY_LOOPBACK) alone."""
-    from ray.serve._private import haproxy, replica
+    from ray.serve._private import haproxy, proxy, replica
 
     from serve_app import local_ray
 
     original = haproxy.HAPROXY_CONFIG_TEMPLATE
     monkeypatch.setattr(haproxy, "HAPROXY_CONFIG_TEMPLATE", original)
     monkeypatch.setattr(replica, "add_port_to_grpc_server", replica.add_port_to_grpc_server)
+    monkeypatch.setattr(replica, "start_asgi_http_server", replica.start_asgi_http_server)
+    monkeypatch.setattr(proxy, "start_asgi_http_server", proxy.start_asgi_http_server)
     monkeypatch.delenv(local_ray.ENV, raising=False)
     local_ray.setup_worker()
     assert haproxy.HAPROXY_CONFIG_TEMPLATE == original
