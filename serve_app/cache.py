@@ -21,6 +21,7 @@ away the others keep receiving; it is cancelled only when the last listener leav
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import contextlib
 import hashlib
 import json
@@ -308,7 +309,10 @@ class SingleFlight:
         flight = self._flights.get(key)
         if flight is None:
             flight = self._flights[key] = _Flight()  # its producer reports "miss" or "joined"
-            flight.task = asyncio.create_task(self._produce(key, model, flight, start))
+            # In a context of its own: created in this request's, its calls to the model were
+            # this request's children, and Ray Serve cancels a request's children when its
+            # client disconnects: every request that had joined it then failed.
+            flight.task = asyncio.create_task(self._produce(key, model, flight, start), context=contextvars.Context())
         else:
             self.on_outcome(model, "joined")
         flight.listeners += 1

@@ -407,6 +407,32 @@ def test_client_disconnect_cancels_the_generation(server, prompts):
     assert _wait_for(url, "quill_requests_total", after, model="tiny-a", status="cancelled") == after
 
 
+def test_requests_sharing_a_generation_finish_when_the_first_client_leaves(server):
+    """A joined request reads the first one's generation; Ray Serve cancels what a request
+    started when its client disconnects, and the one that joined it got an error event."""
+    url = server["url"]
+    body = {"model": "tiny-a", "prompt": _prompt(), "max_tokens": 96, "seed": 7, "ignore_eos": True, "stream": True}
+
+    async def one_leaves_one_stays():
+        async with httpx.AsyncClient(timeout=60) as first, httpx.AsyncClient(timeout=60) as second:
+            async with first.stream("POST", url + "/v1/completions", json=body) as leaving:
+                async for line in leaving.aiter_lines():
+                    if line.startswith("data: "):
+                        break
+                async with second.stream("POST", url + "/v1/completions", json=body) as staying:
+                    lines = staying.aiter_lines()
+                    seen = [await anext(lines)]
+                    await leaving.aclose()  # the first client walks away while the second reads
+                    seen += [line async for line in lines]
+            return seen
+
+    events = [line[6:] for line in asyncio.run(one_leaves_one_stays()) if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and not any('"error"' in e for e in events), events[-3:]
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert sum(len(c["choices"][0]["text"]) for c in chunks) > 0
+
+
 def test_identical_seeded_requests_generate_once_via_redis(server):
     import redis
 
