@@ -171,9 +171,12 @@ def serve_main(argv: list[str]) -> int:
 
     stop = threading.Event()
     deployed = False
+    node_id = ""  # a local Ray's: its HAProxy is stopped by name at exit (local_ray.stop_haproxy)
 
     def on_signal(signum, _frame):
         if stop.is_set():  # second signal: give up on a clean shutdown
+            if node_id:
+                local_ray.stop_haproxy(node_id)
             os._exit(130)
         stop.set()
         raise _Stop()
@@ -207,6 +210,8 @@ def serve_main(argv: list[str]) -> int:
         # the process without shutting Serve down.
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGTERM, on_signal)
+        if local:
+            node_id = ray.get_runtime_context().get_node_id()
         # The proxy runs on the head node only: that is the address printed below, and several
         # Ray nodes on one machine would otherwise each try to bind the same port.
         from serve_app.security import proxy_http_options  # the idle keep-alive (docs/security.md)
@@ -229,12 +234,12 @@ def serve_main(argv: list[str]) -> int:
         print(f"quill serve: failed to start: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         for line in _deployment_failures():
             print(f"  {line}", file=sys.stderr, flush=True)
-        _shutdown(local)
+        _shutdown(local, node_id)
         return 1
     print("quill serve: shutting down", flush=True)
     if deployed:
         _drain()
-    _shutdown(local)
+    _shutdown(local, node_id)
     return 0
 
 
@@ -362,7 +367,7 @@ def _deployment_failures() -> list[str]:
         return []
 
 
-def _shutdown(local: bool) -> None:
+def _shutdown(local: bool, node_id: str = "") -> None:
     # Ignore further Ctrl-C while cleaning up, except that a second one still exits hard.
     import ray
     from ray import serve
@@ -380,6 +385,8 @@ def _shutdown(local: bool) -> None:
     finally:
         if ray.is_initialized():
             ray.shutdown()
+        if node_id:
+            local_ray.stop_haproxy(node_id)
 
 
 def _front_door(module: str, argv: list[str]) -> int:

@@ -32,7 +32,9 @@ fails and names the process.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 
 LOOPBACK = "127.0.0.1"
 # Set by `quill serve` for a Ray of its own; inherited by every Ray process it starts.
@@ -112,3 +114,26 @@ def bind_serve_replicas_to_loopback() -> None:
         return bind(server, address)
 
     replica.add_port_to_grpc_server = bind_loopback
+
+
+def stop_haproxy(node_id: str) -> int:
+    """Kill the HAProxy processes of this node (Serve keeps their files under a folder named by
+    the node id); returns how many. Serve's HAProxyManager stops HAProxy when Serve shuts down
+    cleanly, but HAProxy is not its child in Ray's eyes: when Serve's shutdown timed out (a
+    SIGTERM while the models loaded: "Controller failed to shut down within 30.0s") or a second
+    Ctrl-C ended `quill serve` at once, HAProxy outlived Ray, held --port and answered every
+    request with a 500 until killed by hand."""
+    marker, killed = f"/{node_id}/".encode(), 0
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                    cmd = f.read().split(b"\0")
+                if cmd[0].endswith(b"/haproxy") and any(marker in arg for arg in cmd):
+                    os.kill(int(entry.name), signal.SIGKILL)
+                    killed += 1
+            except OSError:  # gone meanwhile, or not ours to read
+                continue
+    return killed

@@ -257,6 +257,32 @@ def test_haproxy_of_a_local_ray_binds_everything_but_its_frontend_to_loopback(mo
     assert len(binds) >= 4 and not elsewhere, binds
 
 
+def test_quill_serve_stops_its_own_haproxy_and_no_other(tmp_path):
+    """HAProxy outlived a `quill serve` whose Serve shutdown timed out (SIGTERM while loading)
+    or that a second Ctrl-C ended, holding --port and answering 500s. At exit, `quill serve`
+    kills the HAProxy of its node (Serve keeps its files under the node id), not another's."""
+    from serve_app import local_ray
+
+    fake = tmp_path / "bin" / "haproxy"  # `tail -f` named haproxy: runs until killed
+    fake.parent.mkdir()
+    fake.symlink_to(shutil.which("tail"))
+    procs = {}
+    for node in ("a" * 56, "b" * 56):
+        cfg = tmp_path / "haproxy-serve" / node / "haproxy.cfg"
+        cfg.parent.mkdir(parents=True)
+        cfg.touch()
+        procs[node] = subprocess.Popen([str(fake), "-f", str(cfg)])
+    try:
+        wait_until("both started", lambda: all(p.poll() is None for p in procs.values()), 5)
+        assert local_ray.stop_haproxy("a" * 56) == 1
+        assert procs["a" * 56].wait(10) == -signal.SIGKILL
+        assert procs["b" * 56].poll() is None
+    finally:
+        for p in procs.values():
+            p.kill()
+            p.wait()
+
+
 def _readyz(server, reasons: set | None = None) -> tuple[int, dict]:
     r = httpx.get(server.url + "/readyz", timeout=10)
     body = r.json()
