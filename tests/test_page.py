@@ -53,7 +53,8 @@ class _Broken(_Busy):
 @pytest.fixture(scope="module")
 def service(tiny_checkpoints):
     registry = parse_registry({"models": [
-        *({"name": n, "source": str(p), "engine": {"max_batch_size": 8, "max_seq_len": 256},
+        # tiny-b's context (64) holds less than its prompt limit plus its longest suggestion (98)
+        *({"name": n, "source": str(p), "engine": {"max_batch_size": 8, "max_seq_len": 256 if n == "tiny-a" else 64},
            "defaults": {"max_tokens": 8 if n == "tiny-a" else 5}, "limits": LIMITS[n]}
           for n, p in tiny_checkpoints.items()),
         {"name": "busy", "source": "hf://gpt2"}, {"name": "broken", "source": "hf://gpt2"},
@@ -154,6 +155,29 @@ def test_a_document_longer_than_the_model_reads_is_still_answered(site, browser)
         assert wait_status(page, "done") == "done: 24 tokens"  # 3 suggestions of 8 tokens
         assert sent[-1]["truncate_prompt_tokens"] == 64
         assert sent[-1]["prompt"].endswith("And then") and len(sent[-1]["prompt"]) <= 64 * 16
+
+
+def test_a_long_document_of_emoji_is_answered_within_the_models_context_and_emptying_it_clears(site, browser):
+    """The page cuts the document's end by characters: a cut inside an emoji left half of it,
+    which the server refuses as no text; and it asked for max_prompt_tokens even where those and
+    the suggestion do not fit the model's context (tiny-b: 48 + 50 > 64), a 400 on every key."""
+    document = "x" + "\U0001F600" * 200  # the cut below falls between an emoji's two halves
+    with open_page(browser, site.url) as (page, sent):
+        wait_status(page, "ready")
+        page.select_option("#model", "tiny-b")
+        page.fill("#max", "50")
+        page.fill("#editor", document)
+        write(page, "And then")
+        assert wait_status(page, "done") == "done: 100 tokens"  # 2 suggestions of 50 tokens
+        asked = sent[-1]
+        assert asked["truncate_prompt_tokens"] == 64 - 50 and asked["prompt"].endswith("And then")
+        assert not "\udc00" <= asked["prompt"][0] <= "\udfff"
+        page.fill("#editor", "")  # the writer deletes everything: nothing stale stays to accept
+        page.wait_for_function("() => document.querySelectorAll('#suggestions li').length === 0")
+        assert wait_status(page, "ready") == "ready"
+        generates = sum(m["type"] == "generate" for m in sent)
+        page.keyboard.press("Tab")
+        assert page.input_value("#editor") == "" and sum(m["type"] == "generate" for m in sent) == generates
 
 
 def test_server_errors_are_shown_in_plain_words(site, browser):
