@@ -911,3 +911,20 @@ def test_websocket_errors_carry_the_same_param_and_code_as_http(app_client):
         ws.send_text(json.dumps({"type": "generate", "id": "t", "model": "tiny-a", "prompt": "Hi", "temperature": -1}))
         msg = json.loads(ws.receive_text())
         assert msg["id"] == "t" and msg["error"]["param"] == "temperature", msg
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"prompt": [999999]}, "prompt"),
+    ({"logit_bias": {"99999": 1}}, "logit_bias"),
+    ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"seed": 2**64}, "seed"),
+])
+def test_a_refusal_about_one_parameter_names_it_on_every_channel(app_client, fields, param):
+    """OpenAI's `param`, which clients show or act on, also where the engine is what refuses."""
+    body = {"model": "tiny-a", "prompt": "Hi", **fields}
+    error = app_client.post("/v1/completions", json=body).json()["error"]
+    assert error.get("param") == param, error
+    with app_client.websocket_connect("/v1/stream") as ws:
+        ws.send_text(json.dumps({"type": "generate", "id": "p", **body}))
+        assert json.loads(ws.receive_text())["error"].get("param") == param

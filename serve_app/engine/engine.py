@@ -521,7 +521,7 @@ class Engine:
             bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
             if bad:
                 raise RequestRejected(
-                    f"prompt token ids must be integers in [0, {self.vocab_size}); got {bad[:5]}"
+                    f"prompt token ids must be integers in [0, {self.vocab_size}); got {bad[:5]}", param="prompt"
                 )
         # An empty prompt continues from the start of a document, as GPT-2 was trained: after
         # its end-of-text token, which a tokenizer may lack.
@@ -546,7 +546,7 @@ class Engine:
         unknown = [t for t, _ in p.logit_bias if t >= self.vocab_size]
         if unknown:
             raise RequestRejected(f"logit_bias names token ids outside this model's vocabulary (0-{self.vocab_size - 1}): "
-                                  f"{unknown[:5]}")
+                                  f"{unknown[:5]}", param="logit_bias")
         if p.max_tokens > c.max_tokens:
             raise RequestRejected(f"max_tokens is {p.max_tokens}; this model allows at most {c.max_tokens}", param="max_tokens")
         if p.n > min(c.max_n, c.max_batch_size):

@@ -69,39 +69,39 @@ class SamplingParams:
         # Values the engine cannot act on are refused here, so every caller gets the same
         # message whichever API it came through.
         if self.max_tokens < 1 and not (self.max_tokens == 0 and self.echo):
-            raise RequestRejected("max_tokens must be at least 1 (0 only with echo: the prompt alone)")
+            raise RequestRejected("max_tokens must be at least 1 (0 only with echo: the prompt alone)", param="max_tokens")
         if not (math.isfinite(self.temperature) and math.isfinite(self.top_p)):
             raise RequestRejected("temperature and top_p must be finite numbers")
         if self.temperature < 0:
-            raise RequestRejected("temperature must be >= 0")
+            raise RequestRejected("temperature must be >= 0", param="temperature")
         if self.top_k < 0:
-            raise RequestRejected("top_k must be >= 0 (0 turns it off)")
+            raise RequestRejected("top_k must be >= 0 (0 turns it off)", param="top_k")
         if not 0 < self.top_p <= 1:
-            raise RequestRejected("top_p must be in (0, 1]")
+            raise RequestRejected("top_p must be in (0, 1]", param="top_p")
         if not 0 <= self.min_p <= 1:  # NaN fails too
-            raise RequestRejected("min_p must be in [0, 1] (0 turns it off)")
+            raise RequestRejected("min_p must be in [0, 1] (0 turns it off)", param="min_p")
         if self.n < 1:
-            raise RequestRejected("n must be at least 1")
+            raise RequestRejected("n must be at least 1", param="n")
         if self.seed is not None and not -(2**63) <= self.seed < 2**64:
             # The sampler hashes a 64-bit seed: a larger one would wrap onto another's text.
-            raise RequestRejected("seed must be a 64-bit integer (from -2**63 to 2**64 - 1)")
+            raise RequestRejected("seed must be a 64-bit integer (from -2**63 to 2**64 - 1)", param="seed")
         if any(not s for s in self.stop):
-            raise RequestRejected("stop strings must not be empty")
+            raise RequestRejected("stop strings must not be empty", param="stop")
         if self.truncate_prompt_tokens is not None and self.truncate_prompt_tokens < 1:
-            raise RequestRejected("truncate_prompt_tokens must be at least 1")
+            raise RequestRejected("truncate_prompt_tokens must be at least 1", param="truncate_prompt_tokens")
         for name in ("frequency_penalty", "presence_penalty"):
             if not -MAX_OPENAI_PENALTY <= getattr(self, name) <= MAX_OPENAI_PENALTY:  # NaN fails too
-                raise RequestRejected(f"{name} must be in [-{MAX_OPENAI_PENALTY:g}, {MAX_OPENAI_PENALTY:g}]")
+                raise RequestRejected(f"{name} must be in [-{MAX_OPENAI_PENALTY:g}, {MAX_OPENAI_PENALTY:g}]", param=name)
         if not 0 < self.repetition_penalty <= MAX_REPETITION_PENALTY:
-            raise RequestRejected(f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}] (1 turns it off)")
+            raise RequestRejected(f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}] (1 turns it off)", param="repetition_penalty")
         if not 0 <= self.min_tokens <= self.max_tokens:
-            raise RequestRejected(f"min_tokens must be from 0 to max_tokens ({self.max_tokens}); got {self.min_tokens}")
+            raise RequestRejected(f"min_tokens must be from 0 to max_tokens ({self.max_tokens}); got {self.min_tokens}", param="min_tokens")
         if any(not -MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS or t < 0 for t, b in self.logit_bias):  # NaN fails too
-            raise RequestRejected(f"logit_bias maps token ids (>= 0) to values in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
+            raise RequestRejected(f"logit_bias maps token ids (>= 0) to values in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]", param="logit_bias")
         if any(t < 0 for t in self.stop_token_ids):
             raise RequestRejected("stop_token_ids must be token ids (>= 0)", param="stop_token_ids")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise RequestRejected(f"logprobs must be in [0, {MAX_LOGPROBS}]")
+            raise RequestRejected(f"logprobs must be in [0, {MAX_LOGPROBS}]", param="logprobs")
 
     @property
     def greedy(self) -> bool:
