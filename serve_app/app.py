@@ -142,15 +142,34 @@ class HandleBackend:
         return f"no replica running: {states}" if states else "no replica running"
 
 
+def log_through_serve() -> None:
+    """Quill's loggers write through Ray Serve's replica logger: into the replica's log file
+    (`logs/serve/replica_*.log`), formatted as Serve's own lines, an error at once (Serve's
+    buffer flushes on ERROR). Left alone they reached the file through Serve's redirect of
+    stderr, as tuples of text, and a throughput-optimized Serve kept them in its 1,000-line
+    buffer: an error id that a 500 named was in no log file until the server stopped."""
+    quill, serve_logger = logging.getLogger("quill"), logging.getLogger("ray.serve")
+    if serve_logger.handlers and not quill.handlers:
+        for handler in serve_logger.handlers:
+            quill.addHandler(handler)
+        quill.setLevel(logging.INFO)
+        quill.propagate = False
+
+
 @serve.deployment
 class ModelServerDeployment(ModelServer):
     """ModelServer as a Serve deployment; options (resources, autoscaling) are set per model."""
+
+    def __init__(self, *args, **kwargs):
+        log_through_serve()
+        super().__init__(*args, **kwargs)
 
 
 @serve.deployment(max_ongoing_requests=1000)
 @serve.ingress()
 class Ingress:
     def __init__(self, registry: dict, handles: dict[str, DeploymentHandle], cache: dict | None = None):
+        log_through_serve()
         self.registry = Registry.model_validate(registry)
         cache = cache or {}
         store = make_store(cache.get("redis_url"), cache.get("ttl", DEFAULT_TTL), cache.get("max_entries", DEFAULT_MAX_ENTRIES))

@@ -13,6 +13,7 @@ ids, addresses) reaches the client.
 from __future__ import annotations
 
 import logging
+import traceback
 import uuid
 from typing import Any
 
@@ -79,6 +80,7 @@ def to_api_error(exc: BaseException) -> ApiError:
     if isinstance(exc, EngineOverloaded):
         return overloaded(str(exc))
     error_id = uuid.uuid4().hex[:12]
-    log.error("unexpected error %s", error_id, exc_info=exc)
+    # The traceback in the message: Serve's log formatter writes exc_info as a tuple's repr.
+    log.error("unexpected error %s: %s", error_id, "".join(traceback.format_exception(exc)).rstrip())
     return ApiError(500, "internal_error", f"the server failed to handle this request (error id {error_id}; "
                     "the server log has the details)", error_id=error_id)

@@ -928,3 +928,31 @@ def test_a_refusal_about_one_parameter_names_it_on_every_channel(app_client, fie
     with app_client.websocket_connect("/v1/stream") as ws:
         ws.send_text(json.dumps({"type": "generate", "id": "p", **body}))
         assert json.loads(ws.receive_text())["error"].get("param") == param
+
+
+def test_an_unexpected_error_is_logged_through_serves_replica_logger_with_its_traceback(monkeypatch):
+    """In a replica, Serve's logger writes the replica's log file and flushes it on ERROR; Quill's
+    loggers use its handlers, so the error id a 500 names is in that file at once, traceback
+    as text (Serve's formatter wrote exc_info as a tuple's repr)."""
+    import logging
+
+    from serve_app.app import log_through_serve
+    from serve_app.errors import to_api_error
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    monkeypatch.setattr(logging.getLogger("ray.serve"), "handlers", [handler])
+    quill = logging.getLogger("quill")
+    monkeypatch.setattr(quill, "handlers", [])
+    monkeypatch.setattr(quill, "propagate", True)
+    log_through_serve()
+    try:
+        raise KeyError("inner detail")
+    except KeyError as exc:
+        err = to_api_error(exc)
+    (record,) = records
+    assert record.levelno == logging.ERROR and not record.exc_info
+    text = record.getMessage()
+    assert err.extra["error_id"] in text and "Traceback" in text and "KeyError: 'inner detail'" in text
+    assert "inner detail" not in err.message  # the client gets the id, not the internals
