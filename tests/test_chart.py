@@ -252,6 +252,28 @@ def test_optional_parts_follow_the_values():
     assert "QUILL_API_KEYS" not in env
 
 
+def test_what_a_platform_team_sets_renders_as_written(tmp_path):
+    """Numbers in a values file's `env` stay numbers (Helm reads them as float64: 2097152 was
+    "2.097152e+06", which the app refused); the Ray metrics Service selects Ray pods only (it
+    also took the GPU exporter's pods, so every GPU was scraped twice); `helm test`'s Pod pulls
+    with the release's secrets; a release name Kubernetes cannot name objects after is refused."""
+    values = tmp_path / "values.yaml"
+    values.write_text("env:\n  QUILL_MAX_BODY_BYTES: 2097152\n  QUILL_CACHE_MAX_ENTRIES: 1000000\n  QUILL_RATIO: 0.5\n"
+                      "imagePullSecrets:\n  - name: regcred\n")
+    docs = helm_template(GPU_REGISTRY, "--values", str(GPU_VALUES), "--values", str(values))
+    env = {e["name"]: e.get("value") for e in worker_groups(docs)["gpu"]["template"]["spec"]["containers"][0]["env"]}
+    assert (env["QUILL_MAX_BODY_BYTES"], env["QUILL_CACHE_MAX_ENTRIES"], env["QUILL_RATIO"]) == ("2097152", "1000000", "0.5")
+    (metrics,) = [d for d in of_kind(docs, "Service") if d["metadata"]["name"].endswith("-ray-metrics")]
+    (exporter,) = of_kind(docs, "DaemonSet")
+    pod_labels = exporter["spec"]["template"]["metadata"]["labels"]
+    assert not all(pod_labels.get(k) == v for k, v in metrics["spec"]["selector"].items())
+    (test_pod,) = [d for d in of_kind(docs, "Pod") if "helm.sh/hook" in d["metadata"].get("annotations", {})]
+    assert test_pod["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
+    for name in ("quill.prod", "1st-quill"):  # names helm itself takes
+        out = helm("template", name, str(CHART_DIR), "--set-file", f"registry={SHIPPED}")
+        assert out.returncode != 0 and "DNS-1035" in out.stderr, (name, out.stderr)
+
+
 def test_every_ray_pod_runs_torch_with_the_settings_quill_serve_gives_it():
     """The chart's pods set by hand what a local `quill serve` sets from `TORCH_ENV` (OpenMP's
     wait policy, huge pages for tensors): a setting added there and forgotten here fails."""
@@ -267,9 +289,14 @@ def test_every_ray_pod_runs_torch_with_the_settings_quill_serve_gives_it():
 def test_render_k8s_prints_what_helm_template_prints(tmp_path):
     out = render_k8s("--registry", str(GPU_REGISTRY), "--values", str(GPU_VALUES), "--namespace", "writers")
     assert out.returncode == 0, out.stderr
-    direct = helm("template", "quill", str(CHART_DIR), "--set-file", f"registry={GPU_REGISTRY}",
+    direct = helm("template", "quill", str(CHART_DIR), "--skip-tests", "--set-file", f"registry={GPU_REGISTRY}",
                   "--values", str(GPU_VALUES), "--namespace", "writers")
     assert out.stdout == direct.stdout
+    # For kubectl apply: every object in the namespace asked for, and no `helm test` hook Pod
+    # (applied, it would be a plain Pod that the next image change cannot update).
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    assert docs and all(d["metadata"]["namespace"] == "writers" for d in docs)
+    assert not any("helm.sh/hook" in (d["metadata"].get("annotations") or {}) for d in docs)
     only = render_k8s("--registry", str(GPU_REGISTRY), "--serve-config")
     assert yaml.safe_load(only.stdout) == serve_config(helm_template(GPU_REGISTRY))
 
@@ -295,6 +322,7 @@ def test_a_registry_the_cluster_cannot_run_is_refused_naming_model_and_field(cas
         for word in expected:
             assert word in out.stderr, out.stderr
         assert "Traceback" not in out.stderr
+    assert "walk.go" not in out.stderr and "--debug" not in out.stderr  # render-k8s: our message alone
 
 
 def test_an_unknown_uri_scheme_is_refused_naming_model_and_field(registry_file):

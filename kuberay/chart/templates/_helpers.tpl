@@ -2,6 +2,9 @@
 Names and labels.
 */}}
 {{- define "quill.fullname" -}}
+{{- if not (regexMatch "^[a-z]([-a-z0-9]*[a-z0-9])?$" .Release.Name) -}}
+{{- fail (printf "release name %q: Quill's Services and RayService take their names from it, which Kubernetes wants as DNS-1035 labels: lower-case letters, digits and '-', starting with a letter (e.g. quill-prod)" .Release.Name) -}}
+{{- end -}}
 {{- if contains .Chart.Name .Release.Name -}}
 {{- .Release.Name | trunc 40 | trimSuffix "-" -}}
 {{- else -}}
@@ -187,7 +190,12 @@ checks that every one of them is here).
 {{- end }}
 {{- range $k, $v := .Values.env }}
 - name: {{ $k }}
-  value: {{ $v | quote }}
+  {{- /* Helm reads a values file's numbers as float64: 2097152 would render as "2.097152e+06". */}}
+  {{- if and (kindIs "float64" $v) (eq $v (floor $v)) }}
+  value: {{ $v | int64 | toString | quote }}
+  {{- else }}
+  value: {{ $v | toString | quote }}
+  {{- end }}
 {{- end }}
 {{- end -}}
 
