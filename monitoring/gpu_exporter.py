@@ -178,8 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     first = exporter.poll()  # before listening: the first scrape already has a reading
     try:
         server = serve(exporter, args.host, args.port)
-    except OSError as exc:
-        print(f"quill gpu-exporter: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+    except (OSError, OverflowError) as exc:  # OverflowError: a port past 65535
+        print(f"quill gpu-exporter: cannot listen on {args.host}:{args.port}: {getattr(exc, 'strerror', None) or exc}",
+              file=sys.stderr)
         return 2
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -428,7 +428,11 @@ def load_registry(path: str | os.PathLike = DEFAULT_REGISTRY) -> Registry:
     if not p.is_file():
         raise RegistryError(label, [f"{label}: registry file not found"])
     try:
-        data = yaml.load(p.read_text(), Loader=_RegistryLoader)
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_RegistryLoader)
     except yaml.YAMLError as exc:
         raise RegistryError(label, [f"{label}: not valid YAML: {exc}"]) from None
+    except UnicodeDecodeError as exc:  # e.g. UTF-16, what PowerShell's `>` writes
+        raise RegistryError(label, [f"{label}: not UTF-8 text (byte {exc.start}); save it as UTF-8"]) from None
+    except OSError as exc:
+        raise RegistryError(label, [f"{label}: cannot be read ({exc.strerror or exc})"]) from None
     return parse_registry(data, p.resolve().parent, label)

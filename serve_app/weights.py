@@ -84,7 +84,13 @@ def _sync(uri: str, model: str, shown: str) -> str:
     if not objects:
         raise FileNotFoundError(root)
     base = cache_dir()
-    base.mkdir(parents=True, exist_ok=True)
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=base):
+            pass
+    except OSError as exc:  # not the bucket's doing: a PermissionError here read as "access denied"
+        raise WeightsError(f"model {model!r}: the weights cache {base} cannot be written ({exc.strerror or exc}); "
+                           "make it writable for this process's user, or set QUILL_WEIGHTS_DIR") from None
     uri_key = hashlib.sha256(uri.encode()).hexdigest()[:16]
     final = base / f"{uri_key}-{_content_key(objects)}"
     with open(base / f"{uri_key}.lock", "w") as lock:

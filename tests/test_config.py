@@ -287,3 +287,11 @@ def test_torch_defaults_fill_what_is_unset_and_keep_what_the_user_set(monkeypatc
     monkeypatch.setenv("GOMP_SPINCOUNT", "0")
     set_torch_env()
     assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE" and os.environ["GOMP_SPINCOUNT"] == "0"
+
+
+def test_a_registry_that_is_not_utf8_is_refused_naming_the_file(tmp_path):
+    """What PowerShell's `>` writes (UTF-16) was a UnicodeDecodeError traceback."""
+    path = tmp_path / "registry.yaml"
+    path.write_text("models:\n  - name: a\n    source: hf://gpt2\n", encoding="utf-16")
+    with pytest.raises(RegistryError, match=rf"{path}: not UTF-8 text .*save it as UTF-8"):
+        load_registry(path)

@@ -197,6 +197,20 @@ def test_denied_access_is_a_clear_error_without_credentials(tmp_path, weights_di
     assert SECRET not in message and KEY_ID not in message
 
 
+def test_a_weights_cache_that_cannot_be_written_is_named_not_blamed_on_credentials(fake_s3, tiny, tmp_path, monkeypatch):
+    """A PermissionError from the cache folder (a root-owned hostPath, the pod's uid 1000) read
+    as "access denied (credentials ...)", sending operators to their cloud IAM."""
+    uri = fake_s3.upload(tiny, "cache")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("QUILL_WEIGHTS_DIR", str(blocker / "weights"))  # a folder that cannot be made
+    with pytest.raises(WeightsError) as info:
+        sync(uri, "tiny")
+    message = str(info.value)
+    assert message.startswith(f"model 'tiny': the weights cache {blocker / 'weights'} cannot be written"), message
+    assert "credentials" not in message and "QUILL_WEIGHTS_DIR" in message
+
+
 @pytest.mark.integration
 def test_quill_serve_loads_a_model_from_the_fake_s3_and_reuses_the_cache(fake_s3, tiny, tmp_path):
     uri = fake_s3.upload(tiny, "served")
