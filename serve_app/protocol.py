@@ -407,6 +407,20 @@ def unparsable_body(exc: BaseException | None) -> ApiError:
     return invalid(f"the body is not valid JSON ({unreadable_json(exc)})")
 
 
+def _usable_id(data: Any) -> str | None:
+    id_ = data.get("id") if isinstance(data, dict) else None
+    return id_ if isinstance(id_, str) and 0 < len(id_) <= 128 else None
+
+
+def ws_message_id(raw: str) -> str | None:
+    """The id of a WebSocket message refused before it is read (over the rate), so the client
+    can match the error to the request it dropped; None when it has no usable one."""
+    try:
+        return _usable_id(json.loads(raw))
+    except (ValueError, RecursionError):
+        return None
+
+
 def parse_ws_message(raw: str) -> WsGenerate | WsCancel:
     """A WebSocket text message as a `generate` or `cancel`; otherwise an ApiError whose `id`
     is the message's own id when it has a usable one (so the client can match the error)."""
@@ -416,8 +430,7 @@ def parse_ws_message(raw: str) -> WsGenerate | WsCancel:
         raise invalid(f"message is not valid JSON ({unreadable_json(exc)})") from None
     if not isinstance(data, dict):
         raise invalid("message must be a JSON object")
-    id_ = data.get("id")
-    id_ = id_ if isinstance(id_, str) and 0 < len(id_) <= 128 else None
+    id_ = _usable_id(data)
     kind = data.get("type")
     model = WS_MESSAGES.get(kind) if isinstance(kind, str) else None
     if model is None:

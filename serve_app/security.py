@@ -44,7 +44,7 @@ from starlette.responses import JSONResponse
 
 from serve_app.breaker import CircuitBreaker
 from serve_app.errors import ApiError, rate_limited
-from serve_app.protocol import shown
+from serve_app.protocol import shown, ws_message_id
 from serve_app.websocket import error_message
 
 log = logging.getLogger("quill.security")
@@ -469,7 +469,10 @@ class SocketGuard:
             refusal = await self.refusal(message)
             if refusal is None:
                 return message
-            await self.send({"type": "websocket.send", "text": error_message(None, refusal)})
+            # A message over the rate is small enough to read its id; one over the size is not read.
+            text = message.get("text")
+            id_ = ws_message_id(text) if refusal.status == 429 and text is not None else None
+            await self.send({"type": "websocket.send", "text": error_message(id_, refusal)})
 
     async def refusal(self, message: Message) -> ApiError | None:
         settings = self.door.settings

@@ -372,6 +372,8 @@ def test_a_socket_over_its_message_rate_gets_rate_limit_errors_and_stays_open(cl
             ws.send_text("not json")
             answers.append(ws.receive_json()["error"]["type"])
         assert answers == ["invalid_request_error"] * 3 + ["rate_limit_error"] * 2
+        ws.send_json({**GENERATE, "id": "dropped"})  # the error names the request it dropped
+        assert ws.receive_json()["id"] == "dropped"
         time.sleep(1.1)
         ws.send_json(GENERATE)
         assert until_done(ws)["type"] == "done"
