@@ -243,6 +243,22 @@ def serve_main(argv: list[str]) -> int:
     return 0
 
 
+_handles_loop: asyncio.AbstractEventLoop | None = None
+
+
+def _on_handles_loop(coro, timeout: float):
+    """Run a coroutine that calls Serve handles, on one loop that runs until the process ends.
+    In Serve's throughput-optimized mode a handle routes on the caller's event loop (`.result()`
+    outside one raises), and Serve's update listeners stay bound to that loop: one that closed
+    (asyncio.run) had Serve log an ERROR at every start ("LongPollClient ... has been disabled")
+    and fail its own shutdown ("Event loop is closed")."""
+    global _handles_loop
+    if _handles_loop is None:
+        _handles_loop = asyncio.new_event_loop()
+        threading.Thread(target=_handles_loop.run_forever, name="quill-handles", daemon=True).start()
+    return asyncio.run_coroutine_threadsafe(coro, _handles_loop).result(timeout)
+
+
 def _drain() -> None:
     """Let the ingress finish its open requests, or end them readably, before Serve goes down:
     Serve's shutdown kills the HTTP proxy at once, cutting every connection (serve_app/drain.py)."""
@@ -261,14 +277,8 @@ def _drain() -> None:
         finally:
             await call.shutdown_async()
 
-    # In Serve's throughput-optimized mode a handle routes on the caller's event loop (`.result()`
-    # outside one raises) and Serve's update listeners stay bound to that loop, complaining once
-    # it closes: so a loop that runs until the process ends, and a handle Serve does not cache
-    # (`serve.shutdown` would close it from outside the loop).
-    loop = asyncio.new_event_loop()
-    threading.Thread(target=loop.run_forever, name="quill-drain", daemon=True).start()
     try:
-        done = asyncio.run_coroutine_threadsafe(drain(), loop).result(grace + 20)
+        done = _on_handles_loop(drain(), grace + 20)
         print(f"quill serve: drained: {done['finished']} of {done['open']} open requests finished, "
               f"{done['ended']} ended with an error, {done['websockets_closed']} WebSockets closed "
               f"({done['seconds']:g} s)", flush=True)
@@ -292,7 +302,7 @@ def _print_loaded_models(registry, app_name: str) -> None:
     async def ask_all():
         return await asyncio.gather(*(ask(m.name) for m in registry.models), return_exceptions=True)
 
-    for m, info in zip(registry.models, asyncio.run(ask_all())):
+    for m, info in zip(registry.models, _on_handles_loop(ask_all(), 60)):
         if isinstance(info, BaseException):  # a line that is only informative
             info = {"load_seconds": float("nan"), "weights": f"not asked: {type(info).__name__}"}
         print(f"quill serve: model {m.name} loaded in {info['load_seconds']:.1f} s ({info['weights']})", flush=True)
@@ -374,7 +384,9 @@ def _shutdown(local: bool, node_id: str = "") -> None:
 
     try:
         if ray.is_initialized():
-            if local:
+            if local and _handles_loop is not None:  # on the loop Serve's routers run on
+                _on_handles_loop(serve.shutdown_async(), 120)
+            elif local:
                 serve.shutdown()
             else:
                 from serve_app.app import APP_NAME

@@ -88,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--namespace", default=None)
     p.add_argument("--release", default="quill", help="Helm release name (default: quill)")
     p.add_argument("--serve-config", action="store_true",
-                   help="print only the Serve config (serveConfigV2), for serve run / serve deploy")
+                   help="print only the Serve config (serveConfigV2), for serve run / serve deploy; local "
+                        "sources resolve under the chart's registryDir (/app/models, the image's): outside "
+                        "the image add --set registryDir=$PWD/models")
     args = p.parse_args(argv)
     try:
         out = render(args.registry, args.values, args.namespace, args.release, args.set_values)
