@@ -12,6 +12,7 @@ import copy
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -302,6 +303,9 @@ def test_render_k8s_prints_what_helm_template_prints(tmp_path):
 
 
 BAD = {
+    # helm install alone (no render-k8s) reaches the cluster with what the chart does not check
+    "misspelt-field": ("    gpu_per_replica: 1\n", ["gpu_per_replica", "unknown"]),
+    "gpus-not-a-number": ('    gpus_per_replica: "half"\n', ["gpus_per_replica", "number"]),
     "min-above-max": ("    gpus_per_replica: 1\n    autoscaling: {min_replicas: 3, max_replicas: 2}\n",
                       ["autoscaling", "min_replicas (3) is greater than max_replicas (2)"]),
     "gpu-fits-no-pod": ("    gpus_per_replica: 2\n", ["gpus_per_replica", "fit no GPU worker pod"]),
@@ -323,6 +327,14 @@ def test_a_registry_the_cluster_cannot_run_is_refused_naming_model_and_field(cas
             assert word in out.stderr, out.stderr
         assert "Traceback" not in out.stderr
     assert "walk.go" not in out.stderr and "--debug" not in out.stderr  # render-k8s: our message alone
+
+
+def test_the_chart_knows_every_field_of_the_registry_schema():
+    from serve_app.config import ModelEntry
+
+    helpers = (CHART_DIR / "templates" / "_helpers.tpl").read_text()
+    known = re.search(r'\$known := list ((?:"[a-z_]+" ?)+)', helpers).group(1)
+    assert re.findall(r'"([a-z_]+)"', known) == list(ModelEntry.model_fields)
 
 
 def test_an_unknown_uri_scheme_is_refused_naming_model_and_field(registry_file):

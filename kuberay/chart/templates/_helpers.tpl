@@ -66,6 +66,20 @@ Output: YAML {models: [...], gpu: {min, max}, cpu: {min, max}}.
 {{- end -}}
 {{- $_ := set $seen $name true -}}
 {{- $where := printf "registry: model %q" $name -}}
+{{- /* The registry schema's fields (serve_app/config.py ModelEntry; tests/test_chart.py keeps
+them equal): a typo such as gpu_per_replica rendered as a CPU model, and failed in the cluster. */ -}}
+{{- $known := list "name" "source" "adapter" "device" "dtype" "gpus_per_replica" "cpus_per_replica" "resources" "autoscaling" "engine" "defaults" "limits" -}}
+{{- range $key := keys $m | sortAlpha -}}
+{{- if not (has $key $known) -}}
+{{- fail (printf "%s: %s: unknown field (known: %s)" $where $key (join ", " $known)) -}}
+{{- end -}}
+{{- end -}}
+{{- range $field := list "gpus_per_replica" "cpus_per_replica" -}}
+{{- $v := get $m $field -}}
+{{- if and (hasKey $m $field) (not (or (kindIs "invalid" $v) (kindIs "float64" $v) (kindIs "int64" $v) (kindIs "int" $v))) -}}
+{{- fail (printf "%s: %s: must be a number, got %v" $where $field $v) -}}
+{{- end -}}
+{{- end -}}
 {{- range $field := list "source" "adapter" -}}
 {{- $uri := toString (get $m $field) -}}
 {{- if and (hasKey $m $field) (contains "://" $uri) -}}
