@@ -68,10 +68,10 @@ def auto_dtype(device: torch.device) -> torch.dtype:
 
 
 def _checkpoint_folder(source: str) -> Path:
-    """The local folder holding `source`'s files. An `hf://name` is fetched from the hub (or
-    found in its local cache) once, for the tokenizer and the weights both: left to
-    transformers, each `from_pretrained` of a hub id retried an unreachable hub for 50 s
-    before a raw OSError."""
+    """The local folder holding `source`'s files. An `hf://name` is huggingface_hub's snapshot
+    (fetched, or found in its cache) and the tokenizer and the weights are read from that
+    folder: left to transformers, each `from_pretrained` of a hub id retried an unreachable hub
+    for 50 s before a raw OSError."""
     if source.startswith("hf://"):
         return _download(source, source[len("hf://"):])
     if "://" in source:
