@@ -82,16 +82,21 @@ def clean_text(text: str) -> str:
     return text.strip()
 
 
+def corpus_files(genre: str, corpora_dir: Path = CORPORA_DIR) -> list[Path]:
+    """A genre's corpus files (.txt, .jsonl) in a stable order; none when its folder is missing."""
+    folder = Path(corpora_dir) / genre
+    return sorted(p for p in folder.iterdir() if p.suffix in (".txt", ".jsonl")) if folder.is_dir() else []
+
+
 def read_documents(genre: str, corpora_dir: Path = CORPORA_DIR) -> list[str]:
     """All cleaned documents of one genre, in a stable order (file name, then position).
 
     .txt files hold works joined by WORK_SEPARATOR; .jsonl files hold one record per line with
     "title" and "abstract" fields (the arXiv abstracts).
     """
-    folder = Path(corpora_dir) / genre
-    files = sorted(p for p in folder.iterdir() if p.suffix in (".txt", ".jsonl"))
+    files = corpus_files(genre, corpora_dir)
     if not files:
-        raise FileNotFoundError(f"no .txt or .jsonl corpus files in {folder}")
+        raise FileNotFoundError(f"no .txt or .jsonl corpus files in {Path(corpora_dir) / genre}")
     docs: list[str] = []
     for path in files:
         raw = path.read_text(encoding="utf-8")

@@ -40,7 +40,8 @@ import yaml
 from bench.machine import machine_info
 from training import export
 from training.card import model_card
-from training.data import GENRES, SplitSettings, genre_tokens, load_tokenizer
+from serve_app.engine.loader import TOKENIZER_FILES
+from training.data import GENRES, SplitSettings, corpus_files, genre_tokens, load_tokenizer
 from training.metrics import perplexity, score_stream
 from training.recipe import RecipeError, load_recipe, recipe_hash, repo_path
 
@@ -98,13 +99,12 @@ def _check_paths(recipe: dict) -> None:
         problems.append(f"model.init: {init} is not a checkpoint folder (no {repo_path(init) / 'config.json'}); "
                         "name a folder that save_pretrained wrote (models/quill-base), hf://name, or scratch")
     tokenizer = repo_path(d["tokenizer"])
-    if not any((tokenizer / f).is_file() for f in ("tokenizer.json", "vocab.json")):
+    if not any((tokenizer / f).is_file() for f in TOKENIZER_FILES):
         problems.append(f"data.tokenizer: {d['tokenizer']} holds no tokenizer (no tokenizer.json or vocab.json in {tokenizer})")
     for genre in d["genres"]:
-        folder = repo_path(d["corpora_dir"]) / genre
-        if not folder.is_dir() or not any(p.suffix in (".txt", ".jsonl") for p in folder.iterdir()):
+        if not corpus_files(genre, repo_path(d["corpora_dir"])):
             problems.append(f"data.corpora_dir: {d['corpora_dir']} has no {genre}/ folder of .txt or .jsonl "
-                            f"files ({folder}), which data.genres asks for")
+                            f"files ({repo_path(d['corpora_dir']) / genre}), which data.genres asks for")
     if problems:
         raise RecipeError(path, [f"{path}: {problem}" for problem in problems])
 
