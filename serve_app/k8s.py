@@ -55,7 +55,9 @@ def render(registry: str | os.PathLike, values: list[str] = (), namespace: str |
     """The chart's manifests (multi-document YAML) for this registry file."""
     load_registry(registry)  # raises RegistryError naming the file, model and field
     # --skip-tests: `helm test`'s Pod is a hook; applied with kubectl it would be a plain Pod.
-    cmd = [find_helm(), "template", release, str(chart), "--skip-tests", "--set-file", f"registry={registry}"]
+    # helm splits --set-file on commas and reads backslashes as escapes: a path with either is escaped.
+    path = str(registry).replace("\\", "\\\\").replace(",", "\\,")
+    cmd = [find_helm(), "template", release, str(chart), "--skip-tests", "--set-file", f"registry={path}"]
     for path in values:
         if not Path(path).is_file():
             raise RenderError(f"values file {path} not found")

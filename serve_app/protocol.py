@@ -98,6 +98,25 @@ class _Request(_Prompted):
     frequency_penalty: float | None = Field(None, ge=-MAX_OPENAI_PENALTY, le=MAX_OPENAI_PENALTY)
     presence_penalty: float | None = Field(None, ge=-MAX_OPENAI_PENALTY, le=MAX_OPENAI_PENALTY)
     repetition_penalty: float | None = Field(None, gt=0, le=MAX_REPETITION_PENALTY)
+    # vLLM's switches, accepted at what Quill always does, for clients that send vLLM's defaults:
+    # special tokens (GPT-2's end-of-text) are left out of the text; no beam search.
+    skip_special_tokens: bool | None = None
+    spaces_between_special_tokens: bool | None = None
+    use_beam_search: bool | None = None
+
+    @field_validator("skip_special_tokens", "spaces_between_special_tokens")
+    @classmethod
+    def _special_tokens_skipped(cls, v: bool | None) -> None:
+        if v is False:
+            raise ValueError("only true is supported: Quill leaves special tokens out of the text")
+        return None
+
+    @field_validator("use_beam_search")
+    @classmethod
+    def _no_beam_search(cls, v: bool | None) -> None:
+        if v:
+            raise ValueError("beam search is not supported by Quill (use n, or temperature 0 for greedy)")
+        return None
 
     @field_validator("top_k")
     @classmethod

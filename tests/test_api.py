@@ -130,7 +130,10 @@ def test_a_null_parameter_is_the_parameter_left_out_as_in_openais_api(app_client
     native = app_client.post("/v1/models/tiny-a/generate", json={"prompt": "Hi", "n": None, "stream": None, "max_tokens": 2})
     assert native.status_code == 200 and len(native.json()["texts"]) == 1
     # and OpenAI's neutral values of what Quill does not implement: no suffix, best of one
-    neutral = app_client.post("/v1/completions", json={"model": "tiny-a", "prompt": "Hi", "suffix": "", "best_of": 1})
+    neutral = app_client.post("/v1/completions", json={"model": "tiny-a", "prompt": "Hi", "suffix": "", "best_of": 1,
+                                                         # vLLM's defaults, which its clients send
+                                                         "skip_special_tokens": True, "use_beam_search": False,
+                                                         "spaces_between_special_tokens": True})
     assert neutral.status_code == 200 and neutral.json()["choices"][0]["text"], neutral.text
     missing = app_client.post("/v1/completions", json={"model": "tiny-a", "prompt": None})
     assert missing.status_code == 400 and "prompt" in missing.json()["error"]["message"]

@@ -34,8 +34,11 @@ def server(tiny_checkpoints, tmp_path_factory, redis_url):
     # tokens inside one hold of the default budget, and then a WebSocket generation has no
     # progress to push before its `done`; the hold itself is tested in test_api.py.
     engine = "{max_batch_size: 8, max_seq_len: 256, stream_messages_per_s: 0}"
+    # tiny-a in float32, the dtype the scoring test compares transformers' logits in; tiny-b takes
+    # `auto` (bfloat16 on a CPU with bf16 units), as a registry that names none does.
+    dtypes = {"tiny-a": {"dtype": "float32"}, "tiny-b": {}}
     registry = write_registry(root / "registry.yaml",
-                              [registry_entry(n, p, engine=engine) for n, p in tiny_checkpoints.items()])
+                              [registry_entry(n, p, engine=engine, **dtypes[n]) for n, p in tiny_checkpoints.items()])
     quill = start_quill_serve(registry, root, env={"REDIS_URL": redis_url, "QUILL_CACHE_TTL": "120"})
     try:
         # The URL is printed once every model has loaded, so /readyz must already agree.
@@ -103,7 +106,7 @@ def test_health_ready_and_models(server, client):
     assert card["max_model_len"] == 256
     # What dtype `auto` chose, in quill serve's output (registry.md points there)
     log = server["log"].read_text(errors="replace")
-    assert re.search(r"model tiny-a loaded in [0-9.]+ s \(.*(float32|bfloat16) on cpu", log), log[-3000:]
+    assert re.search(r"model tiny-b loaded in [0-9.]+ s \(.*(float32|bfloat16) on cpu", log), log[-3000:]
 
 
 def test_completion(client):

@@ -131,6 +131,8 @@ HTTP_CASES = [
     Http("echo is not a boolean", C, completion(echo="yes"), fragment="echo"),
     Http("best_of 3", C, completion(best_of=3), fragment="best_of is not supported"),
     Http("suffix with text", C, completion(suffix=" the end."), fragment="suffix: not supported by Quill"),
+    Http("beam search", C, completion(use_beam_search=True), fragment="beam search is not supported"),
+    Http("special tokens kept", C, completion(skip_special_tokens=False), fragment="skip_special_tokens"),
     Http("logit_bias key not a token id", C, completion(logit_bias={"the": -100}), fragment="logit_bias keys are token ids"),
     Http("logit_bias out of range", C, completion(logit_bias={"50256": -101}), fragment="logit_bias"),
     Http("logit_bias value a string", C, completion(logit_bias={"50256": "ban"}), fragment="logit_bias"),

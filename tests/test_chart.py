@@ -302,6 +302,18 @@ def test_render_k8s_prints_what_helm_template_prints(tmp_path):
     assert yaml.safe_load(only.stdout) == serve_config(helm_template(GPU_REGISTRY))
 
 
+
+def test_render_k8s_reads_a_registry_whose_path_has_a_comma(tmp_path):
+    # helm's --set-file splits on commas: render-k8s escapes the path it passes.
+    folder = tmp_path / "staging,prod"
+    folder.mkdir()
+    copy = folder / "registry.yaml"
+    copy.write_text(GPU_REGISTRY.read_text())
+    out = render_k8s("--registry", str(copy), "--values", str(GPU_VALUES))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == render_k8s("--registry", str(GPU_REGISTRY), "--values", str(GPU_VALUES)).stdout
+
+
 BAD = {
     # helm install alone (no render-k8s) reaches the cluster with what the chart does not check
     "misspelt-field": ("    gpu_per_replica: 1\n", ["gpu_per_replica", "unknown"]),
@@ -349,6 +361,10 @@ def test_helm_template_without_a_registry_says_how_to_pass_one():
     out = helm("template", "quill", str(CHART_DIR))
     assert out.returncode != 0
     assert "--set-file registry=" in out.stderr
+    # helm lint logs a template's fail and renders on; the note must be ours, not a range error.
+    lint = helm("lint", str(CHART_DIR))
+    assert "--set-file registry=" in lint.stdout + lint.stderr
+    assert "can't iterate" not in lint.stdout + lint.stderr, lint.stdout
 
 
 @pytest.mark.integration

@@ -267,7 +267,7 @@ def test_every_dashboard_query_parses_and_names_only_exported_series(stack):
     rules = [r["expr"] for g in yaml.safe_load((PROM / "rules.yml").read_text())["groups"] for r in g["rules"]]
     unknown = {}
     for title, expr in dashboard_exprs():
-        query(local, expr.replace("$model", ".+"))  # asserts that Prometheus parsed and ran it
+        query(local, expr.replace("$namespace", "").replace("$model", ".+"))  # asserts that Prometheus parsed and ran it
         for name in metric_names(expr) - live - GPU_ONLY:
             unknown.setdefault(name, []).append(title)
     for expr in rules:
@@ -275,3 +275,31 @@ def test_every_dashboard_query_parses_and_names_only_exported_series(stack):
             unknown.setdefault(name, []).append("rules.yml")
     # GPU_ONLY (serve_app/metrics.py): torch's allocator gauges, which only a replica on a GPU sets.
     assert unknown == {}, f"series no scrape here exports: {unknown}"
+
+
+def dashboard_variable(name: str) -> dict:
+    board = json.loads((REPO / "monitoring" / "grafana" / "quill.json").read_text())
+    return next(v for v in board["templating"]["list"] if v["name"] == name)
+
+
+def label_values(prom: str, definition: str) -> list[str]:
+    """What Grafana's `label_values(series, label)` variable lists: the series API's label values."""
+    series, label = re.fullmatch(r"label_values\((.+), (\w+)\)", definition).groups()
+    body = httpx.get(f"{prom}/api/v1/label/{label}/values", params={"match[]": series}, timeout=10).json()
+    return body["data"]
+
+
+@pytest.mark.parametrize("path, namespaces", [("local", []), ("cluster", ["quill"])])
+def test_the_dashboards_namespace_picker_shows_one_release(stack, path, namespaces):
+    """A cluster's series carry their release's namespace; the picker lists it and every panel
+    filters on it, so two releases' same-named models are not summed. A local server's series have
+    none: the picker is empty (Grafana's value is then "") and the panels still show them."""
+    prom = stack[path]
+    wait_for(prom, "quill:generated_tokens:rate1m", lambda r: len(r) == 2)
+    assert label_values(prom, dashboard_variable("namespace")["definition"]) == namespaces
+    chosen = namespaces[0] if namespaces else ""
+    models = dashboard_variable("model")["definition"].replace("$namespace", chosen)
+    assert sorted(label_values(prom, models)) == sorted(MODELS)
+    tokens = dict(dashboard_exprs())["Tokens generated per second"]
+    assert set(by_label(query(prom, tokens.replace("$namespace", chosen).replace("$model", ".*")), "model")) == set(MODELS)
+    assert query(prom, tokens.replace("$namespace", "another-release").replace("$model", ".*")) == []

@@ -47,6 +47,8 @@ Output: YAML {models: [...], gpu: {min, max}, cpu: {min, max}}.
 {{- if or (not (kindIs "slice" $models)) (not $models) -}}
 {{- fail "registry: models: a non-empty list of models is required" -}}
 {{- end -}}
+{{- /* `helm lint` logs a fail and renders on: without this its report ends in "range can't iterate". */ -}}
+{{- if not (kindIs "slice" $models) -}}{{- $models = list -}}{{- end -}}
 {{- $gw := .Values.gpuWorkers -}}
 {{- $cw := .Values.cpuWorkers -}}
 {{- $schemes := .Values.uriSchemes -}}
