@@ -421,8 +421,10 @@ class _RegistryLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def load_registry(path: str | os.PathLike = DEFAULT_REGISTRY) -> Registry:
-    """Read and validate a registry file; raise RegistryError naming the file, model and field."""
+def load_registry(path: str | os.PathLike = DEFAULT_REGISTRY, *, check_paths: bool = True) -> Registry:
+    """Read and validate a registry file; raise RegistryError naming the file, model and field.
+    `check_paths=False`: local sources are kept as written, neither resolved nor checked (for a
+    registry whose paths resolve elsewhere, such as in a cluster's image)."""
     label = str(path)
     p = Path(path)
     if not p.is_file():
@@ -435,4 +437,4 @@ def load_registry(path: str | os.PathLike = DEFAULT_REGISTRY) -> Registry:
         raise RegistryError(label, [f"{label}: not UTF-8 text (byte {exc.start}); save it as UTF-8"]) from None
     except OSError as exc:
         raise RegistryError(label, [f"{label}: cannot be read ({exc.strerror or exc})"]) from None
-    return parse_registry(data, p.resolve().parent, label)
+    return parse_registry(data, p.resolve().parent if check_paths else None, label)

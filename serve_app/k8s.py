@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from serve_app.config import RegistryError, load_registry
+from serve_app.config import RegistryError, is_remote, load_registry, parse_registry
 
 CHART_DIR = Path(__file__).resolve().parents[1] / "kuberay" / "chart"
 
@@ -53,7 +53,9 @@ def _helm_message(stderr: str) -> str:
 def render(registry: str | os.PathLike, values: list[str] = (), namespace: str | None = None,
            release: str = "quill", set_values: list[str] = (), chart: Path = CHART_DIR) -> str:
     """The chart's manifests (multi-document YAML) for this registry file."""
-    load_registry(registry)  # raises RegistryError naming the file, model and field
+    # Raises RegistryError naming the file, model and field. Local paths are left to
+    # local_paths(): the pods resolve them under the chart's registryDir, not beside this file.
+    load_registry(registry, check_paths=False)
     # --skip-tests: `helm test`'s Pod is a hook; applied with kubectl it would be a plain Pod.
     # helm splits --set-file on commas and reads backslashes as escapes: a path with either is escaped.
     path = str(registry).replace("\\", "\\\\").replace(",", "\\,")
@@ -80,6 +82,28 @@ def serve_config(manifests: str) -> str:
     raise RenderError("the chart rendered no RayService")
 
 
+def local_paths(manifests: str, registry: str | os.PathLike) -> list[str]:
+    """Check the registry's local sources where the pods will read them: under the rendered
+    registryDir when this machine has that folder (`--set registryDir=$PWD/models`), refusing
+    as the pods would; otherwise (the image's /app/models) beside the registry file, and a path
+    missing there is a note, not a refusal: only the image knows what it holds."""
+    args = yaml.safe_load(serve_config(manifests))["applications"][0]["args"]
+    base = Path(args["base_dir"])
+    if base.is_dir():
+        parse_registry({"models": args["models"]}, base, f"{registry} (registryDir {base})")
+        return []
+    beside = Path(registry).resolve().parent
+    missing: dict[str, list[str]] = {}  # a path as written -> the models that name it
+    for model in args["models"]:
+        for value in (model.get("source"), model.get("adapter")):
+            if value and not is_remote(value) and not (beside / value).is_dir():  # an absolute value stays itself
+                missing.setdefault(value, []).append(repr(model["name"]))
+    where = {value: value if Path(value).is_absolute() else f"{base / value} (registryDir)" for value in missing}
+    return [f"{value}, named by {', '.join(models)}, is not on this machine beside the registry; the pods read "
+            f"{where[value]}: make sure the image holds it or a volume mounts it"
+            for value, models in missing.items()]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="quill render-k8s",
                                 description="Print the Kubernetes manifests (KubeRay RayService, ...) for a registry.")
@@ -96,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         out = render(args.registry, args.values, args.namespace, args.release, args.set_values)
+        for note in local_paths(out, args.registry):
+            print(f"quill render-k8s: note: {note}", file=sys.stderr)
         sys.stdout.write(serve_config(out) if args.serve_config else out)
     except (RegistryError, RenderError) as exc:
         print(f"quill render-k8s: {exc}", file=sys.stderr)

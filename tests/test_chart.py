@@ -314,6 +314,27 @@ def test_render_k8s_reads_a_registry_whose_path_has_a_comma(tmp_path):
     assert out.stdout == render_k8s("--registry", str(GPU_REGISTRY), "--values", str(GPU_VALUES)).stdout
 
 
+
+def test_render_k8s_checks_local_sources_where_the_pods_read_them(tmp_path):
+    """The pods resolve a relative source under registryDir (the image's /app/models), not
+    beside the registry file: render-k8s refuses only what the pods would refuse."""
+    deploy = tmp_path / "deploy"
+    deploy.mkdir()
+    reg = write_registry(deploy / "registry.yaml", ["  - name: in-image\n    source: base-model\n"])
+    out = render_k8s("--registry", str(reg))  # /app/models is not on this machine: a note
+    assert out.returncode == 0, out.stderr
+    assert "note: base-model, named by 'in-image'," in out.stderr and "/app/models/base-model" in out.stderr
+    assert out.stdout == helm("template", "quill", str(CHART_DIR), "--skip-tests", "--set-file", f"registry={reg}").stdout
+    models = tmp_path / "models"  # registryDir on this machine: checked as the pods will
+    models.mkdir()
+    refused = render_k8s("--registry", str(reg), "--set", f"registryDir={models}")
+    assert refused.returncode == 2
+    assert "'in-image'" in refused.stderr and f"{models / 'base-model'} does not exist" in refused.stderr
+    (models / "base-model").mkdir()
+    fine = render_k8s("--registry", str(reg), "--set", f"registryDir={models}")
+    assert fine.returncode == 0 and fine.stderr == "", fine.stderr
+
+
 BAD = {
     # helm install alone (no render-k8s) reaches the cluster with what the chart does not check
     "misspelt-field": ("    gpu_per_replica: 1\n", ["gpu_per_replica", "unknown"]),
