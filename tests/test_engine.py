@@ -972,6 +972,32 @@ def test_lora_adapter_is_merged_at_load(checkpoint, hf, tmp_path):
     assert tokens[("l", 0)] == expected
 
 
+
+@pytest.mark.parametrize("targets", [{"target_modules": ["c_attn", "lm_head"]}, {"target_modules": ["wte"]}],
+                         ids=["lora-on-lm_head", "lora-on-wte"])
+def test_a_lora_on_a_tied_embedding_serves_the_model_it_trained(checkpoint, hf, tmp_path, targets):
+    """GPT-2's lm_head is its token embedding. Merged in place, a LoRA on one moved the other
+    too: the served model was not the one trained. The engine must say what peft says unmerged."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    model, tok = hf
+    base = GPT2LMHeadModel.from_pretrained(checkpoint)
+    assert base.config.tie_word_embeddings
+    lora = LoraConfig(r=4, init_lora_weights=False, **targets)
+    get_peft_model(base, lora).save_pretrained(tmp_path / "adapter")
+    trained = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(checkpoint), tmp_path / "adapter").eval()
+
+    ids = tok(PROMPTS[1], return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = trained.generate(input_ids=ids, do_sample=False, max_new_tokens=12, pad_token_id=tok.eos_token_id)
+    expected = expected[0, ids.shape[1]:].tolist()
+    assert expected != hf_greedy(hf, PROMPTS[1], 12)  # the adapter really changes the model
+
+    engine = make_engine(checkpoint, adapter=str(tmp_path / "adapter"))
+    tokens, _, _ = run(engine, [GenerationRequest(PROMPTS[1], greedy(12), "t")])
+    assert tokens[("t", 0)] == expected
+
+
 def test_pickled_weights_are_refused(tmp_path):
     from serve_app.engine import CheckpointError
 

@@ -40,7 +40,7 @@ import yaml
 from bench.machine import machine_info
 from training import export
 from training.card import model_card
-from serve_app.engine.loader import TOKENIZER_FILES
+from serve_app.engine.loader import TOKENIZER_FILES, load_model
 from training.data import GENRES, SplitSettings, corpus_files, genre_tokens, load_tokenizer
 from training.metrics import perplexity, score_stream
 from training.recipe import RecipeError, load_recipe, recipe_hash, repo_path
@@ -437,8 +437,10 @@ def export_recipe_model(recipe: dict, model, tokenizer, summary: dict) -> str:
         with model.disable_adapter():
             summary["base_held_out_ppl"], summary["base_held_out_bpb"] = _held_out_scores(
                 model, recipe, tokenizer, d["genres"])
-        # Measure what will be served: the adapter merged into the exported base.
-        scored = model.merge_and_unload()
+        # Measure what will be served: the exported adapter merged into its base by the loader
+        # `quill serve` uses (peft's own merge moves a tied embedding with a LoRA on lm_head).
+        source = init if init.startswith("hf://") else str(repo_path(init))
+        scored = load_model(source, str(out_dir), next(model.parameters()).device, torch.float32)
     else:
         export.export_full(model, tokenizer, out_dir, e["dtype"])
         entry = export.registry_entry(recipe["name"], os.path.relpath(out_dir, registry_path.parent),

@@ -13,6 +13,7 @@ and for peft to merge an adapter.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -292,9 +293,20 @@ def _merge_adapter(weights: GPT2Weights, adapter: str) -> GPT2Weights:
         raise CheckpointError(f"adapter {adapter!r}: remote URIs must be synced to a local folder first")
     if not os.path.exists(os.path.join(adapter, "adapter_model.safetensors")):
         raise CheckpointError(f"adapter {adapter!r} has no adapter_model.safetensors")
+    # Untied while merging: GPT-2's lm_head is its token embedding, and a merge writes into the
+    # weight in place, so a LoRA on lm_head would also move the input embedding (or one on wte the
+    # output), serving another model than the one trained (greedy tokens all different, logits
+    # 5.7 apart, on a tiny GPT-2). Tied again below where the merge left them equal.
+    config = copy.deepcopy(weights.config)
+    config.tie_word_embeddings = False
+    tensors = {**weights.tensors, "lm_head.weight": weights.tensors["lm_head.weight"].clone()}
     try:
-        merged = PeftModel.from_pretrained(_hf_model(weights), adapter, is_trainable=False).merge_and_unload()
+        model = PeftModel.from_pretrained(_hf_model(GPT2Weights(config, tensors)), adapter, is_trainable=False)
+        merged = GPT2Weights.of_model(model.merge_and_unload())
     except (OSError, RuntimeError, ValueError, KeyError) as exc:  # trained on another base, or not LoRA
         why = " ".join(line.strip() for line in str(exc).strip().splitlines()[:2])[:300] or type(exc).__name__
         raise CheckpointError(f"adapter {adapter!r} does not fit its base model: {why}") from None
-    return GPT2Weights.of_model(merged)
+    wte, head = merged.tensors["transformer.wte.weight"], merged.tensors["lm_head.weight"]
+    if weights.config.tie_word_embeddings and torch.equal(wte, head):
+        return GPT2Weights(weights.config, {**merged.tensors, "lm_head.weight": wte})
+    return merged
