@@ -147,3 +147,58 @@ def test_exported_adapter_loads_through_the_engine_loader(tmp_path, dtype):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(got, plain, atol=1e-3)
     assert load_tokenizer(str(tmp_path / "legal")).encode("Hello world") == [15496, 995]
+
+
+HAND_WRITTEN = """\
+# Our registry: DO NOT reorder (the page lists models in this order).
+models:
+  - name: quill-legal
+    source: base          # the shipped base
+    adapter: legal
+  - &small  # the shared shape
+    name: house-style
+    source: base
+    adapter: house
+    cpus_per_replica: 0.25
+  - <<: *small
+    name: house-style-exact
+    dtype: float32        # hand edit: scoring needs float32
+"""
+
+
+def test_a_re_export_keeps_the_rest_of_a_hand_written_registry(tmp_path):
+    for folder in ("base", "legal", "house", "legal-2"):
+        (tmp_path / folder).mkdir()
+    registry = tmp_path / "registry.yaml"
+    registry.write_text(HAND_WRITTEN)
+    update_registry(registry, registry_entry("quill-legal", "base", "legal-2", {"defaults": {"max_tokens": 16}}))
+    update_registry(registry, registry_entry("quill-base", "base", None, {}))
+    text = registry.read_text()
+    for kept in ("# Our registry: DO NOT reorder", "&small", "<<: *small", "# hand edit: scoring needs float32"):
+        assert kept in text, text
+    loaded = load_registry(registry)
+    assert loaded.names == ["quill-base", "quill-legal", "house-style", "house-style-exact"]  # base in its place
+    assert loaded.get("quill-legal").adapter == str((tmp_path / "legal-2").resolve())
+    # The re-exported entry: the recipe's one default over the shipped ones, not instead of them.
+    defaults = loaded.get("quill-legal").defaults
+    assert defaults.max_tokens == 16 and defaults.frequency_penalty == 0.5
+    assert loaded.get("house-style-exact").dtype == "float32"
+    assert loaded.get("house-style-exact").adapter == str((tmp_path / "house").resolve())
+
+
+def test_a_registry_with_a_key_given_twice_is_not_updated_and_the_run_refused_before_training(tmp_path, capsys):
+    from training.recipe import RecipeError
+    from training.train import main
+
+    (tmp_path / "base").mkdir()
+    registry = tmp_path / "registry.yaml"
+    registry.write_text("models:\n  - name: mine\n    source: base\n    source: other\n")
+    with pytest.raises(RecipeError, match="cannot be updated"):
+        update_registry(registry, registry_entry("quill-base", "base", None, {}))
+    assert "source: other" in registry.read_text()
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: x\nexport: {{registry: {registry}}}\n")
+    assert main(["--recipe", str(recipe), "--runs", str(tmp_path / "runs"), "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"export.registry: {registry} cannot be updated" in err and "duplicate key" in err, err
+    assert not (tmp_path / "runs").exists()  # refused before anything ran

@@ -9,13 +9,15 @@ Only safetensors are written; nothing here pickles.
 """
 from __future__ import annotations
 
+import io
 import json
+import re
 from pathlib import Path
 
 import torch
-import yaml
 
 from serve_app.engine.loader import ADAPTER_BASE_FILE, weights_sha256
+from training.recipe import RecipeError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -91,30 +93,75 @@ def export_adapter(peft_model, tokenizer, out_dir: Path, base_ref: str, max_len:
     save_tokenizer(tokenizer, out_dir, max_len)
 
 
+def _round_trip(text: str):
+    """ruamel.yaml in round-trip mode, indenting lists as `text` does: an update keeps the
+    registry's comments, anchors, key order and quoting (PyYAML dropped them all)."""
+    from ruamel.yaml import YAML
+
+    rt = YAML()
+    rt.width = 100
+    first_item = re.search(r"^( *)- ", text, re.M)
+    offset = len(first_item.group(1)) if first_item else 0
+    rt.indent(mapping=2, sequence=offset + 2, offset=offset)
+    return rt
+
+
+def read_registry(registry_path: Path):
+    """(the registry's round-trip data, its YAML handler); a missing file is an empty registry.
+    Raises RecipeError naming the file where it cannot be updated safely: not YAML, not a mapping
+    with a `models` list, or a key given twice (which `quill serve` refuses too)."""
+    from ruamel.yaml.error import YAMLError
+
+    text = registry_path.read_text(encoding="utf-8") if registry_path.exists() else ""
+    rt = _round_trip(text)
+    try:
+        data = rt.load(text) if text.strip() else None
+    except YAMLError as exc:  # DuplicateKeyError is one
+        problem = " ".join(str(exc).split())[:300]
+        raise RecipeError(str(registry_path), [f"{registry_path} cannot be updated: {problem}"]) from None
+    if data is None:
+        data = rt.load("models: []\n")
+    if not isinstance(data, dict) or not isinstance(data.get("models", []), list):
+        raise RecipeError(str(registry_path), [f"{registry_path} cannot be updated: expected a mapping "
+                                               "with a 'models' list"])
+    return data, rt
+
+
 def update_registry(registry_path: Path, entry: dict) -> None:
-    """Insert or replace one model's entry in models/registry.yaml, keeping the others as they are."""
+    """Insert or replace one model's entry in the registry. The file is otherwise kept as it
+    is: other models, comments, anchors and order; a new model goes in ORDER's place."""
+    data, rt = read_registry(registry_path)
+    models = data.setdefault("models", [])
+    names = [m.get("name") if isinstance(m, dict) else None for m in models]
+    if entry["name"] in names:
+        models[names.index(entry["name"])] = entry
+    else:
+        rank = {name: i for i, name in enumerate(ORDER)}
+        mine = rank.get(entry["name"], len(ORDER))
+        later = [i for i, name in enumerate(names) if rank.get(name, len(ORDER)) > mine]
+        models.insert(later[0] if later else len(models), entry)
     registry_path.parent.mkdir(parents=True, exist_ok=True)
-    data = yaml.safe_load(registry_path.read_text()) if registry_path.exists() else None
-    data = data or {}
-    models = [m for m in data.get("models") or [] if m.get("name") != entry["name"]]
-    models.append(entry)
-    rank = {name: i for i, name in enumerate(ORDER)}
-    models.sort(key=lambda m: rank.get(m["name"], len(ORDER)))
-    data["models"] = models
-    header = ("# Quill model registry: one entry per served model (see docs/models.md).\n"
-              "# Relative paths resolve against this folder. Written by training/export.py;\n"
-              "# hand edits are kept for other models when a model is re-exported.\n")
-    registry_path.write_text(header + yaml.safe_dump(data, sort_keys=False, width=100))
+    out = io.StringIO()
+    if not registry_path.exists():
+        out.write("# Quill model registry: one entry per served model (see docs/models.md).\n"
+                  "# Relative paths resolve against this folder. Written by training/export.py;\n"
+                  "# a re-export rewrites its model's entry (from the recipe's export.entry) and\n"
+                  "# keeps everything else in this file as it is.\n")
+    rt.dump(data, out)
+    registry_path.write_text(out.getvalue(), encoding="utf-8")
 
 
 def registry_entry(name: str, source: str, adapter: str | None, overrides: dict) -> dict:
+    """DEFAULT_ENTRY with the recipe's export.entry over it; a section (defaults, limits, ...)
+    is merged key by key, so `defaults: {max_tokens: 16}` keeps the other defaults."""
     entry = {"name": name, "source": source}
     if adapter:
         entry["adapter"] = adapter
-    for key, value in DEFAULT_ENTRY.items():
-        entry[key] = overrides.get(key, value)
-    for key, value in overrides.items():
-        entry.setdefault(key, value)
+    for key in {**DEFAULT_ENTRY, **overrides}:
+        default, value = DEFAULT_ENTRY.get(key), overrides.get(key, DEFAULT_ENTRY.get(key))
+        if isinstance(default, dict) and isinstance(value, dict):
+            value = {**default, **value}
+        entry[key] = value
     return entry
 
 

@@ -90,10 +90,16 @@ def build_model(recipe: dict, tokenizer):
     return model
 
 
-def _check_paths(recipe: dict) -> None:
+def _check_paths(recipe: dict, export_model: bool = True) -> None:
     """The folders a recipe names, checked before anything loads: a typo in one was a traceback
-    from deep in transformers (model.init: the hub's "repo id" message) or the data loader."""
+    from deep in transformers (model.init: the hub's "repo id" message) or the data loader; a
+    registry the export cannot update was a traceback after the whole run."""
     path, d, problems = recipe.get("_path", "<recipe>"), recipe["data"], []
+    if export_model:
+        try:
+            export.read_registry(repo_path(recipe["export"]["registry"]))
+        except RecipeError as exc:
+            problems += [f"export.registry: {problem}" for problem in exc.problems]
     init = recipe["model"]["init"]
     if init != "scratch" and not init.startswith("hf://") and not (repo_path(init) / "config.json").is_file():
         problems.append(f"model.init: {init} is not a checkpoint folder (no {repo_path(init) / 'config.json'}); "
@@ -246,7 +252,7 @@ def train(recipe: dict, fresh: bool = False, export_model: bool = True, log_to_s
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    _check_paths(recipe)
+    _check_paths(recipe, export_model)
     t = recipe["train"]
     torch.set_num_threads(int(t["threads"]))
     name = recipe["name"]
