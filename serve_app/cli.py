@@ -160,6 +160,17 @@ def serve_main(argv: list[str]) -> int:
         # local server would fail to bind them. local_ray keeps both on loopback.
         os.environ.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(_free_port()))
         os.environ.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(_free_port()))
+        # So do the fallback proxy behind HAProxy (8500, 9500) and the ingress replicas' own
+        # servers (the first free port from 30000, 40000). Shared, an HAProxy left behind by one
+        # server (a SIGKILL) forwarded its --port to the next local server's proxy or replica:
+        # other models, other API keys. Each server now starts from ports of its own.
+        os.environ.setdefault("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", str(_free_port()))
+        os.environ.setdefault("RAY_SERVE_FALLBACK_PROXY_GRPC_PORT", str(_free_port()))
+        for protocol in ("HTTP", "GRPC"):  # Serve hands out ports from MIN to MAX, in order
+            if f"RAY_SERVE_DIRECT_INGRESS_MIN_{protocol}_PORT" not in os.environ:
+                low = _free_port()
+                os.environ[f"RAY_SERVE_DIRECT_INGRESS_MIN_{protocol}_PORT"] = str(low)
+                os.environ[f"RAY_SERVE_DIRECT_INGRESS_MAX_{protocol}_PORT"] = str(min(low + 1000, 65535))
         # HAProxy answers 400 itself (an HTML page: its errorfiles do not apply to requests it
         # cannot parse) to headers that overflow its buffer, 16 KiB by default: at 64 KiB the
         # front door's JSON 431 at QUILL_MAX_HEADER_BYTES (32 KiB by default) comes first.
@@ -186,24 +197,8 @@ def serve_main(argv: list[str]) -> int:
 
     try:
         if local:
-            ray.init(
-                # "local": a new Ray of our own. With no address, ray.init would join any cluster
-                # a `ray start` left on this machine, and our shutdown would take its Serve down.
-                address="local",
-                **local_ray.init_options(),
-                num_cpus=int(num_cpus) if float(num_cpus).is_integer() else num_cpus,
-                include_dashboard=False,
-                _metrics_export_port=args.metrics_export_port or _free_port(),
-                _system_config={
-                    # Metrics reach the node's agent every 2 s instead of 10 s: /metrics is fresh.
-                    "metrics_report_interval_ms": 2000,
-                    # Ray runs its workers at nice 15, but here the workers are the server (proxy,
-                    # ingress, engines): on a shared machine they would starve behind any busy
-                    # process, with seconds added to every token.
-                    "worker_niceness": 0,
-                },
-                logging_level="WARNING",
-            )
+            with local_ray.processes_in_a_group_of_their_own():
+                _start_local_ray(args, num_cpus)
         else:
             ray.init(address=args.address, logging_level="WARNING")
         # After ray.init: Ray's core worker installs its own SIGTERM handler, which would end
@@ -244,6 +239,29 @@ def serve_main(argv: list[str]) -> int:
 
 
 _handles_loop: asyncio.AbstractEventLoop | None = None
+
+
+def _start_local_ray(args: argparse.Namespace, num_cpus: float) -> None:
+    import ray
+
+    ray.init(
+        # "local": a new Ray of our own. With no address, ray.init would join any cluster
+        # a `ray start` left on this machine, and our shutdown would take its Serve down.
+        address="local",
+        **local_ray.init_options(),
+        num_cpus=int(num_cpus) if float(num_cpus).is_integer() else num_cpus,
+        include_dashboard=False,
+        _metrics_export_port=args.metrics_export_port or _free_port(),
+        _system_config={
+            # Metrics reach the node's agent every 2 s instead of 10 s: /metrics is fresh.
+            "metrics_report_interval_ms": 2000,
+            # Ray runs its workers at nice 15, but here the workers are the server (proxy,
+            # ingress, engines): on a shared machine they would starve behind any busy
+            # process, with seconds added to every token.
+            "worker_niceness": 0,
+        },
+        logging_level="WARNING",
+    )
 
 
 def _on_handles_loop(coro, timeout: float):

@@ -137,3 +137,43 @@ def stop_haproxy(node_id: str) -> int:
             except OSError:  # gone meanwhile, or not ours to read
                 continue
     return killed
+
+
+@contextlib.contextmanager
+def processes_in_a_group_of_their_own():
+    """While Ray starts its processes (GCS, raylet, agents), this process sits in a new process
+    group, so they are created there; then it goes back to its own. A SIGTERM to `quill serve`'s
+    process group (`kill -TERM -PGID`, supervisord's stopasgroup, `tini -g`) then reaches the
+    server alone, which drains and takes its Ray down, instead of killing the GCS and raylet
+    under it: the drain then failed (new requests were served for a minute), and the server died
+    of a lost GCS before it could stop its HAProxy, which went on answering on --port. Ray blocks
+    SIGINT in its processes for the same reason (a terminal's Ctrl-C goes to the whole group).
+
+    A session leader (a process started with setsid, as the tests start the server) cannot change
+    its group, and needs none of this: nothing else is in its group unless it put it there."""
+    home = os.getpgrp()
+    if os.getsid(0) == os.getpid():
+        yield
+        return
+    read, write = os.pipe()
+    holder = os.fork()
+    if holder == 0:  # a placeholder that makes the group and waits until we are in it
+        os.close(write)
+        with contextlib.suppress(OSError):
+            os.setpgid(0, 0)
+            os.read(read, 1)
+        os._exit(0)
+    os.close(read)
+    try:
+        with contextlib.suppress(OSError):  # the holder may have done it already
+            os.setpgid(holder, holder)
+        os.setpgid(0, holder)
+    finally:
+        os.close(write)
+        os.waitpid(holder, 0)
+    try:
+        yield
+    finally:
+        # Back home: to the group we came from, or, where we led it (it emptied when we left),
+        # to a new one under our own pid, which is the same group id a shell's job control knows.
+        os.setpgid(0, 0 if home == os.getpid() else home)

@@ -94,10 +94,16 @@ class QuillServer:
         return self.log.read_text(errors="replace")
 
 
+# Runs its arguments as a command in a process group of its own and exits with its status: a
+# shell's job, or a service a supervisor stops by its group (the session stays the caller's).
+IN_A_GROUP = [sys.executable, "-c", "import subprocess, sys; sys.exit(subprocess.Popen(sys.argv[1:], process_group=0).wait())"]
+
+
 def start_quill_serve(registry: Path, workdir: Path, *args: str, env: dict | None = None,
-                      timeout: float = STARTUP_TIMEOUT) -> QuillServer:
+                      timeout: float = STARTUP_TIMEOUT, launcher: list[str] = ()) -> QuillServer:
     """`quill serve --registry REGISTRY --port <free>` in its own session; returns once it prints
-    that it is serving (every model loaded). Fails the test with the log tail otherwise."""
+    that it is serving (every model loaded). Fails the test with the log tail otherwise.
+    `launcher` (IN_A_GROUP) starts it under another process of the session instead of leading it."""
     port = free_port()
     full_env = dict(os.environ, RAY_AUTH_MODE="disabled", OMP_WAIT_POLICY="PASSIVE", PYTHONUNBUFFERED="1")
     full_env.pop("RAY_ADDRESS", None)
@@ -107,7 +113,7 @@ def start_quill_serve(registry: Path, workdir: Path, *args: str, env: dict | Non
     cmd = [str(quill)] if quill.exists() else [sys.executable, "-m", "serve_app.cli"]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            cmd + ["serve", "--registry", str(registry), "--port", str(port), *args],
+            [*launcher, *cmd, "serve", "--registry", str(registry), "--port", str(port), *args],
             stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True, cwd=REPO,
         )
     server = QuillServer(f"http://127.0.0.1:{port}", proc, log_path)

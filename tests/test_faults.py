@@ -29,7 +29,9 @@ from serve_app.config import parse_registry
 from serve_app.ingress import LocalBackend, Service, create_app
 from serve_app.model_server import ModelServer
 from tests.conftest import save_tiny_gpt2
-from tests.processes import Completion, free_port, quill_serve, registry_entry, wait_until, write_registry
+from bench.serve import _session_members, kill_session
+from tests.processes import (IN_A_GROUP, Completion, free_port, quill_serve, registry_entry, start_quill_serve,
+                             wait_until, write_registry)
 
 
 # --- the circuit breaker alone ---------------------------------------------------------------
@@ -230,6 +232,10 @@ def test_the_local_ray_listens_on_loopback_only_and_only_the_frontend_on_host(se
     assert frontend and all(n.endswith("/haproxy") for n, _, _ in frontend), listening
     exposed = [x for x in listening if x[1] not in LOOPBACK and x not in frontend]
     assert not exposed, f"listening beyond loopback: {exposed}"
+    # Not on Serve's fixed ports (the fallback proxy's 8500 and 9500, replicas from 30000 and
+    # 40000): an HAProxy left behind by one local server forwarded there, to the next server.
+    fixed = [x for x in listening if x[2] in (8500, 9500, 30000, 40000)]
+    assert not fixed, f"on Serve's default ports, shared by every local server: {fixed}"
     print(f"\n{len(listening)} listening sockets in {len(names)} processes, all on loopback", file=sys.stderr)
 
 
@@ -537,3 +543,28 @@ async def test_the_drain_lets_short_streams_finish_and_ends_the_rest_without_can
     with pytest.raises(ApiError, match="shutting down"):
         drain.refuse_if_draining()
     assert not drain.add_socket(object())  # a WebSocket handshake is refused too
+
+
+def test_a_sigterm_to_the_servers_process_group_drains_and_leaves_nothing_behind(tmp_path):
+    """`kill -TERM -PGID` (supervisord's stopasgroup, `tini -g`) reached Ray's GCS and raylet
+    too: the drain could not reach Ray, new requests were served for a minute, and the server
+    died of its lost GCS, leaving its HAProxy on --port. Ray's processes now live in a group of
+    their own; the signal reaches the server alone, which drains and takes them down."""
+    checkpoint = save_tiny_gpt2(tmp_path / "tiny")
+    registry = write_registry(tmp_path / "registry.yaml", [registry_entry("tiny", checkpoint)])
+    server = start_quill_serve(registry, tmp_path, launcher=IN_A_GROUP)
+    try:
+        (quill,) = psutil.Process(server.proc.pid).children()
+        assert os.getpgid(quill.pid) == quill.pid != os.getsid(quill.pid)  # a job's leader, not its session's
+        ray_processes = [p for p in quill.children(recursive=True) if "gcs_server" in p.name() or "raylet" in p.name()]
+        assert len(ray_processes) == 2, quill.children(recursive=True)
+        assert all(os.getpgid(p.pid) != quill.pid for p in ray_processes)
+        os.killpg(quill.pid, signal.SIGTERM)
+        refused = httpx.post(f"{server.url}/v1/completions", json={"model": "tiny", "prompt": "Hi"}, timeout=30)
+        assert refused.status_code == 503 and refused.json()["error"]["type"] == "shutting_down", refused.text
+        assert server.proc.wait(90) == 0, server.log_text()[-3000:]
+        log = server.log_text()
+        assert "quill serve: drained:" in log and "drain failed" not in log, log[-3000:]
+        wait_until("every process of the server gone", lambda: not _session_members(server.proc.pid), 30)
+    finally:
+        kill_session(server.proc)
