@@ -29,7 +29,7 @@ class Accumulator:
     def add(self, d: Delta) -> None:
         if d.logprobs:
             at = len(self.texts.get(d.index, ""))
-            offsets = _offsets(at, at + len(d.text), d.logprobs)
+            offsets = _offsets(at, d.text, d.logprobs)
             self.logprobs.setdefault(d.index, []).extend(zip(offsets, d.logprobs))
         self.texts[d.index] = self.texts.get(d.index, "") + d.text
         self.completion[d.index] = max(self.completion.get(d.index, 0), d.completion_tokens)
@@ -81,18 +81,28 @@ class Accumulator:
 _BYTES = re.compile(r"bytes:((?:\\x[0-9a-f]{2})+)")
 
 
-def _offsets(at: int, end: int, logprobs: tuple[TokenLogprob, ...]) -> list[int]:
-    """Where each token's text starts in its choice's text: a generated token at its delta's
-    start (`at`); the tokens of an echoed prompt, which arrive in one delta, one after the other,
-    counted as their bytes decode (the tokens of a character split across tokens all start
-    where it does), never past the delta's `end` (an empty prompt is echoed as "", though the
-    model read it as end-of-text)."""
+def _offsets(at: int, text: str, logprobs: tuple[TokenLogprob, ...]) -> list[int]:
+    """Where each token of a delta (its `text`, starting at `at` in the choice's text) starts.
+
+    One generated token: at the end of the delta, its own text's length back, where the delta's
+    text ends with it. Before it may come text held back from earlier tokens: the U+FFFD of a
+    byte that never finished a character, written out once the next token showed it would not.
+    Otherwise (a token of a character split across tokens, a token cut by a stop string) at the
+    delta's start. Several tokens (an echoed prompt, with the first generated one): one after the
+    other as their bytes decode; a token whose text is not there takes no room (an empty prompt
+    is echoed as "", though the model read it as end-of-text); the tokens of a split character
+    all start where it does."""
+    end = at + len(text)
     if len(logprobs) == 1:
-        return [at]
-    decoder, offsets = codecs.getincrementaldecoder("utf-8")("replace"), []
+        token = logprobs[0].token
+        return [end - len(token) if token and text.endswith(token) else at]
+    decoder, offsets, pos = codecs.getincrementaldecoder("utf-8")("replace"), [], at
     for lp in logprobs:
-        offsets.append(min(at, end))
+        pending = bool(decoder.getstate()[0])
         split = _BYTES.fullmatch(lp.token)
-        raw = bytes.fromhex(split[1].replace("\\x", "")) if split else lp.token.encode("utf-8")
-        at += len(decoder.decode(raw))
+        piece = decoder.decode(bytes.fromhex(split[1].replace("\\x", "")) if split else lp.token.encode("utf-8"))
+        held = 1 if pending and piece.startswith("\ufffd") else 0  # the earlier fragment's
+        offsets.append(min(pos + held, end))
+        if text.startswith(piece, pos - at):
+            pos += len(piece)
     return offsets

@@ -131,6 +131,7 @@ class Service:
             raise ApiError(
                 404, "model_not_found",
                 f"model {shown(name)} is not served; served models: {', '.join(served)}", served=served,
+                code="model_not_found",  # OpenAI's SDKs read `code`: err.code == "model_not_found"
             )
         return b
 

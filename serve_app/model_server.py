@@ -157,7 +157,7 @@ class ModelServer:
         bad = [t for t in tokens if not 0 <= t < core.vocab_size]
         if bad:
             return ApiError(400, "invalid_request_error",
-                            f"tokens must be token ids in [0, {core.vocab_size}); got {bad[:5]}")
+                            f"tokens must be token ids in [0, {core.vocab_size}); got {bad[:5]}", param="tokens")
         return await asyncio.to_thread(core.tokenizer.decode, tokens)
 
     async def tokenizer_info(self) -> dict:

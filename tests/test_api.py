@@ -355,6 +355,27 @@ def test_echo_with_logprobs_scores_the_prompt_in_openais_shape(app_client):
     empty = app_client.post("/v1/completions", json={**ask, "prompt": "", "max_tokens": 2}).json()["choices"][0]
     offsets = empty["logprobs"]["text_offset"]  # "" is echoed as "", though the model read end-of-text
     assert offsets == sorted(offsets) and offsets[-1] <= len(empty["text"]) and empty["logprobs"]["tokens"][0] == "<|endoftext|>"
+    for token, at in zip(empty["logprobs"]["tokens"][1:], offsets[1:]):  # end-of-text takes no room
+        assert token.startswith("bytes:") or empty["text"][at : at + len(token)] == token, (empty, offsets)
+
+
+def test_a_tokens_offset_skips_text_that_is_not_its_own():
+    """A token of one byte that starts a character the next token does not finish: its delta
+    has no text, and the next delta carries its U+FFFD before the next token's own text. That
+    token starts after the U+FFFD (it was put one character early, at its delta's start)."""
+    from serve_app.deltas import Accumulator
+    from serve_app.engine.types import Delta, TokenLogprob
+
+    acc = Accumulator()
+    for text, token in [("pire", "pire"), ("", "bytes:\\xda"), ("\ufffd soils", " soils")]:
+        acc.add(Delta("r", 0, text, (1,), logprobs=(TokenLogprob(token, -1.0),)))
+    text, offsets = acc.texts[0], [at for at, _ in acc.logprobs[0]]
+    assert text == "pire\ufffd soils" and offsets == [0, 4, 5]
+    assert text[offsets[2]:] == " soils"
+    # An empty prompt, echoed as "" though the model read end-of-text, with the first token.
+    echoed = Accumulator().add_all([Delta("r", 0, " BCC", (0, 1), logprobs=(
+        TokenLogprob("<|endoftext|>", None), TokenLogprob(" BCC", -1.0)))])
+    assert [at for at, _ in echoed.logprobs[0]] == [0, 0]
 
 
 def test_any_mix_of_completion_options_streams_exactly_what_the_whole_answer_holds(app_client):

@@ -213,6 +213,7 @@ def test_an_evaluation_harness_finds_the_servers_tokenizer(server):
     assert httpx.post(f"{url}/detokenize", json={"tokens": tokens}, timeout=30).json()["prompt"] == "The court held that — 写"
     bad = httpx.post(f"{url}/detokenize", json={"model": "tiny-b", "tokens": [-1]}, timeout=30)
     assert bad.status_code == 400 and "token ids in [0, 50257)" in bad.json()["error"]["message"]
+    assert bad.json()["error"]["param"] == "tokens"
 
 
 def test_stop(client):
@@ -260,7 +261,7 @@ def test_the_openai_client_turns_a_repetition_guard_on(client):
 def test_errors_are_json_with_the_right_status(server, client):
     with pytest.raises(openai.NotFoundError) as info:
         client.completions.create(model="no-such-model", prompt="x")
-    assert info.value.body["type"] == "model_not_found"
+    assert info.value.body["type"] == "model_not_found" and info.value.code == "model_not_found"
     assert "tiny-a" in info.value.body["message"] and "tiny-b" in info.value.body["message"]
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model="tiny-a", prompt="x", max_tokens=10_000)
