@@ -324,6 +324,8 @@ def _print_loaded_models(registry, app_name: str) -> None:
         if isinstance(info, BaseException):  # a line that is only informative
             info = {"load_seconds": float("nan"), "weights": f"not asked: {type(info).__name__}"}
         print(f"quill serve: model {m.name} loaded in {info['load_seconds']:.1f} s ({info['weights']})", flush=True)
+        for warning in info.get("warnings", ()):
+            print(f"quill serve: model {m.name}: warning: {warning}", flush=True)
 
 
 def _local_fit_problem(registry, num_cpus: float, shared: list[str] = ()) -> str | None:

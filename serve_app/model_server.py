@@ -81,7 +81,8 @@ class ModelServer:
         return getattr(self.engine, "engine", self.engine)
 
     async def ready(self) -> dict:
-        return {"model": self.name, "load_seconds": round(self.load_seconds, 3), "weights": self.weights}
+        return {"model": self.name, "load_seconds": round(self.load_seconds, 3), "weights": self.weights,
+                "warnings": list(getattr(self._core, "load_warnings", ()))}
 
     def _refresh_gauges(self) -> None:
         while not self._stop.wait(1.0):

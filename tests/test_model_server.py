@@ -180,3 +180,20 @@ def test_the_tokenizer_fingerprint_tells_special_tokens_apart(tmp_path):
     no_eos = AutoTokenizer.from_pretrained(tmp_path, eos_token=None, bos_token=None, unk_token=None)
     assert no_eos.eos_token_id is None and no_eos.get_vocab() == gpt2.get_vocab()
     assert _fingerprint(no_eos) != _fingerprint(gpt2)
+
+
+def test_a_checkpoint_shorter_than_the_registrys_context_is_reported_at_load(tiny_checkpoints):
+    """The tiny checkpoints have 256 positions; an entry that asks for 512, with prompts of up
+    to 400, is served in 256, and `quill serve` prints why (from `ready`), not only Ray's file."""
+    s = ModelServer(entry(tiny_checkpoints["tiny-a"], "ms-short", engine={"max_batch_size": 2, "max_seq_len": 512},
+                          limits={"max_prompt_tokens": 400, "max_tokens": 100, "max_n": 1}))
+    try:
+        (warning,) = asyncio.run(s.ready())["warnings"]
+        assert "256 positions (fewer than engine.max_seq_len, 512)" in warning and "max_prompt_tokens is 400" in warning
+    finally:
+        s.shutdown()
+    fits = ModelServer(entry(tiny_checkpoints["tiny-a"], "ms-fits"))
+    try:
+        assert asyncio.run(fits.ready())["warnings"] == []
+    finally:
+        fits.shutdown()

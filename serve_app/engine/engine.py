@@ -106,14 +106,19 @@ class Engine:
             raise CheckpointError(f"{config.source!r}: its tokenizer has {len(self.tokenizer)} tokens but the model's "
                                   f"vocabulary has {model.config.vocab_size}; pair the model with the tokenizer "
                                   "it was trained with")
+        # What a registry's author should hear at start (`quill serve` prints them): the
+        # replica's own log is a file of Ray's that nobody reads before a request fails.
+        self.load_warnings: list[str] = []
         self.max_seq_len = min(config.max_seq_len, model.config.n_positions)
         positions = model.config.n_positions
         if positions < config.max_seq_len and config.max_prompt_tokens >= positions:
             # The registry checked its limits against engine.max_seq_len; the checkpoint's own
             # positions are fewer. Served anyway: a request that fits is answered.
-            log.warning("%s has %d positions (fewer than engine.max_seq_len, %d): prompts of %d tokens or more "
-                        "are refused although limits.max_prompt_tokens is %d", config.source, positions,
-                        config.max_seq_len, positions, config.max_prompt_tokens)
+            self.load_warnings.append(
+                f"{config.source} has {positions} positions (fewer than engine.max_seq_len, {config.max_seq_len}): "
+                f"prompts of {positions} tokens or more are refused although limits.max_prompt_tokens is "
+                f"{config.max_prompt_tokens}")
+            log.warning("%s", self.load_warnings[-1])
         # A token of a prompt to score also runs through the LM head (vocab x embed weights;
         # every prompt token runs through 12 x embed^2 per layer): it counts this much of a
         # step's prompt budget, so a step that scores costs the streams beside it what any
