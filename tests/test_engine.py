@@ -998,6 +998,22 @@ def test_a_lora_on_a_tied_embedding_serves_the_model_it_trained(checkpoint, hf, 
     assert tokens[("t", 0)] == expected
 
 
+
+def test_a_broken_adapter_folder_is_refused_naming_the_file(checkpoint, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from serve_app.engine import CheckpointError
+
+    get_peft_model(GPT2LMHeadModel.from_pretrained(checkpoint), LoraConfig(r=2, target_modules=["c_attn"])).save_pretrained(tmp_path / "a")
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a copy cut short
+    with pytest.raises(CheckpointError, match=r"cannot be loaded: adapter_model.safetensors: "):
+        make_engine(checkpoint, adapter=str(tmp_path / "a"))
+    (tmp_path / "a" / "adapter_config.json").unlink()
+    with pytest.raises(CheckpointError, match="has no adapter_config.json"):
+        make_engine(checkpoint, adapter=str(tmp_path / "a"))
+
+
 def test_pickled_weights_are_refused(tmp_path):
     from serve_app.engine import CheckpointError
 

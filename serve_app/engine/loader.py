@@ -181,24 +181,28 @@ def _download(source: str, repo_id: str) -> Path:
         raise CheckpointError(f"{source!r} cannot be fetched from the hub: {str(exc).splitlines()[0][:300]}") from None
 
 
-def _read_safetensors(source: str, folder: Path) -> dict[str, torch.Tensor]:
+def _read_safetensors(source: str, folder: Path, files: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of `files` in `folder` (by default a checkpoint's: model.safetensors or its
+    shards); a file that cannot be read is refused naming `source` and the file."""
     from safetensors.torch import load_file
 
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():  # sharded: the index names each tensor's file
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (folder / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise CheckpointError(f"{source!r} has no model.safetensors (nor a model.safetensors.index.json); "
-                              "save the model with save_pretrained(folder)")
     tensors: dict[str, torch.Tensor] = {}
-    for name in files:
+    for name in files if files is not None else _checkpoint_files(source, folder):
         try:
             tensors.update(load_file(folder / name))
         except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
             raise CheckpointError(f"{source!r} cannot be loaded: {name}: {str(exc).splitlines()[0][:300]}") from None
     return tensors
+
+
+def _checkpoint_files(source: str, folder: Path) -> list[str]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():  # sharded: the index names each tensor's file
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    if (folder / "model.safetensors").is_file():
+        return ["model.safetensors"]
+    raise CheckpointError(f"{source!r} has no model.safetensors (nor a model.safetensors.index.json); "
+                          "save the model with save_pretrained(folder)")
 
 
 def _gpt2_tensors(source: str, config: GPT2Config, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -293,6 +297,10 @@ def _merge_adapter(weights: GPT2Weights, adapter: str) -> GPT2Weights:
         raise CheckpointError(f"adapter {adapter!r}: remote URIs must be synced to a local folder first")
     if not os.path.exists(os.path.join(adapter, "adapter_model.safetensors")):
         raise CheckpointError(f"adapter {adapter!r} has no adapter_model.safetensors")
+    if not os.path.exists(os.path.join(adapter, "adapter_config.json")):
+        raise CheckpointError(f"adapter {adapter!r} has no adapter_config.json (peft's save_pretrained writes it "
+                              "beside adapter_model.safetensors)")
+    _read_safetensors(adapter, Path(adapter), ["adapter_model.safetensors"])  # a truncated file, named
     # Untied while merging: GPT-2's lm_head is its token embedding, and a merge writes into the
     # weight in place, so a LoRA on lm_head would also move the input embedding (or one on wte the
     # output), serving another model than the one trained (greedy tokens all different, logits
