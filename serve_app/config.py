@@ -288,13 +288,9 @@ class Registry(BaseModel):
     @field_validator("models")
     @classmethod
     def _unique_names(cls, models: list[ModelEntry]) -> list[ModelEntry]:
-        seen: dict[str, int] = {}
-        for i, m in enumerate(models):
-            if m.name in seen:
-                raise ValueError(
-                    f"duplicate model name {m.name!r} (entries {seen[m.name] + 1} and {i + 1})"
-                )
-            seen[m.name] = i
+        problems = _duplicate_names([m.name for m in models])
+        if problems:
+            raise ValueError(problems[0])
         return models
 
     def get(self, name: str) -> ModelEntry | None:
@@ -332,7 +328,8 @@ def _describe(err: dict[str, Any], raw: Any, label: str) -> str:
         if isinstance(raw, dict) and isinstance(raw.get("models"), list) and index < len(raw["models"]):
             entry = raw["models"][index]
             name = entry.get("name") if isinstance(entry, dict) else None
-        where += f": model {name!r}" if isinstance(name, str) else f": model #{index + 1}"
+        named = isinstance(name, str) and sum(isinstance(m, dict) and m.get("name") == name for m in raw["models"]) == 1
+        where += f": model {name!r}" if named else f": model #{index + 1}" + (f" ({name!r})" if isinstance(name, str) else "")
         loc = loc[2:]
     field = ".".join(str(p) for p in loc)
     msg = err["msg"].removeprefix("Value error, ")
@@ -395,7 +392,25 @@ def parse_registry(data: Any, base_dir: str | os.PathLike | None, label: str = "
     try:
         return Registry.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as exc:
-        raise RegistryError(label, [_describe(e, data, label) for e in exc.errors()]) from None
+        problems = [_describe(e, data, label) for e in exc.errors()]
+        # Pydantic checks the names only once every entry is valid: say it beside the rest.
+        entries = data.get("models") if isinstance(data.get("models"), list) else []
+        names = [m.get("name") if isinstance(m, dict) else None for m in entries]
+        for duplicate in _duplicate_names(names):
+            if not any(duplicate in p for p in problems):
+                problems.append(f"{label}: models: {duplicate}")
+        raise RegistryError(label, problems) from None
+
+
+def _duplicate_names(names: list) -> list[str]:
+    seen: dict[str, int] = {}
+    problems = []
+    for i, name in enumerate(names):
+        if isinstance(name, str) and name in seen:
+            problems.append(f"duplicate model name {name!r} (entries {seen[name] + 1} and {i + 1})")
+        elif isinstance(name, str):
+            seen[name] = i
+    return problems
 
 
 class _RegistryLoader(yaml.SafeLoader):

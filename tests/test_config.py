@@ -202,6 +202,16 @@ def test_every_problem_is_reported(tmp_path):
     assert len(info.value.problems) == 2
 
 
+def test_a_duplicate_name_is_reported_beside_other_problems_and_the_entries_told_apart(tmp_path):
+    path = write(tmp_path, "models:\n" + ENTRY + ENTRY + "    cpus_per_replica: x\n")
+    with pytest.raises(RegistryError) as info:
+        load_registry(path)
+    problems = info.value.problems
+    assert len(problems) == 2, problems
+    assert "model #2 ('tiny'): cpus_per_replica" in problems[0]
+    assert "duplicate model name 'tiny' (entries 1 and 2)" in problems[1]
+
+
 # --- `quill serve` refuses before anything starts (no Ray is started in these) ---
 
 def _quill(*args, cwd=None, env_extra=None):
