@@ -189,3 +189,26 @@ def test_quill_train_names_a_missing_base_tokenizer_or_corpus_before_loading_any
     assert "data.tokenizer:" in lines[1] and "holds no tokenizer" in lines[1]
     assert "data.corpora_dir:" in lines[2] and "no lyrics/ folder" in lines[2]  # legal/ is there
     assert not (tmp_path / "runs").exists()
+
+
+def test_quill_data_builds_the_splits_a_recipe_trains_on(tmp_path, capsys):
+    """`quill data --recipe R` tokenizes with R's tokenizer into R's cache: what `quill train`
+    reads (it used GPT-2's tokenizer and the repo's cache whatever a recipe said)."""
+    from training.data import SplitSettings, genre_tokens, load_tokenizer, main
+    from training.recipe import load_recipe, repo_path
+
+    (tmp_path / "corpora" / "legal").mkdir(parents=True)
+    (tmp_path / "corpora" / "legal" / "a.txt").write_text("Whereas the parties agree to the terms below. " * 400)
+    path = tmp_path / "r.yaml"
+    path.write_text(f"name: x\ndata: {{genres: [legal], corpora_dir: {tmp_path / 'corpora'}, "
+                    f"tokenizer: models/quill-tokenizer, cache_dir: {tmp_path / 'cache'}}}\n")
+    assert main(["--recipe", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "tokenizer models/quill-tokenizer (8192 tokens)" in out
+    cached = sorted((tmp_path / "cache").iterdir())
+    assert cached, "nothing cached"
+    d = load_recipe(path)["data"]
+    train = genre_tokens("legal", "train", repo_path(d["corpora_dir"]), SplitSettings(d["val_fraction"], d["chunk_chars"]),
+                         load_tokenizer(repo_path(d["tokenizer"])), repo_path(d["cache_dir"]))
+    assert f"legal        train {len(train):>9,d} tokens" in out
+    assert sorted((tmp_path / "cache").iterdir()) == cached  # the run's read found the same files

@@ -227,15 +227,32 @@ def genre_tokens(genre: str, split: str, corpora_dir: Path = CORPORA_DIR,
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m training.data`: build the cached splits and print their sizes."""
+    """`quill data`: build the cached, tokenized splits and print their sizes. With --recipe, those
+    of that recipe's data section (tokenizer, corpora, cache, split), which `quill train` then reads."""
     import argparse
+    import sys
+
+    from training.recipe import RecipeError, load_recipe, parse_recipe, repo_path
 
     ap = argparse.ArgumentParser(prog="quill data", description=main.__doc__)
-    ap.add_argument("--genres", nargs="*", default=list(GENRES), choices=GENRES)
+    ap.add_argument("--recipe", help="a training recipe (training/recipes/<name>.yaml): its data section")
+    ap.add_argument("--genres", nargs="*", default=None, choices=GENRES, help="default: the recipe's, or all five")
     args = ap.parse_args(argv)
-    tok = load_tokenizer()
-    for g in args.genres:
-        tr, va = genre_tokens(g, "train", tokenizer=tok), genre_tokens(g, "val", tokenizer=tok)
+    try:  # a recipe's defaults where none is named: GPT-2's tokenizer, training/corpora, runs/cache
+        d = (load_recipe(args.recipe if Path(args.recipe).exists() else repo_path(args.recipe)) if args.recipe
+             else parse_recipe({"name": "defaults"}, "<defaults>"))["data"]
+    except RecipeError as exc:
+        print("\n".join(f"quill data: {problem}" for problem in exc.problems), file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"quill data: {args.recipe}: cannot be read ({exc.strerror or exc})", file=sys.stderr)
+        return 2
+    tok = load_tokenizer(repo_path(d["tokenizer"]))
+    corpora, cache = repo_path(d["corpora_dir"]), repo_path(d["cache_dir"])
+    settings = SplitSettings(d["val_fraction"], d["chunk_chars"])
+    print(f"tokenizer {d['tokenizer']} ({len(tok)} tokens); corpora {corpora}; cache {cache}")
+    for g in args.genres or d["genres"]:
+        tr, va = (genre_tokens(g, split, corpora, settings, tok, cache) for split in ("train", "val"))
         print(f"{g:12s} train {len(tr):>9,d} tokens   held-out {len(va):>7,d} tokens")
     return 0
 
