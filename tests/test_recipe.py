@@ -212,3 +212,19 @@ def test_quill_data_builds_the_splits_a_recipe_trains_on(tmp_path, capsys):
                          load_tokenizer(repo_path(d["tokenizer"])), repo_path(d["cache_dir"]))
     assert f"legal        train {len(train):>9,d} tokens" in out
     assert sorted((tmp_path / "cache").iterdir()) == cached  # the run's read found the same files
+
+
+def test_quill_train_refuses_a_base_with_pickled_weights_in_one_line(tmp_path, capsys):
+    from transformers import GPT2Config
+
+    from training.train import main
+
+    base = tmp_path / "base"
+    GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(base)
+    (base / "pytorch_model.bin").write_bytes(b"not unpickled")
+    path = tmp_path / "r.yaml"
+    path.write_text(f"name: x\nmethod: lora\nmodel: {{init: {base}}}\n")
+    assert main(["--recipe", str(path), "--runs", str(tmp_path / "runs"), "--no-export"]) == 2
+    err = capsys.readouterr().err
+    assert f"model.init: {base} has no .safetensors weights (pickled weights are refused" in err, err
+    assert "Traceback" not in err

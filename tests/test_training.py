@@ -214,12 +214,13 @@ def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path, corpora):
     from training.train import train
 
     straight = _tiny_recipe(tmp_path / "a", corpora, steps=8, save_every=4)
-    train(straight, run_root=tmp_path / "a" / "runs", export_model=False)
+    whole = train(straight, run_root=tmp_path / "a" / "runs", export_model=False)
 
     # the same recipe, stopped after step 5 (stop_at checkpoints there), then run again
     resumed = _tiny_recipe(tmp_path / "b", corpora, steps=8, save_every=4)
     stopped = train(resumed, run_root=tmp_path / "b" / "runs", export_model=True, stop_at=5)
     assert "export" not in stopped  # an unfinished run exports nothing
+    assert stopped["steps"] == 5 and stopped["tokens"] * 8 == whole["tokens"] * 5  # what ran, not the plan
     ckpt = tmp_path / "b" / "runs" / "tiny-base" / "checkpoint" / "state.json"
     assert json.loads(ckpt.read_text())["step"] == 5
     train(resumed, run_root=tmp_path / "b" / "runs", export_model=False)

@@ -104,6 +104,9 @@ def _check_paths(recipe: dict, export_model: bool = True) -> None:
     if init != "scratch" and not init.startswith("hf://") and not (repo_path(init) / "config.json").is_file():
         problems.append(f"model.init: {init} is not a checkpoint folder (no {repo_path(init) / 'config.json'}); "
                         "name a folder that save_pretrained wrote (models/quill-base), hf://name, or scratch")
+    elif init != "scratch" and not init.startswith("hf://") and not any(repo_path(init).glob("*.safetensors")):
+        problems.append(f"model.init: {init} has no .safetensors weights (pickled weights are refused: "
+                        "load and re-save it with save_pretrained, which writes safetensors)")
     tokenizer = repo_path(d["tokenizer"])
     if not any((tokenizer / f).is_file() for f in TOKENIZER_FILES):
         problems.append(f"data.tokenizer: {d['tokenizer']} holds no tokenizer (no tokenizer.json or vocab.json in {tokenizer})")
@@ -368,9 +371,11 @@ def train(recipe: dict, fresh: bool = False, export_model: bool = True, log_to_s
     bar.close()
 
     elapsed = elapsed_before + (time.time() - t0)
-    summary = {"name": name, "steps": t["steps"], "tokens": t["steps"] * tokens_per_step,
+    # Steps done so far (end_step: a --stop-at run stops short of train.steps), over the time
+    # they took across resumes.
+    summary = {"name": name, "steps": end_step, "tokens": end_step * tokens_per_step,
                "train_seconds": round(elapsed, 1),
-               "tokens_per_second": round(t["steps"] * tokens_per_step / max(elapsed, 1e-9), 1),
+               "tokens_per_second": round(end_step * tokens_per_step / max(elapsed, 1e-9), 1),
                "final_loss_ema": None if loss_ema is None else round(loss_ema, 4),
                "params": n_total, "trainable_params": n_train, "vocab_size": len(tokenizer),
                "train_tokens": {g: int(len(s)) for g, s in train_streams.items()},
