@@ -346,7 +346,9 @@ def _sse_response(
 
 def create_app(service: Service, security: SecuritySettings | None = None) -> FastAPI:
     """`security` defaults to the settings in this process's environment (docs/security.md)."""
-    app = FastAPI(title="Quill", docs_url="/docs", redoc_url=None)
+    # No redirect for a trailing slash (Starlette's 307 names an http:// URL, wrong behind TLS,
+    # with an empty body): such a path gets the JSON 404 that lists the routes.
+    app = FastAPI(title="Quill", docs_url="/docs", redoc_url=None, redirect_slashes=False)
     app.state.service = service
     # Keys, origins, header/body/rate limits before any route runs (serve_app/security.py).
     app.add_middleware(FrontDoor, settings=security or SecuritySettings.from_env())

@@ -34,7 +34,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
+from pathlib import Path
 
 LOOPBACK = "127.0.0.1"
 # Set by `quill serve` for a Ray of its own; inherited by every Ray process it starts.
@@ -118,24 +120,29 @@ def bind_serve_replicas_to_loopback() -> None:
 
 def stop_haproxy(node_id: str) -> int:
     """Kill the HAProxy processes of this node (Serve keeps their files under a folder named by
-    the node id); returns how many. Serve's HAProxyManager stops HAProxy when Serve shuts down
-    cleanly, but HAProxy is not its child in Ray's eyes: when Serve's shutdown timed out (a
-    SIGTERM while the models loaded: "Controller failed to shut down within 30.0s") or a second
-    Ctrl-C ended `quill serve` at once, HAProxy outlived Ray, held --port and answered every
-    request with a 500 until killed by hand."""
-    marker, killed = f"/{node_id}/".encode(), 0
+    the node id) and remove that folder; returns how many were killed. Serve's HAProxyManager
+    stops HAProxy when Serve shuts down cleanly, but HAProxy is not its child in Ray's eyes: when
+    Serve's shutdown timed out (a SIGTERM while the models loaded: "Controller failed to shut
+    down within 30.0s") or a second Ctrl-C ended `quill serve` at once, HAProxy outlived Ray,
+    held --port and answered every request with a 500 until killed by hand. The folder (its
+    config, sockets and state) was left behind by every run."""
+    marker, killed = f"/{node_id}/", 0
+    folders = {Path(os.environ.get("RAY_SERVE_HAPROXY_SERVER_STATE_BASE", "/tmp/haproxy-serve")) / node_id}
     with contextlib.suppress(OSError):
         for entry in os.scandir("/proc"):
             if not entry.name.isdigit():
                 continue
             try:
                 with open(f"/proc/{entry.name}/cmdline", "rb") as f:
-                    cmd = f.read().split(b"\0")
-                if cmd[0].endswith(b"/haproxy") and any(marker in arg for arg in cmd):
+                    cmd = [arg.decode(errors="replace") for arg in f.read().split(b"\0")]
+                if cmd[0].endswith("/haproxy") and any(marker in arg for arg in cmd):
                     os.kill(int(entry.name), signal.SIGKILL)
                     killed += 1
+                    folders |= {Path(arg[: arg.index(marker) + len(marker)]) for arg in cmd if marker in arg}
             except OSError:  # gone meanwhile, or not ours to read
                 continue
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
     return killed
 
 

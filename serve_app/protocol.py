@@ -315,6 +315,8 @@ def no_route(method: str, path: str) -> str:
         # What an OpenAI client calls first: GPT-2-family models have no chat template.
         hint = ("Quill serves text-completion models, which have no chat format: send the text "
                 "as `prompt` to POST /v1/completions (client.completions.create). ")
+    elif len(path) > 1 and path.endswith("/"):
+        hint = f"Without the trailing slash: {shown(path.rstrip('/'))}? "
     return f"no route {method} {shown(path)}. {hint}Quill's API: {API_ROUTES} (docs/api.md)"
 
 

@@ -206,6 +206,9 @@ def test_malformed_json_and_unknown_route(app_client):
     r = app_client.get("/v2/nothing")
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found"
     assert "POST /v1/completions" in r.json()["error"]["message"]  # says what there is instead
+    # A trailing slash: the same JSON 404, with the path to use, not a bodiless 307 to http://
+    r = app_client.post("/v1/completions/", json={"model": "tiny-a", "prompt": "Hi"}, follow_redirects=False)
+    assert r.status_code == 404 and "Without the trailing slash: '/v1/completions'" in r.json()["error"]["message"]
 
 
 def test_the_openai_clients_chat_call_is_told_to_use_completions(app_client):

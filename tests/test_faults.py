@@ -283,6 +283,9 @@ def test_quill_serve_stops_its_own_haproxy_and_no_other(tmp_path):
         assert local_ray.stop_haproxy("a" * 56) == 1
         assert procs["a" * 56].wait(10) == -signal.SIGKILL
         assert procs["b" * 56].poll() is None
+        # Its files go with it (every run left its folder behind); the other's stay.
+        assert not (tmp_path / "haproxy-serve" / ("a" * 56)).exists()
+        assert (tmp_path / "haproxy-serve" / ("b" * 56) / "haproxy.cfg").exists()
     finally:
         for p in procs.values():
             p.kill()

@@ -174,7 +174,7 @@ class Engine:
                 raise RequestRejected(f"request id {request.request_id!r} is already running")
             if len(self._waiting) + len(self._inbox) >= self.config.max_waiting:
                 raise EngineOverloaded(
-                    f"{self.config.max_waiting} requests are already waiting; try again shortly"
+                    f"the queue is full ({self.config.max_waiting} waiting, engine.max_waiting); try again shortly"
                 )
             self._live_ids.add(request.request_id)
             self._inbox.append(_Request(request, prompt_ids))
