@@ -58,8 +58,8 @@ def render(registry: str | os.PathLike, values: list[str] = (), namespace: str |
     load_registry(registry, check_paths=False)
     # --skip-tests: `helm test`'s Pod is a hook; applied with kubectl it would be a plain Pod.
     # helm splits --set-file on commas and reads backslashes as escapes: a path with either is escaped.
-    path = str(registry).replace("\\", "\\\\").replace(",", "\\,")
-    cmd = [find_helm(), "template", release, str(chart), "--skip-tests", "--set-file", f"registry={path}"]
+    escaped = str(registry).replace("\\", "\\\\").replace(",", "\\,")
+    cmd = [find_helm(), "template", release, str(chart), "--skip-tests", "--set-file", f"registry={escaped}"]
     for path in values:
         if not Path(path).is_file():
             raise RenderError(f"values file {path} not found")
