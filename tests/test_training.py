@@ -514,6 +514,9 @@ def test_evaluate_loads_an_adapter_through_the_engine_loader_and_reports_bits_pe
     assert f"weights in {served_dtype}" in ev.render(results, ["legal", "abstracts"], "quill evaluate", 256, 32)
 
     doc = ev.render(results, ["legal", "abstracts"], "quill evaluate ...", 256, 32)
+    # What each is, from its registry entry and training run, not from its name's last word.
+    assert results["what"]["tiny-legal"].startswith("LoRA adapter on ") and results["what"]["tiny-legal"].endswith(", legal corpus")
+    assert not results["what"]["tiny-base"].startswith("LoRA") and f"| `tiny-base` | {results['what']['tiny-base']} |" in doc
     assert f"| legal | held-out split of `{corpora.resolve()}/legal` | {want.tokens:,} | {want.bytes:,} |" in doc
     assert f"| `tiny-legal` | **{want.bits_per_byte:.3f}** | - |" in doc
     assert "## Held-out perplexity and bits per byte" in doc

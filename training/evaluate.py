@@ -129,7 +129,19 @@ def evaluate(registry: Path, names: list[str] | None, genres: list[str], max_tok
         if run:
             results.setdefault("training", {})[name] = run
         results["sizes"][name] = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+        results.setdefault("what", {})[name] = _what(config, own, run, registry_dir)
     return results
+
+
+def _what(config, own: str | None, run: dict | None, registry_dir: Path) -> str:
+    """A model's row in the table: an adapter or a whole model, and the text it was trained on
+    (the training run's genres where it was recorded, else what its name says)."""
+    trained = sorted(run["train_tokens"]) if run and run.get("train_tokens") else [own] if own else []
+    text = ("all five genres" if set(trained) == set(GENRES) else
+            f"{', '.join(trained)} corpus" if trained else "trained elsewhere")
+    if config.adapter:
+        return f"LoRA adapter on {_shown(config.source, registry_dir)}, {text}"
+    return f"base, {text}" if set(trained) == set(GENRES) else f"full model, {text}"
 
 
 def render(results: dict, genres: list[str], command: str, max_tokens: int, block_size: int) -> str:
@@ -158,11 +170,8 @@ def render(results: dict, genres: list[str], command: str, max_tokens: int, bloc
         "| model | what | shipped weights |",
         "| --- | --- | --- |",
     ]
-    base_name = next((n for n in results["sizes"] if genre_of(n) is None), "the base")
     for name, size in results["sizes"].items():
-        g = genre_of(name)
-        what = f"LoRA adapter on {base_name}, {g} corpus" if g else "base, all five genres"
-        lines.append(f"| `{name}` | {what} | {size / 1e6:.2f} MB |")
+        lines.append(f"| `{name}` | {results['what'][name]} | {size / 1e6:.2f} MB |")
     lines += ["", f"All shipped weights together: {sum(results['sizes'].values()) / 1e6:.1f} MB "
               "(`find models -name '*.safetensors' | xargs du -cb`).", ""]
 
