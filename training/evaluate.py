@@ -333,8 +333,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--corpora", default="training/corpora", help=argparse.SUPPRESS)
     ap.add_argument("--cache-dir", default="runs/cache", help=argparse.SUPPRESS)
-    ap.add_argument("--out", default="docs/models.md", help="Markdown file to write ('-' = stdout)")
+    ap.add_argument("--out", default=None, help="Markdown file to write ('-' = stdout; default: docs/models.md "
+                    "for the shipped registry, stdout for another, so that the shipped models' page stays theirs)")
     args = ap.parse_args(argv)
+    if args.out is None:
+        args.out = "docs/models.md" if repo_path(args.registry) == repo_path("models/registry.yaml") else "-"
     torch.set_num_threads(args.threads)
     registry = repo_path(args.registry)
     problem = _registry_problem(registry, args.models)
