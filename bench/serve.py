@@ -28,7 +28,6 @@ import random
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,7 @@ from pathlib import Path
 
 from bench.engine import DEFAULT_OUT, RESULTS_DIR, make_checkpoint, percentile, write_section
 from bench.machine import machine_info
+from serve_app import local_ray
 from serve_app.config import set_torch_env
 
 BUCKETS = ((0, 200), (200, 400), (400, 550), (550, 700), (700, 10_000))  # prompt tokens
@@ -119,12 +119,6 @@ def _words_for(words: list[str], tokens: int, tokenizer) -> int:
 # ---- one server -----------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def write_registry(path: Path, checkpoint: Path, args, cache_tokens: int) -> Path:
     # No cpus_per_replica: `quill serve` shares the machine among the replicas, as a user gets it.
     entry = {
@@ -142,7 +136,7 @@ class Server:
     """`quill serve` as a user starts it, in its own session (its Ray goes down with it)."""
 
     def __init__(self, registry: Path, log: Path):
-        self.port = _free_port()
+        self.port = local_ray.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         quill = Path(sys.executable).with_name("quill")
         cmd = [str(quill) if quill.exists() else sys.executable, *([] if quill.exists() else ["-m", "serve_app.cli"]),

@@ -31,12 +31,6 @@ from serve_app.config import (DEFAULT_REGISTRY, MIN_SHARED_CPUS, RegistryError, 
                               set_torch_env, share_cpus)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _cannot_listen(host: str, port: int) -> str | None:
     """Why `quill serve` could not listen on host:port, or None."""
     try:
@@ -158,17 +152,17 @@ def serve_main(argv: list[str]) -> int:
         os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "0")
         # HAProxy's stats page and exporter default to fixed ports (8404, 9101): a second
         # local server would fail to bind them. local_ray keeps both on loopback.
-        os.environ.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(_free_port()))
-        os.environ.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(_free_port()))
+        os.environ.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(local_ray.free_port()))
+        os.environ.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(local_ray.free_port()))
         # So do the fallback proxy behind HAProxy (8500, 9500) and the ingress replicas' own
         # servers (the first free port from 30000, 40000). Shared, an HAProxy left behind by one
         # server (a SIGKILL) forwarded its --port to the next local server's proxy or replica:
         # other models, other API keys. Each server now starts from ports of its own.
-        os.environ.setdefault("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", str(_free_port()))
-        os.environ.setdefault("RAY_SERVE_FALLBACK_PROXY_GRPC_PORT", str(_free_port()))
+        os.environ.setdefault("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", str(local_ray.free_port()))
+        os.environ.setdefault("RAY_SERVE_FALLBACK_PROXY_GRPC_PORT", str(local_ray.free_port()))
         for protocol in ("HTTP", "GRPC"):  # Serve hands out ports from MIN to MAX, in order
             if f"RAY_SERVE_DIRECT_INGRESS_MIN_{protocol}_PORT" not in os.environ:
-                low = _free_port()
+                low = local_ray.free_port(span=8)
                 os.environ[f"RAY_SERVE_DIRECT_INGRESS_MIN_{protocol}_PORT"] = str(low)
                 os.environ[f"RAY_SERVE_DIRECT_INGRESS_MAX_{protocol}_PORT"] = str(min(low + 1000, 65535))
         # HAProxy answers 400 itself (an HTML page: its errorfiles do not apply to requests it
@@ -251,7 +245,7 @@ def _start_local_ray(args: argparse.Namespace, num_cpus: float) -> None:
         **local_ray.init_options(),
         num_cpus=int(num_cpus) if float(num_cpus).is_integer() else num_cpus,
         include_dashboard=False,
-        _metrics_export_port=args.metrics_export_port or _free_port(),
+        _metrics_export_port=args.metrics_export_port or local_ray.free_port(),
         _system_config={
             # Metrics reach the node's agent every 2 s instead of 10 s: /metrics is fresh.
             "metrics_report_interval_ms": 2000,

@@ -34,8 +34,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
+import socket
 from pathlib import Path
 
 LOOPBACK = "127.0.0.1"
@@ -144,6 +146,41 @@ def stop_haproxy(node_id: str) -> int:
     for folder in folders:
         shutil.rmtree(folder, ignore_errors=True)
     return killed
+
+
+# Ray's workers take ports 10002-19999 by default, Serve's replicas 30000-31000 on a cluster, and
+# the kernel hands out the ephemeral range (32768-60999 on Linux) to every bind(0) and outgoing
+# connection: between them, nothing takes a port unasked.
+_OWN_PORTS = (20000, 30000)
+
+
+def free_port(span: int = 1) -> int:
+    """A free port on loopback, the first of `span` free ones in a row, for a Ray process to bind
+    seconds from now: in _OWN_PORTS where the kernel's ephemeral range leaves room. From that
+    range, the port could meanwhile become some connection's own (a test's HAProxy then failed to
+    start: "cannot bind socket (Address already in use)")."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 0
+    low, high = _OWN_PORTS[0], min(_OWN_PORTS[1], ephemeral) - span
+    for _ in range(100 if high > low else 0):
+        first = random.randrange(low, high)
+        if all(_bindable(port) for port in range(first, first + span)):
+            return first
+    with socket.socket() as s:  # no room below it: the kernel's choice
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((LOOPBACK, port))
+        except OSError:
+            return False
+    return True
 
 
 @contextlib.contextmanager

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ import httpx
 import pytest
 
 from bench.serve import kill_session
+from serve_app import local_ray
 
 REPO = Path(__file__).resolve().parents[1]
 STARTUP_TIMEOUT = 240  # a loaded 2-core box has needed ~70 s
@@ -36,16 +36,16 @@ def free_port() -> int:
 
 
 def free_ports(n: int) -> list[int]:
-    """`n` different free ports. Asked one at a time, the kernel can hand the same port out twice
-    (a worker node once got it for two of its agents, and `ray start` refused to run)."""
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:  # all held open at once: no port twice
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
+    """`n` different free ports, for servers that bind them seconds from now: below the kernel's
+    ephemeral range (`local_ray.free_port`), where no connection takes one meanwhile. Asked one
+    at a time, the same port could come twice (a worker node once got it for two of its agents,
+    and `ray start` refused to run): each is new."""
+    ports: list[int] = []
+    while len(ports) < n:
+        port = local_ray.free_port()
+        if port not in ports:
+            ports.append(port)
+    return ports
 
 
 def kill_group(proc: subprocess.Popen, grace: float = 45) -> None:
