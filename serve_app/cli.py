@@ -220,8 +220,12 @@ def serve_main(argv: list[str]) -> int:
     except (_Stop, KeyboardInterrupt):
         pass
     except Exception as exc:
-        print(f"quill serve: failed to start: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-        for line in _deployment_failures():
+        failures = _deployment_failures()
+        # Ray's own message names the first deployment that failed ("Failed to update the
+        # deployments ['model-a']") when several did: with the reasons at hand, count them instead.
+        head = (f"{len(failures)} deployment(s) failed" if failures else f"{type(exc).__name__}: {exc}")
+        print(f"quill serve: failed to start: {head}", file=sys.stderr, flush=True)
+        for line in failures:
             print(f"  {line}", file=sys.stderr, flush=True)
         _shutdown(local, node_id)
         return 1

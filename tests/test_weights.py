@@ -246,4 +246,5 @@ def test_quill_serve_with_a_wrong_bucket_exits_naming_the_model(fake_s3, tmp_pat
     assert proc.returncode not in (0, None), output
     # quill serve's own summary line, not only somewhere in the replica's traceback from Ray.
     assert re.search(r"^  model 'tiny-lost': cannot fetch s3://no-such-bucket/tiny: not found", output, re.M), output
+    assert "quill serve: failed to start: 1 deployment(s) failed" in output, output  # counted, not Ray's first name
     assert SECRET not in output
