@@ -380,8 +380,8 @@ def create_app(service: Service, security: SecuritySettings | None = None) -> Fa
         err = to_api_error(exc)
         return JSONResponse(err.body(), status_code=err.status, headers=err.headers())
 
-    # HEAD too: some load balancers' health checks send it (out of the schema: one operation
-    # id per path and method).
+    # HEAD too, wherever GET works (RFC 9110): some load balancers' health checks send it, and
+    # clients ask it for a route's headers (out of the schema: one operation id per path and method).
     @app.get("/healthz")
     @app.head("/healthz", include_in_schema=False)
     async def healthz():
@@ -401,6 +401,7 @@ def create_app(service: Service, security: SecuritySettings | None = None) -> Fa
                        models=models, reasons=reasons)
 
     @app.get("/metrics")
+    @app.head("/metrics", include_in_schema=False)
     async def metrics():
         if service.render_metrics is None:
             from serve_app.metrics import render_local
@@ -411,11 +412,13 @@ def create_app(service: Service, security: SecuritySettings | None = None) -> Fa
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
+    @app.head("/v1/models", include_in_schema=False)
     async def list_models():
         cards = await asyncio.gather(*(service.model_card(b.entry) for b in service.backends.values()))
         return {"object": "list", "data": list(cards)}
 
     @app.get("/v1/models/{name}")
+    @app.head("/v1/models/{name}", include_in_schema=False)
     async def get_model(name: str):
         return await service.model_card(service.backend(name).entry)
 
@@ -463,6 +466,7 @@ def create_app(service: Service, security: SecuritySettings | None = None) -> Fa
         return {"model": backend.entry.name, "prompt": await backend.call("detokenize", body.tokens)}
 
     @app.get("/tokenizer_info")
+    @app.head("/tokenizer_info", include_in_schema=False)
     async def tokenizer_info(model: str | None = None):
         backend = await service.tokenizer_of(model)
         return await service.tokenizer_info(backend.entry.name)
@@ -491,6 +495,7 @@ def create_app(service: Service, security: SecuritySettings | None = None) -> Fa
         await serve_socket(ws, service)
 
     @app.get("/", include_in_schema=False)
+    @app.head("/", include_in_schema=False)
     async def index():
         page = STATIC / "index.html"
         if page.is_file():

@@ -206,6 +206,11 @@ def test_malformed_json_and_unknown_route(app_client):
     r = app_client.get("/v2/nothing")
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found"
     assert "POST /v1/completions" in r.json()["error"]["message"]  # says what there is instead
+    # HEAD wherever GET works (RFC 9110), with the GET's headers and no body
+    for path in ("/v1/models", "/v1/models/tiny-a", "/tokenizer_info", "/metrics", "/", "/healthz"):
+        head, get = app_client.head(path), app_client.get(path)
+        assert head.status_code == 200 == get.status_code and head.content == b"", path
+        assert head.headers["content-type"] == get.headers["content-type"], path
     # A trailing slash: the same JSON 404, with the path to use, not a bodiless 307 to http://
     r = app_client.post("/v1/completions/", json={"model": "tiny-a", "prompt": "Hi"}, follow_redirects=False)
     assert r.status_code == 404 and "Without the trailing slash: '/v1/completions'" in r.json()["error"]["message"]
