@@ -169,7 +169,7 @@ def free_port(span: int = 1) -> int:
         first = random.randrange(low, high)
         if all(_bindable(port) for port in range(first, first + span)):
             return first
-    with socket.socket() as s:  # no room below it: the kernel's choice
+    with socket.socket() as s:  # no room in that range (or none free): the kernel's choice
         s.bind((LOOPBACK, 0))
         return s.getsockname()[1]
 
