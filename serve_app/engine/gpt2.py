@@ -69,15 +69,15 @@ class PromptChunk:
 class _Layer:
     ln_1: tuple[torch.Tensor, torch.Tensor]
     attn: Linear  # E -> 3E: queries, keys, values
-    proj: Linear  # E -> E
+    proj: Linear  # (a, x) -> x + a @ W + b: E -> E, the residual added inside the matmul
     ln_2: tuple[torch.Tensor, torch.Tensor]
-    fc: Linear  # E -> 4E
-    out: Linear  # 4E -> E
+    fc: Linear  # E -> 4E (and GPT-2's GELU, where `fused_gelu`)
+    out: Linear  # (h, x) -> x + h @ W + b: 4E -> E
 
 
-def _conv1d(w: GPT2Weights, name: str) -> Linear:
-    """transformers' Conv1D stores its weight [in, out]: `x @ W + b`."""
-    return linear(w.tensors[name + ".weight"].t(), w.tensors[name + ".bias"])
+def _conv1d(w: GPT2Weights, name: str, **fused) -> Linear:
+    """transformers' Conv1D stores its weight [in, out]: `x @ W + b` (`fused`: linear's options)."""
+    return linear(w.tensors[name + ".weight"].t(), w.tensors[name + ".bias"], **fused)
 
 
 class GPT2Runner:
@@ -99,6 +99,8 @@ class GPT2Runner:
         self.head_dim = cfg.n_embd // cfg.n_head
         self.eps = cfg.layer_norm_epsilon
         self.act = ACTIVATIONS[cfg.activation_function]
+        # GPT-2's own GELU runs inside the c_fc matmul (linear.py); any other activation after it.
+        self.fused_gelu = cfg.activation_function in ("gelu_new", "gelu_pytorch_tanh")
         self.vocab_size = cfg.vocab_size
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
@@ -117,10 +119,10 @@ class GPT2Runner:
             _Layer(
                 ln_1=(t[f"{h}.ln_1.weight"], t[f"{h}.ln_1.bias"]),
                 attn=_conv1d(w, f"{h}.attn.c_attn"),
-                proj=_conv1d(w, f"{h}.attn.c_proj"),
+                proj=_conv1d(w, f"{h}.attn.c_proj", residual=True),
                 ln_2=(t[f"{h}.ln_2.weight"], t[f"{h}.ln_2.bias"]),
-                fc=_conv1d(w, f"{h}.mlp.c_fc"),
-                out=_conv1d(w, f"{h}.mlp.c_proj"),
+                fc=_conv1d(w, f"{h}.mlp.c_fc", gelu_tanh=self.fused_gelu),
+                out=_conv1d(w, f"{h}.mlp.c_proj", residual=True),
             )
             for h in (f"transformer.h.{i}" for i in range(cfg.n_layer))
         ]
@@ -160,7 +162,8 @@ class GPT2Runner:
         return F.layer_norm(x, (self.embed,), wb[0], wb[1], self.eps)
 
     def _mlp(self, x: torch.Tensor, layer: _Layer) -> torch.Tensor:
-        return x + layer.out(self.act(layer.fc(self._layer_norm(x, layer.ln_2))))
+        h = layer.fc(self._layer_norm(x, layer.ln_2))
+        return layer.out(h if self.fused_gelu else self.act(h), x)  # + x, inside the matmul
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self._layer_norm(x, self.ln_f)).float()
@@ -193,7 +196,7 @@ class GPT2Runner:
         for i, layer in enumerate(self.layers):
             qkv = layer.attn(self._layer_norm(x, layer.ln_1))
             a = attend[0](i, qkv) if len(attend) == 1 else torch.cat([f(i, qkv) for f in attend])
-            x = x + layer.proj(a)
+            x = layer.proj(a, x)  # x + a @ W + b
             x = self._mlp(x, layer)
         return self._logits(x[last])
 
