@@ -5,7 +5,8 @@ continuous batch needs what `generate` does not offer: every row at its own posi
 values written straight into a fixed slot of a preallocated cache, decode rows and prompt
 chunks in one pass, and logits for the last position of a prompt only. The arithmetic is
 transformers' (the same operations in the same order; the matmuls by the fastest kernel at hand,
-see `linear.py`), so greedy decoding matches `generate` token for token.
+the GELU and the residual adds inside them, see `linear.py`), so greedy decoding matches
+`generate` token for token in float32; in bfloat16 within the tolerance a test holds it to.
 
 The cache is `[layer, slot, position, head, head_dim]`: a slot's keys for every head at a
 position sit together, so a decode step reads each sequence's cache as one run of memory
