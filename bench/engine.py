@@ -280,7 +280,17 @@ def summarize(result: dict) -> dict:
         "peak_rss_mib": result.get("peak_rss_mib"),
         "threads": result.get("threads"),
         "phase_s": result.get("phase_s"),
+        **_steps(result, tokens + prompt_tokens - len(done)),
     }
+
+
+def _steps(result: dict, rows: int) -> dict:
+    """Our engine's steps: how many, their mean time, and the rows a pass carried on average
+    (decode rows and prompt tokens: a request's first token comes from its prompt's pass)."""
+    if not result.get("steps"):
+        return {}
+    return {"steps": result["steps"], "mean_step_ms": round(result["step_s"] / result["steps"] * 1e3, 2),
+            "rows_per_step": round(rows / result["steps"], 1)}
 
 
 def _round(x: float | None, scale: float = 1.0) -> float | None:
@@ -379,6 +389,14 @@ def render(report: dict) -> str:
                 f"Quill reached {mr['quill_fraction_of_compute']:.0%} of the compute limit counting output tokens "
                 f"only, {mr['quill_fraction_of_compute_with_prompts']:.0%} counting the prompt tokens it "
                 "prefilled too."
+            )
+        if ours and mr.get("roofline_step_ms"):
+            lines.append(
+                f"Quill's steps: {ours['steps']}, {ours['rows_per_step']} rows a pass on average (decode rows "
+                f"and prompt tokens), {ours['mean_step_ms']} ms each. A pass that size can take no less than "
+                f"{mr['roofline_step_ms']} ms, the longer of reading the weights at the copy rate and its "
+                f"arithmetic at the matmul rate: Quill's steps ran at {mr['quill_fraction_of_roofline']:.0%} "
+                "of that (attention's reads of the cache not counted)."
             )
         lines.append("")
     lines.append(f"Raw numbers: `{report['json_path']}`.")
@@ -544,6 +562,14 @@ def _fractions(mr: dict, limits: dict) -> None:
     mr["quill_fraction_of_compute"] = round(ours["tok_s"] * flops / rate, 3)
     with_prompts = (ours["output_tokens"] + ours["prompt_tokens"]) / ours["wall_s"]
     mr["quill_fraction_of_compute_with_prompts"] = round(with_prompts * flops / rate, 3)
+    if ours.get("steps"):
+        # What a pass of the mean size could take at best: it reads every weight once (at the
+        # copy rate, the batch-1 floor) and does its rows' arithmetic (at the matmul rate),
+        # whichever takes longer. Keys and values read by attention are left out: generous.
+        arithmetic_ms = ours["rows_per_step"] * flops / rate * 1e3
+        best_ms = max(mr["floors"]["batch1_floor_ms"], arithmetic_ms)
+        mr["roofline_step_ms"] = round(best_ms, 2)
+        mr["quill_fraction_of_roofline"] = round(best_ms / ours["mean_step_ms"], 3)
 
 
 if __name__ == "__main__":

@@ -84,6 +84,7 @@ def replay_quill(checkpoint: str, workload: list[dict], s: dict) -> dict:
     recs = _records(workload)
     pending = deque(workload)
     reset = _reset_peak_rss()
+    steps, step_s = 0, 0.0
     t0 = time.perf_counter()
     while pending or engine.has_work:
         now = time.perf_counter() - t0
@@ -95,8 +96,10 @@ def replay_quill(checkpoint: str, workload: list[dict], s: dict) -> dict:
         if not engine.has_work:
             _sleep_until(t0 + pending[0]["arrival_s"])
             continue
+        began = time.perf_counter()
         deltas = engine.step()
         t = time.perf_counter() - t0  # every delta of a step is handed back when the step returns
+        steps, step_s = steps + 1, step_s + (t0 + t - began)
         for d in deltas:
             r = recs[d.request_id]
             if d.token_ids and r["first"] is None:
@@ -105,7 +108,7 @@ def replay_quill(checkpoint: str, workload: list[dict], s: dict) -> dict:
             if d.finished:
                 r["finish"] = t
                 r["finish_reason"] = d.finish_reason
-    return {"records": list(recs.values()), "peak_reset": reset}
+    return {"records": list(recs.values()), "peak_reset": reset, "steps": steps, "step_s": step_s}
 
 
 # ---- transformers generate: one at a time, or static batches --------------------------------

@@ -61,6 +61,20 @@ def test_ratios_are_computed_from_the_rows(quick_run):
     assert rows[OURS]["quill_speedup"] == 1.0
 
 
+def test_our_engine_reports_its_steps_against_the_best_a_pass_could_do(quick_run):
+    """Where the engine stands against the machine: its steps, the rows a pass carried, and the
+    fraction of the fastest pass of that size that the measured copy and matmul rates allow."""
+    _, doc, report = quick_run
+    mr = report["models"]["tiny"]
+    ours = next(r for r in mr["rows"] if r["system"] == OURS)
+    rows = ours["output_tokens"] + ours["prompt_tokens"] - ours["completed"]
+    assert ours["steps"] > 0 and ours["rows_per_step"] == pytest.approx(rows / ours["steps"], abs=0.06)
+    assert mr["roofline_step_ms"] >= mr["floors"]["batch1_floor_ms"]
+    assert 0 < mr["quill_fraction_of_roofline"] == round(mr["roofline_step_ms"] / ours["mean_step_ms"], 3)
+    assert f"Quill's steps: {ours['steps']}, {ours['rows_per_step']} rows a pass" in doc
+    assert not any("steps" in r for r in mr["rows"] if r["system"] != OURS)  # transformers' have none
+
+
 def test_a_rerun_replaces_its_section(tmp_path):
     doc = tmp_path / "performance.md"
     bench_engine.write_section(doc, "engine:cpu", "first")
