@@ -299,7 +299,10 @@ def _drain() -> None:
               f"{done['ended']} ended with an error, {done['websockets_closed']} WebSockets closed "
               f"({done['seconds']:g} s)", flush=True)
     except Exception as exc:  # best effort: shutting down goes on
-        print(f"quill serve: drain failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        why = (f"the ingress did not answer within {grace + 20:g} s (Ray busy or the ingress stuck)"
+               if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}")
+        print(f"quill serve: drain failed: {why}; stopping anyway, so open requests may be cut",
+              file=sys.stderr, flush=True)
 
 
 def _print_loaded_models(registry, app_name: str) -> None:

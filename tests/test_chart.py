@@ -275,6 +275,33 @@ def test_what_a_platform_team_sets_renders_as_written(tmp_path):
         assert out.returncode != 0 and "DNS-1035" in out.stderr, (name, out.stderr)
 
 
+def test_a_weights_cache_on_another_volume_replaces_the_default_empty_dir():
+    """Helm merges values into the defaults: a hostPath for the cache came with the default's
+    emptyDir beside it, a volume of two sources that the API server refuses (every Ray pod)."""
+    docs = helm_template(SHIPPED, "--set", "weightsCache.volume.hostPath.path=/mnt/quill",
+                         "--set", "weightsCache.volume.hostPath.type=DirectoryOrCreate")
+    head = of_kind(docs, "RayService")[0]["spec"]["rayClusterConfig"]["headGroupSpec"]
+    for pod in (head, *worker_groups(docs).values()):
+        (cache,) = [v for v in pod["template"]["spec"]["volumes"] if v["name"] == "weights-cache"]
+        assert cache == {"name": "weights-cache", "hostPath": {"path": "/mnt/quill", "type": "DirectoryOrCreate"}}
+    plain = of_kind(helm_template(SHIPPED), "RayService")[0]["spec"]["rayClusterConfig"]["headGroupSpec"]
+    assert [v for v in plain["template"]["spec"]["volumes"] if v["name"] == "weights-cache"] == [
+        {"name": "weights-cache", "emptyDir": {"sizeLimit": "20Gi"}}]
+
+
+def test_long_release_names_that_differ_past_the_cut_keep_their_objects_apart():
+    """Names are cut to 40 characters (KubeRay adds suffixes; Kubernetes allows 63): two
+    releases that differed only after the cut got the same objects."""
+    names = []
+    for release in ("quill-writing-assistant-production-europe-west1", "quill-writing-assistant-production-europe-west2"):
+        out = helm("template", release, str(CHART_DIR), "--set-file", f"registry={SHIPPED}")
+        assert out.returncode == 0, out.stderr
+        (service,) = of_kind(list(yaml.safe_load_all(out.stdout)), "RayService")
+        names.append(service["metadata"]["name"])
+    assert names[0] != names[1] and all(len(n) <= 40 for n in names)
+    assert all(n.startswith("quill-writing-assistant-productio") for n in names)
+
+
 def test_every_ray_pod_runs_torch_with_the_settings_quill_serve_gives_it():
     """The chart's pods set by hand what a local `quill serve` sets from `TORCH_ENV` (OpenMP's
     wait policy, huge pages for tensors): a setting added there and forgotten here fails."""
@@ -341,6 +368,9 @@ BAD = {
     "gpus-not-a-number": ('    gpus_per_replica: "half"\n', ["gpus_per_replica", "number"]),
     "min-above-max": ("    gpus_per_replica: 1\n    autoscaling: {min_replicas: 3, max_replicas: 2}\n",
                       ["autoscaling", "min_replicas (3) is greater than max_replicas (2)"]),
+    "scaling-misspelt": ("    autoscaling: {min_replica: 2}\n", ["autoscaling", "min_replica", "unknown"]),
+    "scaling-not-a-number": ('    autoscaling: {max_replicas: "two"}\n', ["autoscaling", "max_replicas", "integer"]),
+    "scaling-negative": ("    autoscaling: {min_replicas: -1}\n", ["autoscaling", "min_replicas", "greater than or equal to 0"]),
     "gpu-fits-no-pod": ("    gpus_per_replica: 2\n", ["gpus_per_replica", "fit no GPU worker pod"]),
     "gpu-not-whole": ("    gpus_per_replica: 1.5\n", ["gpus_per_replica", "whole number"]),
     "cpus-fit-no-pod": ("    gpus_per_replica: 1\n    cpus_per_replica: 64\n", ["cpus_per_replica", "fit no gpu worker pod"]),
@@ -368,6 +398,14 @@ def test_the_chart_knows_every_field_of_the_registry_schema():
     helpers = (CHART_DIR / "templates" / "_helpers.tpl").read_text()
     known = re.search(r'\$known := list ((?:"[a-z_]+" ?)+)', helpers).group(1)
     assert re.findall(r'"([a-z_]+)"', known) == list(ModelEntry.model_fields)
+
+
+def test_the_chart_knows_every_autoscaling_field_of_the_registry_schema():
+    from serve_app.config import Autoscaling
+
+    helpers = (CHART_DIR / "templates" / "_helpers.tpl").read_text()
+    known = re.search(r'\$knownScaling := list ((?:"[a-z_]+" ?)+)', helpers).group(1)
+    assert re.findall(r'"([a-z_]+)"', known) == list(Autoscaling.model_fields)
 
 
 def test_an_unknown_uri_scheme_is_refused_naming_model_and_field(registry_file):

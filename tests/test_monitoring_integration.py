@@ -215,7 +215,7 @@ def test_every_rule_evaluates_cleanly_and_the_nvml_alert_is_pending(stack, path)
     # alerts may go pending on a busy box; the healthy parts must not.)
     assert active.get(("QuillGpuNvmlDown", stack["exporter"])) == "pending", active
     assert ("QuillGpuNvmlDown", stack["fake_exporter"]) not in active
-    for quiet in ("QuillModelNotReady", "QuillGpuExporterDown", "QuillGpuMemoryHigh", "QuillRequestsFailing",
+    for quiet in ("QuillDown", "QuillModelNotReady", "QuillGpuExporterDown", "QuillGpuMemoryHigh", "QuillRequestsFailing",
                   "QuillReplicaRestarts"):
         assert quiet not in {name for name, _ in active}, active
 

@@ -5,10 +5,14 @@ Names and labels.
 {{- if not (regexMatch "^[a-z]([-a-z0-9]*[a-z0-9])?$" .Release.Name) -}}
 {{- fail (printf "release name %q: Quill's Services and RayService take their names from it, which Kubernetes wants as DNS-1035 labels: lower-case letters, digits and '-', starting with a letter (e.g. quill-prod)" .Release.Name) -}}
 {{- end -}}
-{{- if contains .Chart.Name .Release.Name -}}
-{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- $name := ternary .Release.Name (printf "%s-%s" .Release.Name .Chart.Name) (contains .Chart.Name .Release.Name) -}}
+{{- /* KubeRay names the head's Service and pods after the RayService with suffixes of its own,
+and Kubernetes caps names at 63: 40 leaves them room. A longer name is cut, and a hash of the
+whole name keeps two releases that differ past the cut (…-production-eu1, …-eu2) apart. */ -}}
+{{- if gt (len $name) 40 -}}
+{{- printf "%s-%s" ($name | trunc 33 | trimSuffix "-") ($name | sha256sum | trunc 6) -}}
 {{- else -}}
-{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 40 | trimSuffix "-" -}}
+{{- $name -}}
 {{- end -}}
 {{- end -}}
 
@@ -111,8 +115,32 @@ machine instead; a pod's CPUs are sized by cpusPerPod). */ -}}
 {{- fail (printf "%s: cpus_per_replica: must be more than 0" $where) -}}
 {{- end -}}
 {{- $a := get $m "autoscaling" | default dict -}}
+{{- if not (kindIs "map" $a) -}}
+{{- fail (printf "%s: autoscaling: must be a mapping (min_replicas, max_replicas, ...), got %v" $where $a) -}}
+{{- end -}}
+{{- /* The pods a worker group holds are computed from these, so they are checked here, not
+only when the application builds on the cluster (serve_app/config.py Autoscaling; the test
+keeps the list equal): a typo fell back to the default, and "two" counted as 0. */ -}}
+{{- $knownScaling := list "min_replicas" "max_replicas" "target_ongoing_requests" "upscale_delay_s" "downscale_delay_s" "look_back_period_s" -}}
+{{- range $key := keys $a | sortAlpha -}}
+{{- if not (has $key $knownScaling) -}}
+{{- fail (printf "%s: autoscaling: %s: unknown field (known: %s)" $where $key (join ", " $knownScaling)) -}}
+{{- end -}}
+{{- end -}}
+{{- range $field := list "min_replicas" "max_replicas" -}}
+{{- $v := get $a $field -}}
+{{- if and (hasKey $a $field) (not (or (kindIs "int64" $v) (kindIs "int" $v) (and (kindIs "float64" $v) (eq $v (floor $v))))) -}}
+{{- fail (printf "%s: autoscaling: %s: must be a whole number (an integer), got %v" $where $field $v) -}}
+{{- end -}}
+{{- end -}}
 {{- $min := int (ternary (get $a "min_replicas") 1 (hasKey $a "min_replicas")) -}}
 {{- $max := int (ternary (get $a "max_replicas") 1 (hasKey $a "max_replicas")) -}}
+{{- if lt $min 0 -}}
+{{- fail (printf "%s: autoscaling: min_replicas: must be greater than or equal to 0, got %d" $where $min) -}}
+{{- end -}}
+{{- if lt $max 1 -}}
+{{- fail (printf "%s: autoscaling: max_replicas: must be greater than or equal to 1, got %d" $where $max) -}}
+{{- end -}}
 {{- if gt $min $max -}}
 {{- fail (printf "%s: autoscaling: min_replicas (%d) is greater than max_replicas (%d)" $where $min $max) -}}
 {{- end -}}
@@ -223,8 +251,15 @@ checks that every one of them is here).
 {{- end -}}
 
 {{- define "quill.volumes" -}}
+{{- /* Helm merges a user's `weightsCache.volume` into the default, so `hostPath: {...}` would
+come with the default's `emptyDir` beside it, and a volume with two sources is refused by the
+API server: the default's emptyDir goes where another source is given. */ -}}
+{{- $cache := deepCopy .Values.weightsCache.volume -}}
+{{- if gt (len (keys $cache)) 1 -}}
+{{- $_ := unset $cache "emptyDir" -}}
+{{- end }}
 - name: weights-cache
-  {{- toYaml .Values.weightsCache.volume | nindent 2 }}
+  {{- toYaml $cache | nindent 2 }}
 - name: ray-logs
   emptyDir: {}
 {{- end -}}
