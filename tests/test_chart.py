@@ -289,6 +289,17 @@ def test_a_weights_cache_on_another_volume_replaces_the_default_empty_dir():
         {"name": "weights-cache", "emptyDir": {"sizeLimit": "20Gi"}}]
 
 
+@pytest.mark.parametrize("value, named", [
+    ("serviceMonitor.enable=true", "enable"),  # a typo was ignored: no ServiceMonitor, no error
+    ("gpuWorkers.minReplicas=-1", "gpuWorkers.minReplicas"),
+    ("autoscaler.upscalingMode=Fast", "autoscaler.upscalingMode"),  # only the API server refused it
+])
+def test_a_misspelt_or_impossible_value_is_refused_naming_it(value, named):
+    for out in (helm("template", "quill", str(CHART_DIR), "--set-file", f"registry={SHIPPED}", "--set", value),
+                helm("lint", str(CHART_DIR), "--set-file", f"registry={SHIPPED}", "--set", value)):
+        assert out.returncode != 0 and named in out.stdout + out.stderr, out.stdout + out.stderr
+
+
 def test_long_release_names_that_differ_past_the_cut_keep_their_objects_apart():
     """Names are cut to 40 characters (KubeRay adds suffixes; Kubernetes allows 63): two
     releases that differed only after the cut got the same objects."""
