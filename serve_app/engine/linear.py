@@ -46,6 +46,8 @@ def linear(weight: torch.Tensor, bias: torch.Tensor | None = None, *, gelu_tanh:
     """A function `x -> x @ weight.T + bias` for `weight` [out, in] (nn.Linear's layout); with
     `gelu_tanh`, `x -> gelu(x @ weight.T + bias, approximate="tanh")`; with `residual`, a function
     `(x, r) -> x @ weight.T + bias + r`."""
+    if gelu_tanh and residual:
+        raise ValueError("one post-op at a time: oneDNN's residual add takes no activation here")
     if weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16) and onednn_works(weight.dtype):
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None)
         op, act = torch.ops.mkldnn._linear_pointwise, ("gelu", [], "tanh") if gelu_tanh else ("none", [], "")
