@@ -820,7 +820,10 @@ async def test_coalesced_stream_delivers_every_token_in_order_first_one_at_once(
         tokens = [t for step in messages for d in step for t in d.token_ids]
         assert tokens == hf_greedy(hf, PROMPTS[1], 60)
         assert [d.completion_tokens for step in messages for d in step] == list(range(1, 61))
-        assert len(messages[0]) == 1  # not held: a held first message would carry several steps
+        # Not held: a held first message would carry every step of the first 0.2 s, dozens on
+        # this tiny model. It goes out at once, but the step thread may file another step or
+        # two before the caller's loop takes it (once in CI: two).
+        assert messages[0][0].completion_tokens == 1 and len(messages[0]) <= 4, [len(m) for m in messages]
         assert len(messages) < 30 and max(len(m) for m in messages) > 1  # steps went out together
         assert messages[-1][-1].finish_reason == "length"
     finally:
