@@ -115,9 +115,15 @@ def onednn_works(dtype: torch.dtype = torch.float32) -> bool:
     try:
         g = torch.Generator().manual_seed(0)
         w, b, x = (torch.randn(*s, generator=g).to(dtype) for s in ((96, 64), (96,), (5, 64)))
-        packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
-        y = torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
+        r = torch.randn(5, 96, generator=g).to(dtype)
+        packed, op = torch.ops.mkldnn._reorder_linear_weight(w, None), torch.ops.mkldnn._linear_pointwise
+        want = F.linear(x, w, b).float()
         tol = 1e-4 if dtype == torch.float32 else 2e-2  # bf16 keeps 8 bits of mantissa
-        return bool(torch.allclose(y.float(), F.linear(x, w, b).float(), rtol=tol, atol=tol))
+        # The post-ops too (`linear`'s gelu_tanh and residual): a step must not be the first
+        # to find that this build or CPU lacks one.
+        pairs = [(op(x, packed, b, "none", [], ""), want),
+                 (op(x, packed, b, "gelu", [], "tanh"), F.gelu(want, approximate="tanh")),
+                 (op.binary(x, r, packed, b, "add"), want + r.float())]
+        return all(torch.allclose(got.float(), ref, rtol=tol, atol=2 * tol) for got, ref in pairs)
     except Exception:  # an op renamed or missing in this build of torch
         return False
