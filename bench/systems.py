@@ -98,8 +98,9 @@ def replay_quill(checkpoint: str, workload: list[dict], s: dict) -> dict:
             continue
         began = time.perf_counter()
         deltas = engine.step()
-        t = time.perf_counter() - t0  # every delta of a step is handed back when the step returns
-        steps, step_s = steps + 1, step_s + (t0 + t - began)
+        ended = time.perf_counter()
+        t = ended - t0  # every delta of a step is handed back when the step returns
+        steps, step_s = steps + 1, step_s + (ended - began)
         for d in deltas:
             r = recs[d.request_id]
             if d.token_ids and r["first"] is None:
