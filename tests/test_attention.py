@@ -141,3 +141,47 @@ def test_a_second_process_loads_the_compiled_loop_from_disk_instead_of_compiling
     assert run.returncode == 0, run.stderr[-2000:]
     hits, misses = map(int, run.stdout.split())
     assert (hits, misses) == (1, 0)  # loaded, not compiled
+
+
+def test_torch_and_the_loop_share_one_openmp_runtime_in_a_fresh_process():
+    """A replica imports the engine before torch: its matmuls and the loop then run on one
+    libgomp's workers instead of two pools that spin against each other (engine/openmp.py)."""
+    import subprocess
+    import sys
+
+    from serve_app.engine import openmp
+
+    if openmp._torch_copy() is None or openmp._system_copy() is None:
+        pytest.skip("torch's wheel or this system has no libgomp of its own to share")
+    probe = (
+        "from serve_app.engine import attention, openmp; import numpy as np, torch; "
+        "assert openmp.share_openmp_runtime() is None  # done once, at the engine's import\n"
+        "torch.set_num_threads(2); g = torch.Generator().manual_seed(0)\n"
+        "k, v = (torch.randn(4, 64, 4, 16, generator=g) for _ in range(2)); qkv = torch.randn(4, 192, generator=g)\n"
+        "out = attention.decode_attention(qkv, k, v, np.array([0, 5, 63, 17]), 0.3); torch.mm(qkv, qkv.T)\n"
+        "maps = {line.split()[-1] for line in open('/proc/self/maps') if 'libgomp' in line}\n"
+        "print(len(maps), float(out.abs().sum()))"
+    )
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 0, run.stderr[-2000:]
+    runtimes, total = run.stdout.split()
+    assert int(runtimes) == 1 and float(total) > 0
+
+
+def test_a_system_libgomp_older_than_torchs_is_left_alone(tmp_path, monkeypatch):
+    """torch built against a newer libgomp would fail to load on an older one: each keeps its own."""
+    import sys
+
+    from serve_app.engine import openmp
+
+    system = openmp._system_copy()
+    if system is None:
+        pytest.skip("no system libgomp here")
+    newer = tmp_path / "libgomp.so.1"  # a torch whose libgomp asks for a version the system's lacks
+    newer.write_bytes(system.read_bytes() + b"\x00GOMP_99.0\x00")
+    monkeypatch.setattr(openmp, "_torch_copy", lambda: newer)
+    monkeypatch.delitem(sys.modules, "torch")  # as if it were not loaded yet; put back after
+    assert openmp.share_openmp_runtime() is None
+    monkeypatch.setattr(openmp, "_torch_copy", lambda: system)  # the same versions: shared
+    assert openmp.share_openmp_runtime() == system
