@@ -109,7 +109,10 @@ def replay_quill(checkpoint: str, workload: list[dict], s: dict) -> dict:
             if d.finished:
                 r["finish"] = t
                 r["finish_reason"] = d.finish_reason
-    return {"records": list(recs.values()), "peak_reset": reset, "steps": steps, "step_s": step_s}
+    runner = engine.runner  # what one cached position costs attention to read: its keys and values, every layer
+    kv_bytes = 2 * runner.k_cache.element_size() * runner.k_cache[:, 0, 0].numel()
+    return {"records": list(recs.values()), "peak_reset": reset, "steps": steps, "step_s": step_s,
+            "kv_bytes_per_position": kv_bytes}
 
 
 # ---- transformers generate: one at a time, or static batches --------------------------------
