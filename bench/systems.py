@@ -282,9 +282,6 @@ def replay_hf_continuous(checkpoint: str, workload: list[dict], s: dict) -> dict
 
 def run_system(system: str, checkpoint: str, workload: list[dict], settings: dict) -> dict:
     """Replay the workload on one system in this process; add its memory figures."""
-    from serve_app.engine.openmp import share_openmp_runtime
-
-    share_openmp_runtime()  # before torch loads, as in a replica: every system gets the same runtime
     import torch
 
     torch.set_num_threads(settings["threads"])

@@ -12,14 +12,8 @@ should not pay for.
 """
 from importlib import import_module
 
-from serve_app.engine.openmp import share_openmp_runtime
-
-# First, before any module of the engine imports torch: torch and numba's decode attention then
-# share one OpenMP runtime where that is safe (serve_app/engine/openmp.py).
-share_openmp_runtime()
-
-from serve_app.engine.config import EngineConfig  # noqa: E402
-from serve_app.engine.types import (  # noqa: E402
+from serve_app.engine.config import EngineConfig
+from serve_app.engine.types import (
     Delta,
     EngineOverloaded,
     GenerationRequest,

@@ -43,6 +43,10 @@ log = logging.getLogger(__name__)
 # numba runs a parallel loop on OpenMP (the system's libgomp) where it finds it, else on its own
 # "workqueue" threads, which must not be entered by two threads at once: several engines in one
 # process (tests, benchmarks) take turns here. A replica has one engine, so it never waits.
+# torch keeps its own copy of libgomp. Binding both to one copy (loading the system's before
+# torch) gave one pool of workers and about 3% on a decode burst, but numba turns nested
+# parallelism on when it launches, and torch's regions then nested too: SDPA over a prompt chunk
+# after 480 cached positions took 9 ms a layer instead of 0.6 (docs/performance.md).
 _LAUNCH = threading.Lock()
 
 
