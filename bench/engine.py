@@ -295,7 +295,7 @@ def _steps(result: dict, done: list[dict], rows: int) -> dict:
                     for r in done if r["tokens"] >= 1)
     return {"steps": result["steps"], "mean_step_ms": round(result["step_s"] / result["steps"] * 1e3, 2),
             "rows_per_step": round(rows / result["steps"], 1),
-            "kv_bytes_per_step": round(positions * result.get("kv_bytes_per_position", 0) / result["steps"])}
+            "kv_bytes_per_step": round(positions * result["kv_bytes_per_position"] / result["steps"])}
 
 
 def _round(x: float | None, scale: float = 1.0) -> float | None:
@@ -400,7 +400,7 @@ def render(report: dict) -> str:
                 f"Quill's steps: {ours['steps']}, {ours['rows_per_step']} rows a pass on average (decode rows "
                 f"and prompt tokens), {ours['mean_step_ms']} ms each. A pass that size can take no less than "
                 f"{mr['roofline_step_ms']} ms, the longer of reading the weights and its decode rows' cached keys "
-                f"and values ({ours.get('kv_bytes_per_step', 0) / 1e6:.0f} MB a step on average) at the copy rate "
+                f"and values ({ours['kv_bytes_per_step'] / 1e6:.0f} MB a step on average) at the copy rate "
                 f"and its arithmetic at the matmul rate: Quill's steps ran at "
                 f"{mr['quill_fraction_of_roofline']:.0%} of that."
             )
@@ -573,7 +573,7 @@ def _fractions(mr: dict, limits: dict) -> None:
         # decode rows' cached keys and values (at the copy rate), and does its rows' arithmetic
         # (at the matmul rate), whichever takes longer. Attention's arithmetic is left out.
         arithmetic_ms = ours["rows_per_step"] * flops / rate * 1e3
-        kv_ms = ours.get("kv_bytes_per_step", 0) / (limits["copy_gbs_read_plus_write"] * 1e9) * 1e3
+        kv_ms = ours["kv_bytes_per_step"] / (limits["copy_gbs_read_plus_write"] * 1e9) * 1e3
         best_ms = max(mr["floors"]["batch1_floor_ms"] + kv_ms, arithmetic_ms)
         mr["roofline_step_ms"] = round(best_ms, 2)
         mr["quill_fraction_of_roofline"] = round(mr["roofline_step_ms"] / ours["mean_step_ms"], 3)  # as printed
